@@ -1,0 +1,28 @@
+# Two commands: `make demo` and `make test`. Both set up what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build; on this platform pip finds it on local disk. Never let a bare
+# `torch` requirement pull the multi-GB CUDA build onto a CPU machine.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/rankwarden run --nproc-per-node 2 --max-restarts 3 demo/ddp_train.py
+
+clean:
+	rm -rf $(VENV) rankwarden-jobs .pytest_cache

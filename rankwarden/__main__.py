@@ -1,0 +1,3 @@
+from rankwarden.cli import main
+
+raise SystemExit(main())

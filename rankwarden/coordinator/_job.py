@@ -1,0 +1,464 @@
+"""The coordinator: one job's lifetime, from first launch to succeeded, failed or stopped.
+
+Usage from a custom launcher (the CLI and the API server do exactly this)::
+
+    coordinator = Coordinator(spec)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(coordinator.run)
+        async for event in coordinator.events():
+            ...
+
+``run`` owns every task and process of the job; when it returns, nothing of
+the job is left running. Everything it hands out (events, snapshots) is frozen.
+
+Restart policy. In scope ``group`` an attempt is all ranks together: the first
+rank that fails cancels the attempt, every other rank is stopped (in parallel,
+SIGTERM -> kill_grace -> SIGKILL), and if budget is left the whole group
+relaunches after the backoff with a fresh MASTER_PORT. In scope ``rank`` each
+rank loops on its own and only a failed rank relaunches. Both draw on one
+budget of ``max_restarts``; restart ``n`` waits ``backoff.delay(n)``. The job
+fails when a failure finds the budget spent, and its report leads with the
+first failure observed in the whole job.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import logging
+import random
+import re
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import msgspec
+import trio
+
+from rankwarden import protocol
+from rankwarden.coordinator._heartbeat import Peer, serve_heartbeats
+from rankwarden.coordinator._jobdir import JobDir
+from rankwarden.coordinator._rank import RankRunner
+from rankwarden.coordinator._request import free_port, rank_argv, rank_env
+from rankwarden.errors import AuthError, ProtocolError
+from rankwarden.events import (
+    AttemptStarted,
+    Event,
+    Failure,
+    JobFailedEvent,
+    JobSnapshot,
+    JobStarted,
+    JobState,
+    JobStopped,
+    JobSucceeded,
+    PeerRejected,
+    RankSnapshot,
+    RankState,
+    Restarting,
+    Stopping,
+    event_to_json,
+)
+from rankwarden.launcher import LaunchRequest, Launcher, ProcessLauncher
+from rankwarden.spec import JobSpec, RestartScope
+
+__all__ = ["Coordinator", "run_job"]
+
+log = logging.getLogger(__name__)
+
+
+class _Grant(enum.Enum):
+    GRANTED = "granted"
+    EXHAUSTED = "exhausted"
+    STOPPED = "stopped"
+
+
+def _default_job_id(spec: JobSpec) -> str:
+    stem = Path(spec.entrypoint).stem if not spec.module else spec.entrypoint.rsplit(".", 1)[-1]
+    slug = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:30] or "job"
+    return f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+class Coordinator:
+    """Runs one job. Create it, then ``await nursery.start(coordinator.run)``."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        *,
+        launcher: Launcher | None = None,
+        listeners: list[trio.abc.Listener] | None = None,
+        heartbeat_host: str = "127.0.0.1",
+        advertise_host: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.spec = spec
+        self.job_id = spec.job_id or _default_job_id(spec)
+        self.job_dir = JobDir(spec.job_dir or Path("rankwarden-jobs") / self.job_id)
+        self.launcher: Launcher = launcher or ProcessLauncher()
+        self.address = ""
+        self._listeners = listeners
+        self._heartbeat_host = heartbeat_host
+        self._advertise_host = advertise_host or heartbeat_host
+        self._rng = rng or random.Random()
+        self._token = secrets.token_urlsafe(32)
+        self._state = JobState.PENDING
+        self._attempt = 0
+        self._restarts_used = 0
+        self._master_port: int | None = None
+        self._runners: dict[int, RankRunner] = {}
+        self._failures: list[Failure] = []
+        self._events: list[Event] = []
+        self._started_at: float | None = None
+        self._ended_at: float | None = None
+        self._stop_reason = ""
+        self.stopping = False
+        self._ran = False
+        self._new_event = trio.Event()  # replaced after every emit; wakes event iterators
+        self._ended = trio.Event()
+        self._stop_requested = trio.Event()
+        self._force_requested = trio.Event()
+
+    # -- public API ------------------------------------------------------------------
+
+    @property
+    def state(self) -> JobState:
+        return self._state
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> JobSnapshot:
+        """Run the job to its end. ``task_status.started(self)`` once ranks can connect."""
+        if self._ran:
+            raise RuntimeError("a Coordinator runs one job once; create a new one")
+        self._ran = True
+        self.job_dir.prepare(msgspec.json.format(msgspec.json.encode(self.spec)))
+        listeners = self._listeners
+        if listeners is None:
+            listeners = await trio.open_tcp_listeners(0, host=self._heartbeat_host)
+        try:
+            port = listeners[0].socket.getsockname()[1]  # type: ignore[attr-defined]
+            self.address = f"{self._advertise_host}:{port}"
+        except AttributeError:
+            self.address = "memory"
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_heartbeats, listeners, self)
+                self._started_at = self.wall_time()
+                self._state = JobState.RUNNING
+                self.emit(
+                    JobStarted,
+                    world_size=self.spec.world_size,
+                    entrypoint=self.spec.entrypoint,
+                    job_dir=str(self.job_dir.path),
+                    coordinator=self.address,
+                )
+                log.info("job=%s started: %d ranks, logs in %s", self.job_id, self.spec.world_size, self.job_dir.path)
+                task_status.started(self)
+                if self.spec.restart_scope == RestartScope.GROUP:
+                    final = await self._run_group()
+                else:
+                    final = await self._run_rank_scope()
+                nursery.cancel_scope.cancel()
+            self._end(final)
+        finally:
+            if not self._state.finished:
+                # Cancelled from outside (or a bug): ranks are already stopped by
+                # their shielded teardown; record the end rather than vanish.
+                self._stop_reason = self._stop_reason or "coordinator cancelled"
+                self._end(JobState.STOPPED)
+            self.job_dir.close()
+        return self.snapshot()
+
+    def stop(self, reason: str = "stop requested", *, force: bool = False) -> None:
+        """Stop the job: ranks get Drain and SIGTERM, then SIGKILL after ``stop_grace``.
+
+        ``force`` skips the grace. Safe to call repeatedly and from any task."""
+        if self._state.finished:
+            return
+        if not self.stopping:
+            self.stopping = True
+            self._stop_reason = reason
+            self._state = JobState.STOPPING
+            self.emit(Stopping, attempt=self._attempt, reason=reason)
+        self._stop_requested.set()
+        if force:
+            self._force_requested.set()
+
+    async def wait(self) -> JobSnapshot:
+        await self._ended.wait()
+        return self.snapshot()
+
+    def events(self, since: int = 0) -> "_EventIterator":
+        """Every event from index ``since`` on; the iteration ends with the job."""
+        return _EventIterator(self, since)
+
+    @property
+    def failures(self) -> list[Failure]:
+        return list(self._failures)
+
+    def snapshot(self) -> JobSnapshot:
+        ranks = []
+        for rank in range(self.spec.world_size):
+            runner = self._runners.get(rank)
+            if runner is None:
+                ranks.append(RankSnapshot(rank=rank, attempt=self._attempt, state=RankState.PENDING))
+            else:
+                ranks.append(runner.snapshot())
+        return JobSnapshot(
+            job_id=self.job_id,
+            state=self._state,
+            attempt=self._attempt,
+            restarts_used=self._restarts_used,
+            max_restarts=self.spec.max_restarts,
+            world_size=self.spec.world_size,
+            ranks=ranks,
+            failures=list(self._failures),
+            job_dir=str(self.job_dir.path),
+            coordinator=self.address,
+            started_at=self._started_at,
+            ended_at=self._ended_at,
+        )
+
+    def failure_report(self) -> str:
+        """Human report: the first observed failure first (the root cause), then the rest."""
+        if not self._failures:
+            return f"job {self.job_id}: no failures"
+        first, *rest = self._failures
+        lines = [
+            f"job {self.job_id} failed: restart budget spent "
+            f"({self._restarts_used} of {self.spec.max_restarts} restarts used).",
+            f"Root cause (first observed failure): attempt {first.attempt}, rank {first.rank}: "
+            f"[{first.cause.value}] {first.message}",
+        ]
+        if rest:
+            lines.append("Other failures, in the order observed:")
+            lines += [f"  attempt {f.attempt}, rank {f.rank}: [{f.cause.value}] {f.message}" for f in rest]
+        return "\n".join(lines)
+
+    # -- the restart policy ---------------------------------------------------------
+
+    async def _run_group(self) -> JobState:
+        while True:
+            self._attempt += 1
+            result = await self._run_group_attempt(self._attempt)
+            if self.stopping:
+                return JobState.STOPPED
+            if result == RankState.SUCCEEDED:
+                return JobState.SUCCEEDED
+            grant = await self._grant_restart(rank=None)
+            if grant == _Grant.EXHAUSTED:
+                return JobState.FAILED
+            if grant == _Grant.STOPPED:
+                return JobState.STOPPED
+
+    async def _run_group_attempt(self, attempt: int) -> RankState:
+        self._master_port = free_port(self.spec.master_addr, exclude=self._master_port)
+        runners = [RankRunner(self, rank, attempt) for rank in range(self.spec.world_size)]
+        self._runners = {runner.rank: runner for runner in runners}
+        if not self.stopping:
+            self._state = JobState.RUNNING
+        self.emit(AttemptStarted, attempt=attempt, master_port=self._master_port)
+        log.info("job=%s attempt=%d: starting %d ranks (MASTER_PORT=%d)", self.job_id, attempt, len(runners), self._master_port)
+        failed = False
+        remaining = len(runners)
+        async with trio.open_nursery() as nursery:
+
+            async def run_one(runner: RankRunner) -> None:
+                nonlocal failed, remaining
+                outcome = await runner.run()
+                remaining -= 1
+                if outcome.state == RankState.FAILED:
+                    failed = True
+                if failed or remaining == 0:
+                    nursery.cancel_scope.cancel()  # group teardown, or everyone is done
+
+            for runner in runners:
+                nursery.start_soon(run_one, runner)
+            nursery.start_soon(self._stop_on_request, lambda: runners, nursery.cancel_scope)
+        return RankState.FAILED if failed else RankState.SUCCEEDED
+
+    async def _run_rank_scope(self) -> JobState:
+        exhausted = False
+        remaining = self.spec.world_size
+        self._attempt = 1
+        async with trio.open_nursery() as nursery:
+
+            async def rank_loop(rank: int) -> None:
+                nonlocal exhausted, remaining
+                attempt = 0
+                while True:
+                    attempt += 1
+                    runner = RankRunner(self, rank, attempt)
+                    self._runners[rank] = runner
+                    self._attempt = max(self._attempt, attempt)
+                    outcome = await runner.run()
+                    if outcome.state != RankState.FAILED or self.stopping:
+                        break
+                    grant = await self._grant_restart(rank=rank)
+                    if grant != _Grant.GRANTED:
+                        exhausted = grant == _Grant.EXHAUSTED
+                        nursery.cancel_scope.cancel()
+                        return
+                remaining -= 1
+                if remaining == 0:
+                    nursery.cancel_scope.cancel()
+
+            for rank in range(self.spec.world_size):
+                nursery.start_soon(rank_loop, rank)
+            nursery.start_soon(self._stop_on_request, lambda: list(self._runners.values()), nursery.cancel_scope)
+        if self.stopping:
+            return JobState.STOPPED
+        return JobState.FAILED if exhausted else JobState.SUCCEEDED
+
+    async def _grant_restart(self, rank: int | None) -> _Grant:
+        if self._restarts_used >= self.spec.max_restarts:
+            return _Grant.EXHAUSTED
+        self._restarts_used += 1
+        delay = self.spec.backoff.delay(self._restarts_used, self._rng.random())
+        if rank is None:
+            self._state = JobState.RESTARTING
+        self.emit(
+            Restarting,
+            attempt=self._attempt,
+            rank=rank,
+            restart=self._restarts_used,
+            max_restarts=self.spec.max_restarts,
+            delay=delay,
+            scope=self.spec.restart_scope.value,
+        )
+        log.info(
+            "job=%s: restart %d of %d in %.2fs%s", self.job_id, self._restarts_used,
+            self.spec.max_restarts, delay, "" if rank is None else f" (rank {rank})",
+        )
+        with trio.move_on_after(delay):
+            await self._stop_requested.wait()
+        return _Grant.STOPPED if self.stopping else _Grant.GRANTED
+
+    async def _stop_on_request(self, runners: Callable[[], list[RankRunner]], scope: trio.CancelScope) -> None:
+        # Graceful stop: Drain + SIGTERM now, SIGKILL once stop_grace is over
+        # (or at once on a forced stop). Exits finish the attempt normally.
+        await self._stop_requested.wait()
+        for runner in runners():
+            runner.send(protocol.Drain(reason=self._stop_reason))
+            if runner.process is not None:
+                runner.process.signal(signal.SIGTERM)
+                runner.process.signal(signal.SIGCONT)
+        with trio.move_on_after(self.spec.stop_grace):
+            await self._force_requested.wait()
+        for runner in runners():
+            runner.kill_grace = 0.0
+        scope.cancel()
+
+    def _end(self, state: JobState) -> None:
+        self._state = state
+        self._ended_at = self.wall_time()
+        if state == JobState.SUCCEEDED:
+            self.emit(JobSucceeded, attempt=self._attempt)
+            log.info("job=%s succeeded (attempt %d)", self.job_id, self._attempt)
+        elif state == JobState.FAILED:
+            report = self.failure_report()
+            self.emit(JobFailedEvent, attempt=self._attempt, message=report, failures=list(self._failures))
+            log.error("%s", report)
+        else:
+            self.emit(JobStopped, attempt=self._attempt, reason=self._stop_reason)
+            log.info("job=%s stopped: %s", self.job_id, self._stop_reason)
+        self.job_dir.write_result(self.snapshot())
+        self._ended.set()
+
+    # -- for RankRunner ------------------------------------------------------------
+
+    def wall_time(self) -> float:
+        return time.time()
+
+    def emit(self, kind: type[Event], **fields: Any) -> Event:
+        event = kind(job=self.job_id, time=self.wall_time(), **fields)
+        self._events.append(event)
+        self.job_dir.append_event(event_to_json(event))
+        self._new_event.set()
+        self._new_event = trio.Event()
+        return event
+
+    def record_failure(self, failure: Failure) -> None:
+        self._failures.append(failure)
+
+    def build_request(self, rank: int, attempt: int) -> LaunchRequest:
+        stdout, stderr = self.job_dir.log_paths(rank, attempt)
+        env = rank_env(
+            self.spec,
+            job_id=self.job_id,
+            rank=rank,
+            attempt=attempt,
+            master_port=self._master_port or 0,
+            coordinator=self.address,
+            token=self._token,
+        )
+        return LaunchRequest(
+            job_id=self.job_id,
+            rank=rank,
+            local_rank=rank,
+            attempt=attempt,
+            argv=rank_argv(self.spec),
+            env=env,
+            cwd=self.spec.cwd,
+            stdout_path=str(stdout),
+            stderr_path=str(stderr),
+        )
+
+    def checkpoint_ready(self, runner: RankRunner, message: protocol.CheckpointReady) -> None:
+        # The checkpoint committer consumes these; with none configured they are only logged.
+        log.debug("job=%s attempt=%d rank=%d: checkpoint step %d ready", self.job_id, runner.attempt, runner.rank, message.step)
+
+    # -- for the heartbeat server (PeerRouter) ----------------------------------------
+
+    def authenticate(self, hello: protocol.Hello, peer: Peer) -> RankRunner:
+        if hello.version != protocol.PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"rank speaks heartbeat protocol version {hello.version}, this coordinator speaks "
+                f"{protocol.PROTOCOL_VERSION}; run the same rankwarden version on both sides"
+            )
+        if not hmac.compare_digest(hello.token.encode(), self._token.encode()):
+            raise AuthError("wrong job token")
+        if hello.job != self.job_id:
+            raise AuthError(f"hello for job {hello.job!r}, this coordinator runs {self.job_id!r}")
+        runner = self._runners.get(hello.rank)
+        if runner is None:
+            raise AuthError(f"rank {hello.rank} is not part of this job (world size {self.spec.world_size})")
+        if hello.attempt != runner.attempt:
+            raise AuthError(f"rank {hello.rank} hello for attempt {hello.attempt}, current attempt is {runner.attempt}")
+        if runner.peer is not None:
+            raise AuthError(f"rank {hello.rank} of attempt {hello.attempt} is already connected")
+        if runner.state not in (RankState.STARTING, RankState.RUNNING):
+            raise AuthError(f"rank {hello.rank} of attempt {hello.attempt} has already ended")
+        runner.attach(peer, hello)
+        return runner
+
+    def peer_rejected(self, peer_name: str, reason: str, rank: int | None) -> None:
+        log.warning("job=%s: dropped heartbeat peer %s: %s", self.job_id, peer_name, reason)
+        self.emit(PeerRejected, attempt=self._attempt, rank=rank, reason=reason, peer=peer_name)
+
+
+class _EventIterator:
+    """Async iterator over a coordinator's events; never blocks the job, never drops one."""
+
+    def __init__(self, coordinator: Coordinator, since: int) -> None:
+        self._coordinator = coordinator
+        self._index = since
+
+    def __aiter__(self) -> "_EventIterator":
+        return self
+
+    async def __anext__(self) -> Event:
+        coordinator = self._coordinator
+        while self._index >= len(coordinator._events):
+            if coordinator._ended.is_set():
+                raise StopAsyncIteration
+            await coordinator._new_event.wait()
+        event = coordinator._events[self._index]
+        self._index += 1
+        return event
+
+
+async def run_job(spec: JobSpec, **kwargs: Any) -> JobSnapshot:
+    """Run ``spec`` to its end in a nursery of its own and return the final snapshot."""
+    coordinator = Coordinator(spec, **kwargs)
+    return await coordinator.run()

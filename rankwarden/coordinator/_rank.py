@@ -1,0 +1,309 @@
+"""One incarnation of one rank: spawn it, watch it, end it.
+
+Failure detection is two racing tasks and nothing else:
+
+* the exit watcher awaits the launcher's ``wait()`` (a pidfd on Linux, so a
+  ``kill -9`` is seen at once);
+* the deadline watcher sleeps in a cancel scope whose deadline is the earliest
+  of the rank's liveness deadlines. Every heartbeat moves that deadline, so
+  nothing polls: if the scope expires, the deadline that expired is the cause.
+
+Liveness deadlines, in the order a rank meets them:
+
+    spawned, no hello yet         spawn + startup_timeout            startup_timeout
+    connected                     last heartbeat + heartbeat_timeout heartbeat_timeout
+    connected, has reported steps last new step + progress_timeout   progress_timeout
+    connection dropped uncleanly  drop + CONNECTION_LOST_GRACE       connection_lost
+    said goodbye                  goodbye + heartbeat_timeout        (killed; exit code from goodbye)
+
+The grace after an unclean drop exists because a killed process closes its
+socket a moment before the kernel reports its exit; within the grace the exit
+wins and the record says "killed by SIGKILL" rather than "connection lost".
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import msgspec
+import trio
+
+from rankwarden import protocol
+from rankwarden.errors import LaunchError
+from rankwarden.events import (
+    Failure,
+    FailureCause,
+    RankConnected,
+    RankExited,
+    RankFailed,
+    RankSnapshot,
+    RankStarted,
+    RankState,
+    RankStopped,
+)
+from rankwarden.launcher import ExitStatus, RankProcess
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rankwarden.coordinator._job import Coordinator
+    from rankwarden.coordinator._heartbeat import Peer
+
+__all__ = ["RankOutcome", "RankRunner", "CONNECTION_LOST_GRACE"]
+
+log = logging.getLogger(__name__)
+
+CONNECTION_LOST_GRACE = 1.0
+_RATE_WINDOW = 30.0  # seconds of (time, step) samples kept for steps/s
+
+
+class RankOutcome(msgspec.Struct, frozen=True):
+    state: RankState  # SUCCEEDED, FAILED or STOPPED
+    failure: Failure | None = None
+
+
+class RankRunner:
+    """Runs one rank once. Created per (rank, attempt); never reused."""
+
+    def __init__(self, job: "Coordinator", rank: int, attempt: int) -> None:
+        self.job = job
+        self.rank = rank
+        self.attempt = attempt
+        self.state = RankState.PENDING
+        self.process: RankProcess | None = None
+        self.peer: "Peer | None" = None
+        self.welcome = protocol.Welcome(
+            version=protocol.PROTOCOL_VERSION,
+            heartbeat_interval=job.spec.effective_heartbeat_interval,
+            attempt=attempt,
+        )
+        self.step: int | None = None
+        self.samples: int | None = None
+        self.metrics: dict[str, float] = {}
+        self.exit_code: int | None = None
+        self._spawned_at = math.inf
+        self._hello_at: float | None = None
+        self._last_heartbeat: float | None = None
+        self._last_progress: float | None = None
+        self._lost_at: float | None = None
+        self._goodbye: protocol.Goodbye | None = None
+        self._goodbye_at = math.inf
+        self._rate: collections.deque[tuple[float, int]] = collections.deque()
+        self._deadline_scope: trio.CancelScope | None = None
+        self._outcome: RankOutcome | None = None
+        #: Lowered to 0 by a forced stop: then teardown goes straight to SIGKILL.
+        self.kill_grace = job.spec.kill_grace
+
+    # -- the incarnation -------------------------------------------------------
+
+    async def run(self) -> RankOutcome:
+        job = self.job
+        request = job.build_request(self.rank, self.attempt)
+        self.state = RankState.STARTING
+        try:
+            self.process = await job.launcher.start(request)
+        except LaunchError as exc:
+            return self._fail(FailureCause.LAUNCH_FAILED, str(exc))
+        self._spawned_at = trio.current_time()
+        job.emit(RankStarted, attempt=self.attempt, rank=self.rank, pid=self.process.pid)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_exit, nursery.cancel_scope)
+                nursery.start_soon(self._watch_deadlines, nursery.cancel_scope)
+        finally:
+            with trio.CancelScope(shield=True):
+                status = await self.process.stop(self.kill_grace)
+                if self.peer is not None:
+                    self.peer.close()
+                if self._outcome is None:  # torn down from outside (group restart, stop)
+                    self._record_stopped(status)
+        assert self._outcome is not None
+        return self._outcome
+
+    async def _watch_exit(self, done: trio.CancelScope) -> None:
+        assert self.process is not None
+        status = await self.process.wait()
+        self.exit_code = status.code
+        if self._outcome is None:
+            self._on_exit(status)
+        done.cancel()
+
+    def _on_exit(self, status: ExitStatus) -> None:
+        if self.job.stopping:
+            self._record_stopped(status)
+        elif status.ok:
+            self._succeed()
+        else:
+            cause = FailureCause.SIGNALED if status.signal is not None else FailureCause.EXITED
+            self._fail(cause, f"rank {self.rank} {status.describe()}", status=status)
+
+    async def _watch_deadlines(self, done: trio.CancelScope) -> None:
+        while True:
+            deadline, _ = self._next_deadline()
+            with trio.CancelScope(deadline=deadline) as scope:
+                self._deadline_scope = scope
+                await trio.sleep_forever()
+            self._deadline_scope = None
+            now = trio.current_time()
+            deadline, cause = self._next_deadline()
+            if now >= deadline and self._outcome is None:
+                self._deadline_expired(cause, now)
+                done.cancel()
+                return
+
+    def _next_deadline(self) -> tuple[float, str]:
+        spec = self.job.spec
+        if self._goodbye is not None:
+            return self._goodbye_at + spec.heartbeat_timeout, "exit_timeout"
+        if self._lost_at is not None:
+            return self._lost_at + CONNECTION_LOST_GRACE, FailureCause.CONNECTION_LOST
+        if self._hello_at is None:
+            if spec.startup_timeout:
+                return self._spawned_at + spec.startup_timeout, FailureCause.STARTUP_TIMEOUT
+            return math.inf, ""
+        assert self._last_heartbeat is not None
+        best = (self._last_heartbeat + spec.heartbeat_timeout, FailureCause.HEARTBEAT_TIMEOUT)
+        if spec.progress_timeout and self._last_progress is not None:
+            progress = self._last_progress + spec.progress_timeout
+            if progress < best[0]:
+                best = (progress, FailureCause.PROGRESS_TIMEOUT)
+        return best
+
+    def _reschedule(self) -> None:
+        if self._deadline_scope is not None:
+            self._deadline_scope.deadline = self._next_deadline()[0]
+
+    def _deadline_expired(self, cause: str, now: float) -> None:
+        spec = self.job.spec
+        if cause == "exit_timeout":
+            assert self._goodbye is not None
+            code = self._goodbye.exit_code
+            note = f"did not exit within {spec.heartbeat_timeout:g}s of finishing; killed"
+            if code == 0:
+                self._succeed(note)
+            else:
+                self._fail(FailureCause.EXITED, f"rank {self.rank} exited with code {code} ({note})")
+            return
+        if cause == FailureCause.STARTUP_TIMEOUT:
+            since = self._spawned_at
+            msg = f"rank {self.rank} did not say hello within {spec.startup_timeout:g}s of starting (startup_timeout)"
+        elif cause == FailureCause.HEARTBEAT_TIMEOUT:
+            since = self._last_heartbeat or now
+            msg = (
+                f"rank {self.rank} stopped sending heartbeats {now - since:.1f}s ago "
+                f"(heartbeat_timeout={spec.heartbeat_timeout:g}); it is frozen or its host is gone"
+            )
+        elif cause == FailureCause.PROGRESS_TIMEOUT:
+            since = self._last_progress or now
+            msg = (
+                f"rank {self.rank} is alive but has not advanced past step {self.step} "
+                f"for {now - since:.1f}s (progress_timeout={spec.progress_timeout:g}); it is hung"
+            )
+        else:
+            since = self._lost_at or now
+            msg = f"rank {self.rank} dropped its heartbeat connection but did not exit"
+        self._fail(FailureCause(cause), msg, detected_after=now - since)
+
+    # -- outcomes ---------------------------------------------------------------
+
+    def _succeed(self, note: str = "") -> None:
+        self.state = RankState.SUCCEEDED
+        self._outcome = RankOutcome(RankState.SUCCEEDED)
+        self.job.emit(RankExited, attempt=self.attempt, rank=self.rank, exit_code=0, note=note)
+
+    def _fail(
+        self, cause: FailureCause, message: str, *, status: ExitStatus | None = None, detected_after: float = 0.0
+    ) -> RankOutcome:
+        failure = Failure(
+            rank=self.rank,
+            attempt=self.attempt,
+            cause=cause,
+            message=message,
+            exit_code=status.code if status else None,
+            signal=status.signal if status else None,
+            detected_at=self.job.wall_time(),
+            detected_after=round(detected_after, 6),
+        )
+        self.state = RankState.FAILED
+        self._outcome = RankOutcome(RankState.FAILED, failure)
+        log.warning("job=%s attempt=%d rank=%d: %s", self.job.job_id, self.attempt, self.rank, message)
+        self.job.record_failure(failure)
+        self.job.emit(RankFailed, attempt=self.attempt, rank=self.rank, failure=failure)
+        return self._outcome
+
+    def _record_stopped(self, status: ExitStatus) -> None:
+        self.state = RankState.STOPPED
+        self._outcome = RankOutcome(RankState.STOPPED)
+        self.job.emit(
+            RankStopped, attempt=self.attempt, rank=self.rank, exit_code=status.code, signal=status.signal
+        )
+
+    # -- called by the heartbeat server ---------------------------------------------
+
+    def attach(self, peer: "Peer", hello: protocol.Hello) -> None:
+        now = trio.current_time()
+        self.peer = peer
+        self._hello_at = self._last_heartbeat = now
+        if self.state == RankState.STARTING:
+            self.state = RankState.RUNNING
+        self.job.emit(RankConnected, attempt=self.attempt, rank=self.rank, pid=hello.pid, host=hello.host)
+        self._reschedule()
+
+    def on_message(self, message) -> None:
+        now = trio.current_time()
+        if isinstance(message, protocol.Heartbeat):
+            self._last_heartbeat = now
+            if message.step is not None and (self.step is None or message.step > self.step):
+                self.step = message.step
+                self._last_progress = now
+                self._rate.append((now, message.step))
+                while self._rate and now - self._rate[0][0] > _RATE_WINDOW:
+                    self._rate.popleft()
+            if message.samples is not None:
+                self.samples = message.samples
+            if message.metrics:
+                self.metrics = dict(message.metrics)
+        elif isinstance(message, protocol.Goodbye):
+            self._goodbye = message
+            self._goodbye_at = now
+        elif isinstance(message, protocol.CheckpointReady):
+            self.job.checkpoint_ready(self, message)
+        self._reschedule()
+
+    def on_disconnect(self, peer: "Peer", clean: bool) -> None:
+        if peer is not self.peer:
+            return
+        self.peer = None
+        if not clean and self._outcome is None:
+            self._lost_at = trio.current_time()
+            self._reschedule()
+
+    def send(self, message) -> None:
+        if self.peer is not None:
+            self.peer.send(message)
+
+    # -- views ---------------------------------------------------------------------
+
+    def snapshot(self) -> RankSnapshot:
+        now = trio.current_time()
+        rate = None
+        if len(self._rate) >= 2:
+            (t0, s0), (t1, s1) = self._rate[0], self._rate[-1]
+            if t1 > t0:
+                rate = (s1 - s0) / (t1 - t0)
+        age = None
+        if self._last_heartbeat is not None and self._outcome is None:
+            age = max(0.0, now - self._last_heartbeat)
+        return RankSnapshot(
+            rank=self.rank,
+            attempt=self.attempt,
+            state=self.state,
+            pid=self.process.pid if self.process else None,
+            step=self.step,
+            samples=self.samples,
+            heartbeat_age=age,
+            steps_per_second=rate,
+            exit_code=self.exit_code,
+            metrics=dict(self.metrics),
+        )

@@ -1,0 +1,87 @@
+"""What a rank is started with: its argv and the torchrun-compatible environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from rankwarden.spec import JobSpec
+
+__all__ = ["BOOTSTRAP_MODULE", "free_port", "rank_argv", "rank_env"]
+
+BOOTSTRAP_MODULE = "rankwarden.worker._bootstrap"
+
+
+def rank_argv(spec: JobSpec) -> list[str]:
+    """Every rank starts through the bootstrap, which sets PR_SET_PDEATHSIG and
+    opens the heartbeat connection before handing over to the entrypoint."""
+    python = spec.python or sys.executable
+    mode = "exec" if spec.no_python else "module" if spec.module else "script"
+    return [python, "-m", BOOTSTRAP_MODULE, mode, spec.entrypoint, *spec.args]
+
+
+def rank_env(
+    spec: JobSpec,
+    *,
+    job_id: str,
+    rank: int,
+    attempt: int,
+    master_port: int,
+    coordinator: str,
+    token: str,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    # torchrun's defaults, which a user's environment or the spec may override.
+    if spec.world_size > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(spec.env)
+    env.update(
+        {
+            # What torchrun --standalone gives a worker (single node).
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "GROUP_RANK": "0",
+            "ROLE_RANK": str(rank),
+            "ROLE_NAME": "default",
+            "WORLD_SIZE": str(spec.world_size),
+            "LOCAL_WORLD_SIZE": str(spec.world_size),
+            "ROLE_WORLD_SIZE": str(spec.world_size),
+            "MASTER_ADDR": spec.master_addr,
+            "MASTER_PORT": str(master_port),
+            "TORCHELASTIC_RESTART_COUNT": str(attempt - 1),
+            "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
+            "TORCHELASTIC_RUN_ID": job_id,
+            "TORCHELASTIC_USE_AGENT_STORE": "False",
+            # rankwarden's own.
+            "RANKWARDEN_COORDINATOR": coordinator,
+            "RANKWARDEN_COORDINATOR_PID": str(os.getpid()),
+            "RANKWARDEN_JOB_ID": job_id,
+            "RANKWARDEN_ATTEMPT": str(attempt),
+            "RANKWARDEN_TOKEN": token,
+            "RANKWARDEN_HEARTBEAT_INTERVAL": repr(spec.effective_heartbeat_interval),
+            "RANKWARDEN_HEARTBEAT_TIMEOUT": repr(spec.heartbeat_timeout),
+        }
+    )
+    if spec.checkpoint_url:
+        env["RANKWARDEN_CHECKPOINT_URL"] = spec.checkpoint_url
+    else:
+        env.pop("RANKWARDEN_CHECKPOINT_URL", None)
+    return env
+
+
+def free_port(host: str, exclude: int | None = None) -> int:
+    """A port that is free on ``host`` now, other than ``exclude`` (the last attempt's).
+
+    Another process could take it before rank 0 binds it; the window is the
+    launch time, and a failed bind is a rank failure that the next attempt fixes."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(16):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port != exclude:
+            return port
+    raise OSError(f"could not find a free port on {host}")

@@ -1,0 +1,60 @@
+"""Every error rankwarden raises on purpose.
+
+    RankwardenError
+    ├── SpecError           a job spec is invalid (names the bad field)
+    ├── LaunchError         a rank could not be started
+    ├── ProtocolError       a heartbeat peer sent something we cannot accept
+    │   └── AuthError       ... in particular a wrong token, job or rank
+    └── JobFailed           a job ended failed (carries the failure records)
+
+Third-party errors (msgspec, OSError from the launcher) are translated into
+these at one boundary each, so callers only ever catch this tree.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rankwarden.events import Failure
+
+__all__ = [
+    "AuthError",
+    "JobFailed",
+    "LaunchError",
+    "ProtocolError",
+    "RankwardenError",
+    "SpecError",
+]
+
+
+class RankwardenError(Exception):
+    """Base class of every error rankwarden raises on purpose."""
+
+
+class SpecError(RankwardenError, ValueError):
+    """A job spec is invalid. ``path`` names the offending field (``$.world_size``)."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class LaunchError(RankwardenError):
+    """A rank's process (or pod) could not be started at all."""
+
+
+class ProtocolError(RankwardenError):
+    """A heartbeat peer broke the protocol; that peer is dropped, nobody else is."""
+
+
+class AuthError(ProtocolError):
+    """A heartbeat peer presented the wrong token, job, rank or attempt."""
+
+
+class JobFailed(RankwardenError):
+    """A job ended in state ``failed``; ``failures`` leads with the first observed one."""
+
+    def __init__(self, message: str, failures: Sequence["Failure"] = ()) -> None:
+        super().__init__(message)
+        self.failures = tuple(failures)

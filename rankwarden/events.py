@@ -1,0 +1,220 @@
+"""Lifecycle events, failure records, states and snapshots: what the coordinator tells the world.
+
+Everything here is a frozen msgspec Struct, so an event or snapshot handed to a
+subscriber can never change under it, and each one serialises to the JSON
+object written to ``events.jsonl`` (the ``type`` field names the event).
+
+Event types (``type``):
+
+=================  ==========================================================
+job_started        the coordinator is up; carries the heartbeat address
+attempt_started    a group attempt begins (fresh MASTER_PORT)
+rank_started       a rank's process was spawned (pid)
+rank_connected     the rank said hello on the heartbeat socket
+rank_exited        the rank exited 0 (it finished)
+rank_failed        the rank failed; ``failure`` says how (see FailureCause)
+rank_stopped       the coordinator stopped a rank (teardown or stop)
+peer_rejected      a heartbeat peer was dropped (bad frame, wrong token, ...)
+restarting         a restart was granted; ``delay`` is the backoff
+stopping           a graceful stop was requested
+job_succeeded      every rank exited 0
+job_failed         restart budget spent; ``failures`` leads with the first
+job_stopped        the job was stopped on request
+=================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+__all__ = [
+    "AttemptStarted",
+    "Event",
+    "Failure",
+    "FailureCause",
+    "JobEnded",
+    "JobFailedEvent",
+    "JobSnapshot",
+    "JobStarted",
+    "JobState",
+    "JobStopped",
+    "JobSucceeded",
+    "PeerRejected",
+    "RankConnected",
+    "RankExited",
+    "RankFailed",
+    "RankSnapshot",
+    "RankStarted",
+    "RankState",
+    "RankStopped",
+    "Restarting",
+    "Stopping",
+    "event_to_json",
+]
+
+
+class JobState(str, enum.Enum):
+    """A job's life: pending -> running <-> restarting -> succeeded | failed | stopped.
+
+    ``stopping`` lies between running and stopped while ranks drain.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    STOPPING = "stopping"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED)
+
+
+class RankState(str, enum.Enum):
+    """One rank: pending -> starting (spawned) -> running (said hello) -> succeeded | failed | stopped."""
+
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class FailureCause(str, enum.Enum):
+    EXITED = "exited"  # exited with a non-zero code
+    SIGNALED = "signaled"  # killed by a signal (kill -9, OOM killer, segfault)
+    CONNECTION_LOST = "connection_lost"  # heartbeat connection dropped, process still there
+    HEARTBEAT_TIMEOUT = "heartbeat_timeout"  # frozen: SIGSTOP, D-state, lost node
+    PROGRESS_TIMEOUT = "progress_timeout"  # alive but `step` stopped advancing
+    STARTUP_TIMEOUT = "startup_timeout"  # never said hello
+    LAUNCH_FAILED = "launch_failed"  # could not be spawned at all
+
+
+class Failure(msgspec.Struct, frozen=True, kw_only=True):
+    """One observed failure of one rank in one attempt."""
+
+    rank: int
+    attempt: int
+    cause: FailureCause
+    message: str
+    exit_code: int | None = None
+    signal: int | None = None
+    #: Wall-clock time the failure was noticed.
+    detected_at: float
+    #: Seconds from the best estimate of when it happened (last heartbeat, last
+    #: step, spawn) to detection; 0 when the exit itself was observed.
+    detected_after: float = 0.0
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    job: str
+    time: float
+    attempt: int = 0
+    rank: int | None = None
+
+
+class JobStarted(Event, tag="job_started"):
+    world_size: int
+    entrypoint: str
+    job_dir: str
+    coordinator: str
+
+
+class AttemptStarted(Event, tag="attempt_started"):
+    master_port: int
+
+
+class RankStarted(Event, tag="rank_started"):
+    pid: int | None
+
+
+class RankConnected(Event, tag="rank_connected"):
+    pid: int
+    host: str = ""
+
+
+class RankExited(Event, tag="rank_exited"):
+    exit_code: int = 0
+    note: str = ""
+
+
+class RankFailed(Event, tag="rank_failed"):
+    failure: Failure
+
+
+class RankStopped(Event, tag="rank_stopped"):
+    exit_code: int | None = None
+    signal: int | None = None
+
+
+class PeerRejected(Event, tag="peer_rejected"):
+    reason: str
+    peer: str = ""
+
+
+class Restarting(Event, tag="restarting"):
+    restart: int
+    max_restarts: int
+    delay: float
+    scope: str
+
+
+class Stopping(Event, tag="stopping"):
+    reason: str
+
+
+class JobSucceeded(Event, tag="job_succeeded"):
+    pass
+
+
+class JobFailedEvent(Event, tag="job_failed"):
+    message: str
+    failures: list[Failure]
+
+
+class JobStopped(Event, tag="job_stopped"):
+    reason: str
+
+
+JobEnded = (JobSucceeded, JobFailedEvent, JobStopped)
+
+_json = msgspec.json.Encoder()
+
+
+def event_to_json(event: Event) -> bytes:
+    return _json.encode(event)
+
+
+class RankSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    rank: int
+    attempt: int
+    state: RankState
+    pid: int | None = None
+    step: int | None = None
+    samples: int | None = None
+    #: Seconds since the last heartbeat; None before the first.
+    heartbeat_age: float | None = None
+    #: Steps per second over the recent window; None until two steps were seen.
+    steps_per_second: float | None = None
+    exit_code: int | None = None
+    metrics: dict[str, float] = {}
+
+
+class JobSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    job_id: str
+    state: JobState
+    attempt: int
+    restarts_used: int
+    max_restarts: int
+    world_size: int
+    ranks: list[RankSnapshot]
+    failures: list[Failure]
+    job_dir: str
+    coordinator: str = ""
+    started_at: float | None = None
+    ended_at: float | None = None

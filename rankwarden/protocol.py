@@ -1,0 +1,168 @@
+"""The heartbeat protocol between ranks and the coordinator: the only place it is defined.
+
+Transport: one TCP connection per rank. Each frame is a 4-byte big-endian
+length followed by that many bytes of msgpack encoding one tagged Struct
+(``type`` field). The first frame from a rank must be ``Hello`` carrying the
+job's secret token; the coordinator answers ``Welcome`` or ``Reject`` (and
+closes). Nothing after the hello is trusted on its own: it is accepted only on
+the connection that authenticated.
+
+Evolution (msgspec's rules): new fields get defaults, unknown fields are
+ignored, so an older peer still decodes. ``PROTOCOL_VERSION`` changes only
+when an old peer could misread a new message; the coordinator rejects a hello
+with another version, naming both.
+
+This module is sans-IO: ``encode`` makes a frame, ``FrameDecoder`` turns bytes
+into messages. The Trio server and the synchronous worker thread share it.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Union
+
+import msgspec
+
+from rankwarden.errors import ProtocolError
+
+__all__ = [
+    "MAX_FRAME",
+    "PROTOCOL_VERSION",
+    "CheckpointReady",
+    "Committed",
+    "Drain",
+    "FileInfo",
+    "FrameDecoder",
+    "Goodbye",
+    "Heartbeat",
+    "Hello",
+    "Reject",
+    "ToCoordinator",
+    "ToRank",
+    "Welcome",
+    "encode",
+]
+
+PROTOCOL_VERSION = 1
+#: Largest frame either side accepts; a longer length prefix is a protocol error
+#: (it is far more likely garbage than a real message).
+MAX_FRAME = 1 << 20
+_HEADER = struct.Struct(">I")
+
+
+class _Message(msgspec.Struct, frozen=True, tag_field="type"):
+    pass
+
+
+# -- rank -> coordinator ---------------------------------------------------------
+
+
+class Hello(_Message, tag="hello"):
+    version: int
+    job: str
+    rank: int
+    attempt: int
+    pid: int
+    token: str
+    host: str = ""
+
+
+class Heartbeat(_Message, tag="heartbeat"):
+    seq: int
+    #: Last step the script reported through ``rankwarden.worker.report``; None
+    #: while it has reported none (then progress is not watched).
+    step: int | None = None
+    samples: int | None = None
+    metrics: dict[str, float] = {}
+
+
+class FileInfo(msgspec.Struct, frozen=True):
+    name: str
+    size: int
+    checksum: str
+
+
+class CheckpointReady(_Message, tag="checkpoint_ready"):
+    step: int
+    files: list[FileInfo] = []
+
+
+class Goodbye(_Message, tag="goodbye"):
+    """The script finished; ``exit_code`` is what the process is about to exit with."""
+
+    exit_code: int = 0
+    reason: str = ""
+
+
+# -- coordinator -> rank ---------------------------------------------------------
+
+
+class Welcome(_Message, tag="welcome"):
+    version: int
+    heartbeat_interval: float
+    attempt: int
+
+
+class Reject(_Message, tag="reject"):
+    """Sent before the coordinator drops a peer, so the peer can say why it exits."""
+
+    reason: str
+
+
+class Committed(_Message, tag="committed"):
+    step: int
+
+
+class Drain(_Message, tag="drain"):
+    """Checkpoint now and exit 0: the job is being stopped."""
+
+    reason: str = ""
+
+
+ToCoordinator = Union[Hello, Heartbeat, CheckpointReady, Goodbye]
+ToRank = Union[Welcome, Reject, Committed, Drain]
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: _Message) -> bytes:
+    """One length-prefixed frame holding ``message``."""
+    body = _encoder.encode(message)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"{type(message).__name__} frame of {len(body)} bytes exceeds {MAX_FRAME}")
+    return _HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Accumulates bytes and yields decoded messages of one direction.
+
+    Raises ProtocolError (never a msgspec error) for an oversized length or a
+    body that does not decode; after that the connection must be dropped.
+    """
+
+    def __init__(self, kind: type = ToCoordinator) -> None:  # type: ignore[assignment]
+        self._decoder = msgspec.msgpack.Decoder(kind)
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list:
+        self._buffer += data
+        messages = []
+        while len(self._buffer) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buffer)
+            if length > MAX_FRAME:
+                raise ProtocolError(f"frame length {length} exceeds the limit of {MAX_FRAME} bytes")
+            end = _HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            body = bytes(self._buffer[_HEADER.size : end])
+            del self._buffer[:end]
+            try:
+                messages.append(self._decoder.decode(body))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from None
+        return messages
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a whole frame."""
+        return len(self._buffer)

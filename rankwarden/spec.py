@@ -1,0 +1,160 @@
+"""The job spec: everything the coordinator needs to run one job.
+
+A spec is plain data (a frozen msgspec Struct) so that the CLI, the REST API and
+a custom launcher all build the same thing, and so that it round-trips through
+JSON unchanged. ``JobSpec.from_dict`` is the validating entry point for
+untrusted input: every error names the field that was wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from rankwarden.errors import SpecError
+
+__all__ = ["Backoff", "JobSpec", "RestartScope", "JOB_ID_PATTERN"]
+
+#: Job ids end up in file paths, pod names and URLs: keep them boring.
+JOB_ID_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegativeFloat = Annotated[float, Meta(ge=0)]
+
+
+class RestartScope(str, enum.Enum):
+    """What restarts when one rank fails.
+
+    ``group``: every rank of the attempt is stopped and all relaunch together
+    (DDP: the process group cannot survive losing a member).
+    ``rank``: only the failed rank restarts (independent workers).
+    """
+
+    GROUP = "group"
+    RANK = "rank"
+
+
+class Backoff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Delay before restart ``n`` (1-based): ``min(max, initial * factor**(n-1))``,
+    then multiplied by a uniform factor in ``[1 - jitter, 1 + jitter]``."""
+
+    initial: NonNegativeFloat = 1.0
+    factor: Annotated[float, Meta(ge=1)] = 2.0
+    max: NonNegativeFloat = 30.0
+    jitter: Annotated[float, Meta(ge=0, le=1)] = 0.1
+
+    def delay(self, restart: int, rand: float) -> float:
+        """The delay before restart number ``restart`` given ``rand`` in [0, 1)."""
+        if restart < 1:
+            raise ValueError(f"restart numbers start at 1, got {restart}")
+        # Cap before multiplying so huge restart counts cannot overflow.
+        exponent = min(restart - 1, 1000)
+        base = self.initial * (self.factor**exponent) if self.factor > 1 else self.initial
+        base = min(self.max, base) if math.isfinite(base) else self.max
+        return base * (1.0 - self.jitter + 2.0 * self.jitter * rand)
+
+
+class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One job: what to run, on how many ranks, and how to keep it alive.
+
+    ``entrypoint`` is a script path (the default), a module name (``module``)
+    or an executable (``no_python``), followed by ``args``.
+    """
+
+    entrypoint: Annotated[str, Meta(min_length=1)]
+    args: list[str] = []
+    module: bool = False
+    no_python: bool = False
+    #: Interpreter for script/module entrypoints; empty means the coordinator's own.
+    python: str = ""
+    world_size: Annotated[int, Meta(ge=1, le=65536)] = 1
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    #: Empty: the coordinator generates one from the entrypoint's name.
+    job_id: str = ""
+    #: Where per-rank logs and events.jsonl go; empty: ``./rankwarden-jobs/<job_id>``.
+    job_dir: str = ""
+    checkpoint_url: str | None = None
+    master_addr: str = "127.0.0.1"
+
+    heartbeat_timeout: PositiveFloat = 5.0
+    #: Seconds between heartbeats; 0 means heartbeat_timeout / 5.
+    heartbeat_interval: NonNegativeFloat = 0.0
+    #: Seconds without ``step`` advancing (once a rank reported one); 0 disables.
+    progress_timeout: NonNegativeFloat = 300.0
+    #: Seconds from spawn to the rank's hello; 0 means the rank need not connect.
+    startup_timeout: NonNegativeFloat = 60.0
+
+    restart_scope: RestartScope = RestartScope.GROUP
+    max_restarts: Annotated[int, Meta(ge=0, le=100000)] = 3
+    backoff: Backoff = Backoff()
+    #: SIGTERM -> SIGKILL grace when tearing ranks down after a failure.
+    kill_grace: NonNegativeFloat = 5.0
+    #: How long a graceful stop waits for ranks to checkpoint and exit.
+    stop_grace: NonNegativeFloat = 30.0
+
+    def __post_init__(self) -> None:
+        # msgspec turns a ValueError here into a ValidationError; from_dict
+        # turns that into a SpecError. Cross-field rules live here.
+        if self.module and self.no_python:
+            raise ValueError("`module` and `no_python` cannot both be set")
+        if self.job_id and not _JOB_ID_RE.match(self.job_id):
+            raise ValueError(
+                f"job_id {self.job_id!r} must be 1-63 lowercase letters, digits or '-', "
+                "starting and ending with a letter or digit"
+            )
+        if self.heartbeat_interval and self.heartbeat_interval >= self.heartbeat_timeout:
+            raise ValueError(
+                f"heartbeat_interval ({self.heartbeat_interval}) must be shorter than "
+                f"heartbeat_timeout ({self.heartbeat_timeout})"
+            )
+        for key in self.env:
+            if not key or "=" in key or "\0" in key:
+                raise ValueError(f"env key {key!r} is not a valid variable name")
+
+    @property
+    def effective_heartbeat_interval(self) -> float:
+        return self.heartbeat_interval or self.heartbeat_timeout / 5.0
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "JobSpec":
+        """Validate untrusted data (parsed JSON) into a spec, or raise SpecError."""
+        try:
+            return msgspec.convert(data, cls)
+        except msgspec.ValidationError as exc:
+            raise _spec_error(exc) from None
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "JobSpec":
+        """Validate a JSON document into a spec, or raise SpecError."""
+        try:
+            return msgspec.json.decode(raw, type=cls)
+        except msgspec.ValidationError as exc:
+            raise _spec_error(exc) from None
+        except msgspec.DecodeError as exc:
+            raise SpecError(f"job spec is not valid JSON: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)
+
+    def replace(self, **changes: Any) -> "JobSpec":
+        """A copy with ``changes`` applied and validated again."""
+        data = self.to_dict()
+        data.update(msgspec.to_builtins(changes))
+        return JobSpec.from_dict(data)
+
+
+def _spec_error(exc: msgspec.ValidationError) -> SpecError:
+    # msgspec messages end with " - at `$.field`"; keep the path separately too.
+    message = str(exc)
+    path = None
+    match = re.search(r" - at `([^`]*)`$", message)
+    if match:
+        path = match.group(1)
+    return SpecError(f"invalid job spec: {message}", path=path)

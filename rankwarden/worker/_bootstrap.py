@@ -1,0 +1,91 @@
+"""How every rank starts: ``python -m rankwarden.worker._bootstrap MODE TARGET [ARGS...]``.
+
+1. ``PR_SET_PDEATHSIG``: if the coordinator dies, the kernel kills this rank.
+2. For ``script`` and ``module``: open the heartbeat connection (a daemon
+   thread), then run the target exactly as ``python script.py`` or
+   ``python -m module`` would (same ``sys.argv``, ``sys.path[0]`` and
+   ``__main__``), so an unmodified torchrun script runs unchanged and still
+   gets frozen-process detection. When it finishes, say goodbye with its
+   exit status.
+3. For ``exec``: replace this process with the command. The heartbeat socket
+   would not survive ``exec``, so such a rank connects itself (through
+   ``rankwarden.worker``), or runs unwatched if the job says hello is optional.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import sys
+
+USAGE = "usage: python -m rankwarden.worker._bootstrap {script|module|exec} TARGET [ARGS...]"
+
+
+def _set_parent_death_signal() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The coordinator may have died between fork and prctl: then nobody sends it.
+    expected = os.environ.get("RANKWARDEN_COORDINATOR_PID")
+    if expected and expected.isdigit() and os.getppid() != int(expected):
+        sys.stderr.write("rankwarden: coordinator exited before this rank started; exiting\n")
+        os._exit(1)
+
+
+def _exit_code(exc: SystemExit) -> int:
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    return 1  # sys.exit("message") prints the message and exits 1
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] not in ("script", "module", "exec"):
+        sys.stderr.write(USAGE + "\n")
+        return 2
+    mode, target, args = argv[0], argv[1], argv[2:]
+    _set_parent_death_signal()
+    if mode == "exec":
+        try:
+            os.execvp(target, [target, *args])
+        except OSError as exc:
+            sys.stderr.write(f"rankwarden: cannot execute {target!r}: {exc.strerror or exc}\n")
+            return 127
+
+    import rankwarden.worker as worker
+    from rankwarden.errors import ProtocolError
+
+    try:
+        worker.connect()
+    except (OSError, ProtocolError) as exc:
+        sys.stderr.write(f"rankwarden: cannot reach the coordinator: {exc}\n")
+        return worker.EXIT_COORDINATOR_LOST
+
+    code = 1
+    try:
+        if mode == "script":
+            sys.argv = [target, *args]
+            sys.path[0] = os.path.dirname(os.path.abspath(target))
+            runpy.run_path(target, run_name="__main__")
+        else:
+            sys.argv = [target, *args]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:
+        code = _exit_code(exc)
+        raise
+    finally:
+        worker._goodbye(code)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

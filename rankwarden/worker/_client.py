@@ -1,0 +1,163 @@
+"""The rank's side of the heartbeat connection: a plain socket and one daemon thread.
+
+Training scripts are synchronous, so this is too: the thread wakes every
+heartbeat interval (or when the coordinator sends something), sends a
+``Heartbeat`` with the latest step the script reported, and handles
+``Drain``/``Committed``/``Reject``. If the coordinator goes away, the rank exits:
+a rank without its coordinator would otherwise train on unsupervised, holding
+GPUs and a port that the next attempt needs.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import sys
+import threading
+import time
+
+from rankwarden import protocol
+from rankwarden.errors import AuthError, ProtocolError
+
+__all__ = ["EXIT_COORDINATOR_LOST", "HeartbeatClient"]
+
+#: Exit status of a rank whose coordinator vanished or rejected it.
+EXIT_COORDINATOR_LOST = 75
+
+
+class HeartbeatClient:
+    def __init__(self, address: str, *, job: str, rank: int, attempt: int, token: str) -> None:
+        host, _, port = address.rpartition(":")
+        self._address = (host.strip("[]"), int(port))
+        self._hello = protocol.Hello(
+            version=protocol.PROTOCOL_VERSION,
+            job=job,
+            rank=rank,
+            attempt=attempt,
+            pid=os.getpid(),
+            token=token,
+            host=socket.gethostname(),
+        )
+        self._sock: socket.socket | None = None
+        self._send_lock = threading.Lock()
+        self._decoder = protocol.FrameDecoder(protocol.ToRank)
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.interval = 1.0
+        self.step: int | None = None
+        self.samples: int | None = None
+        self.metrics: dict[str, float] = {}
+        self.drain = threading.Event()
+        self.drain_reason = ""
+        self.committed_step: int | None = None
+        self._seq = 0
+
+    def connect(self, timeout: float = 30.0) -> protocol.Welcome:
+        """Say hello and wait for the welcome; raise ProtocolError if rejected."""
+        sock = socket.create_connection(self._address, timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._send(self._hello)
+        deadline = time.monotonic() + timeout
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                raise ProtocolError("coordinator closed the connection before welcoming this rank")
+            for message in self._decoder.feed(data):
+                if isinstance(message, protocol.Reject):
+                    raise AuthError(f"coordinator rejected this rank: {message.reason}")
+                if isinstance(message, protocol.Welcome):
+                    self.interval = message.heartbeat_interval
+                    sock.settimeout(None)
+                    return message
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="rankwarden-heartbeat", daemon=True)
+        self._thread.start()
+
+    def report(self, step: int | None, samples: int | None, metrics: dict[str, float]) -> None:
+        # Plain attribute stores: the heartbeat thread reads whatever is newest.
+        if samples is not None:
+            self.samples = samples
+        if metrics:
+            self.metrics = metrics
+        self.step = step
+
+    def send(self, message) -> None:
+        self._send(message)
+
+    def goodbye(self, exit_code: int) -> None:
+        """Tell the coordinator the script finished, then close (the process exits next)."""
+        if self._closed.is_set():
+            return
+        try:
+            self._send(protocol.Heartbeat(seq=self._next_seq(), step=self.step, samples=self.samples))
+            self._send(protocol.Goodbye(exit_code=exit_code))
+        except OSError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+
+    # -- the thread -----------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _send(self, message) -> None:
+        frame = protocol.encode(message)
+        with self._send_lock:
+            assert self._sock is not None
+            self._sock.sendall(frame)
+
+    def _run(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        next_beat = time.monotonic()
+        try:
+            while not self._closed.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._send(
+                        protocol.Heartbeat(
+                            seq=self._next_seq(), step=self.step, samples=self.samples, metrics=self.metrics
+                        )
+                    )
+                    next_beat = now + self.interval
+                readable, _, _ = select.select([sock], [], [], max(0.0, next_beat - time.monotonic()))
+                if readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        self._lost("the coordinator closed the heartbeat connection")
+                        return
+                    for message in self._decoder.feed(data):
+                        self._handle(message)
+        except (OSError, ValueError, ProtocolError) as exc:
+            if not self._closed.is_set():
+                self._lost(f"heartbeat connection failed: {exc}")
+
+    def _handle(self, message) -> None:
+        if isinstance(message, protocol.Drain):
+            self.drain_reason = message.reason
+            self.drain.set()
+        elif isinstance(message, protocol.Committed):
+            self.committed_step = message.step
+        elif isinstance(message, protocol.Reject):
+            self._lost(f"the coordinator dropped this rank: {message.reason}")
+
+    def _lost(self, why: str) -> None:
+        if self._closed.is_set():
+            return
+        sys.stderr.write(f"rankwarden: {why}; exiting (status {EXIT_COORDINATOR_LOST})\n")
+        sys.stderr.flush()
+        os._exit(EXIT_COORDINATOR_LOST)
