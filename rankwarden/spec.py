@@ -88,8 +88,11 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     heartbeat_interval: NonNegativeFloat = 0.0
     #: Seconds without ``step`` advancing (once a rank reported one); 0 disables.
     progress_timeout: NonNegativeFloat = 300.0
-    #: Seconds from spawn to the rank's hello; 0 means the rank need not connect.
-    startup_timeout: NonNegativeFloat = 60.0
+    #: Seconds from spawn to the rank's hello; 0: the rank need not connect at all.
+    #: None: 60 for scripts and modules (the bootstrap says hello before the
+    #: script runs), 0 for ``no_python`` commands (they connect only if they use
+    #: ``rankwarden.worker`` themselves).
+    startup_timeout: NonNegativeFloat | None = None
 
     restart_scope: RestartScope = RestartScope.GROUP
     max_restarts: Annotated[int, Meta(ge=0, le=100000)] = 3
@@ -121,6 +124,12 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     @property
     def effective_heartbeat_interval(self) -> float:
         return self.heartbeat_interval or self.heartbeat_timeout / 5.0
+
+    @property
+    def effective_startup_timeout(self) -> float:
+        if self.startup_timeout is not None:
+            return self.startup_timeout
+        return 0.0 if self.no_python else 60.0
 
     @classmethod
     def from_dict(cls, data: Any) -> "JobSpec":

@@ -133,6 +133,7 @@ class Coordinator:
         self._ran = True
         self.job_dir.prepare(msgspec.json.format(msgspec.json.encode(self.spec)))
         listeners = self._listeners
+        owned = listeners is None
         if listeners is None:
             listeners = await trio.open_tcp_listeners(0, host=self._heartbeat_host)
         try:
@@ -167,6 +168,10 @@ class Coordinator:
                 self._stop_reason = self._stop_reason or "coordinator cancelled"
                 self._end(JobState.STOPPED)
             self.job_dir.close()
+            if owned:
+                with trio.CancelScope(shield=True):
+                    for listener in listeners:
+                        await listener.aclose()
         return self.snapshot()
 
     def stop(self, reason: str = "stop requested", *, force: bool = False) -> None:
@@ -358,7 +363,7 @@ class Coordinator:
         elif state == JobState.FAILED:
             report = self.failure_report()
             self.emit(JobFailedEvent, attempt=self._attempt, message=report, failures=list(self._failures))
-            log.error("%s", report)
+            log.warning("%s", report)
         else:
             self.emit(JobStopped, attempt=self._attempt, reason=self._stop_reason)
             log.info("job=%s stopped: %s", self.job_id, self._stop_reason)

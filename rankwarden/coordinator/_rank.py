@@ -159,8 +159,8 @@ class RankRunner:
         if self._lost_at is not None:
             return self._lost_at + CONNECTION_LOST_GRACE, FailureCause.CONNECTION_LOST
         if self._hello_at is None:
-            if spec.startup_timeout:
-                return self._spawned_at + spec.startup_timeout, FailureCause.STARTUP_TIMEOUT
+            if spec.effective_startup_timeout:
+                return self._spawned_at + spec.effective_startup_timeout, FailureCause.STARTUP_TIMEOUT
             return math.inf, ""
         assert self._last_heartbeat is not None
         best = (self._last_heartbeat + spec.heartbeat_timeout, FailureCause.HEARTBEAT_TIMEOUT)
@@ -187,7 +187,7 @@ class RankRunner:
             return
         if cause == FailureCause.STARTUP_TIMEOUT:
             since = self._spawned_at
-            msg = f"rank {self.rank} did not say hello within {spec.startup_timeout:g}s of starting (startup_timeout)"
+            msg = f"rank {self.rank} did not say hello within {spec.effective_startup_timeout:g}s of starting (startup_timeout)"
         elif cause == FailureCause.HEARTBEAT_TIMEOUT:
             since = self._last_heartbeat or now
             msg = (

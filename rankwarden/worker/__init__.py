@@ -18,6 +18,7 @@ training script, and must start fast.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 
@@ -61,6 +62,9 @@ def connect() -> HeartbeatClient | None:
             )
             client.connect()
             client.start()
+            # Programs that connect themselves (--no-python) never say goodbye;
+            # at least their last reported step reaches the coordinator.
+            atexit.register(client.flush)
             _client = client
     return _client
 

@@ -88,12 +88,21 @@ class HeartbeatClient:
     def send(self, message) -> None:
         self._send(message)
 
+    def flush(self) -> None:
+        """Send the newest progress now (at interpreter exit, so the last step is not lost)."""
+        if self._closed.is_set():
+            return
+        try:
+            self._send(protocol.Heartbeat(seq=self._next_seq(), step=self.step, samples=self.samples, metrics=self.metrics))
+        except OSError:
+            pass
+
     def goodbye(self, exit_code: int) -> None:
         """Tell the coordinator the script finished, then close (the process exits next)."""
         if self._closed.is_set():
             return
+        self.flush()
         try:
-            self._send(protocol.Heartbeat(seq=self._next_seq(), step=self.step, samples=self.samples))
             self._send(protocol.Goodbye(exit_code=exit_code))
         except OSError:
             pass

@@ -1,0 +1,156 @@
+"""What ``rankwarden run`` shows a person: event lines, rank output, a live status line.
+
+On a terminal the last line is a status line redrawn in place (attempt, each
+rank's step, steps/s); every other line is printed above it. Elsewhere (CI
+logs, pipes) there is no status line, only plain lines.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import trio
+
+from rankwarden.coordinator import Coordinator
+from rankwarden.events import (
+    AttemptStarted,
+    Event,
+    JobFailedEvent,
+    JobSnapshot,
+    JobStarted,
+    JobStopped,
+    JobSucceeded,
+    PeerRejected,
+    RankExited,
+    RankFailed,
+    Restarting,
+    Stopping,
+)
+
+__all__ = ["Console", "describe_event", "format_status"]
+
+_REFRESH = 0.5  # seconds between status redraws and rank-output reads
+
+
+def describe_event(event: Event) -> str | None:
+    """One human line for an event, or None for events not worth a line."""
+    if isinstance(event, JobStarted):
+        return f"job {event.job}: {event.world_size} rank(s) of {event.entrypoint}; logs in {event.job_dir}"
+    if isinstance(event, AttemptStarted):
+        return f"attempt {event.attempt} started (MASTER_PORT={event.master_port})"
+    if isinstance(event, RankFailed):
+        return f"attempt {event.attempt}: {event.failure.message} [{event.failure.cause.value}]"
+    if isinstance(event, RankExited) and event.note:
+        return f"attempt {event.attempt}: rank {event.rank} {event.note}"
+    if isinstance(event, PeerRejected):
+        return f"dropped heartbeat peer {event.peer}: {event.reason}"
+    if isinstance(event, Restarting):
+        who = "all ranks" if event.rank is None else f"rank {event.rank}"
+        return f"restarting {who} in {event.delay:.1f}s (restart {event.restart} of {event.max_restarts})"
+    if isinstance(event, Stopping):
+        return f"stopping: {event.reason}"
+    if isinstance(event, JobSucceeded):
+        return f"job {event.job} succeeded (attempt {event.attempt})"
+    if isinstance(event, JobFailedEvent):
+        return event.message
+    if isinstance(event, JobStopped):
+        return f"job {event.job} stopped: {event.reason}"
+    return None
+
+
+def format_status(snapshot: JobSnapshot) -> str:
+    steps = " ".join(f"r{r.rank}={'-' if r.step is None else r.step}" for r in snapshot.ranks)
+    rates = [r.steps_per_second for r in snapshot.ranks if r.steps_per_second is not None]
+    rate = f"{min(rates):.2f} steps/s" if rates else "-- steps/s"
+    return (
+        f"[rankwarden] attempt {snapshot.attempt} {snapshot.state.value} | step {steps} | {rate} | "
+        f"restarts {snapshot.restarts_used}/{snapshot.max_restarts}"
+    )
+
+
+class Console:
+    def __init__(self, coordinator: Coordinator, *, echo_ranks: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+        self.coordinator = coordinator
+        self.echo_ranks = echo_ranks
+        self.out = out
+        self.err = err
+        self.live = err.isatty()
+        self._status_shown = False
+        self._offsets: dict[Path, int] = {}
+        self._partial: dict[Path, bytes] = {}
+
+    def _clear_status(self) -> None:
+        if self._status_shown:
+            self.err.write("\r\x1b[K")
+            self._status_shown = False
+
+    def line(self, text: str, *, stream: TextIO | None = None) -> None:
+        self._clear_status()
+        stream = stream or self.err
+        stream.write(text + "\n")
+        stream.flush()
+
+    async def show_events(self) -> None:
+        async for event in self.coordinator.events():
+            text = describe_event(event)
+            if text is not None:
+                self.line(f"rankwarden: {text}")
+
+    async def refresh(self) -> None:
+        """Redraw the status line and copy new rank output, until cancelled.
+
+        A display refresh, not liveness: nothing is decided from it."""
+        while True:
+            self.copy_rank_output()
+            if self.live and not self.coordinator.state.finished:
+                self._clear_status()
+                self.err.write(format_status(self.coordinator.snapshot())[:200])
+                self.err.flush()
+                self._status_shown = True
+            await trio.sleep(_REFRESH)
+
+    def copy_rank_output(self) -> None:
+        if not self.echo_ranks:
+            return
+        snapshot = self.coordinator.snapshot()
+        for rank in snapshot.ranks:
+            for attempt in range(1, rank.attempt + 1):
+                for path in self.coordinator.job_dir.log_paths(rank.rank, attempt):
+                    self._copy(path, rank.rank)
+
+    def _copy(self, path: Path, rank: int) -> None:
+        offset = self._offsets.get(path, 0)
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(1 << 20)
+        except FileNotFoundError:
+            return
+        if not data:
+            return
+        self._offsets[path] = offset + len(data)
+        data = self._partial.pop(path, b"") + data
+        *lines, rest = data.split(b"\n")
+        if rest:
+            self._partial[path] = rest
+        stream = self.err if path.suffix == ".stderr" else self.out
+        for raw in lines:
+            self.line(f"[rank{rank}]: {raw.decode(errors='replace')}", stream=stream)
+
+    def finish(self) -> None:
+        self.copy_rank_output()
+        for path, rest in list(self._partial.items()):
+            rank = int(path.stem.split("_")[1])
+            self.line(f"[rank{rank}]: {rest.decode(errors='replace')}", stream=self.out)
+        self._partial.clear()
+        self._clear_status()
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
