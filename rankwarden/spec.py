@@ -9,7 +9,6 @@ untrusted input: every error names the field that was wrong.
 from __future__ import annotations
 
 import enum
-import math
 import re
 from typing import Annotated, Any
 
@@ -53,10 +52,10 @@ class Backoff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """The delay before restart number ``restart`` given ``rand`` in [0, 1)."""
         if restart < 1:
             raise ValueError(f"restart numbers start at 1, got {restart}")
-        # Cap before multiplying so huge restart counts cannot overflow.
-        exponent = min(restart - 1, 1000)
-        base = self.initial * (self.factor**exponent) if self.factor > 1 else self.initial
-        base = min(self.max, base) if math.isfinite(base) else self.max
+        try:
+            base = min(self.max, self.initial * self.factor ** (restart - 1))
+        except OverflowError:  # a huge restart count: the cap applies
+            base = self.max
         return base * (1.0 - self.jitter + 2.0 * self.jitter * rand)
 
 
@@ -106,20 +105,22 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
         # msgspec turns a ValueError here into a ValidationError; from_dict
         # turns that into a SpecError. Cross-field rules live here.
         if self.module and self.no_python:
-            raise ValueError("`module` and `no_python` cannot both be set")
+            _invalid("no_python", "`module` and `no_python` cannot both be set")
         if self.job_id and not _JOB_ID_RE.match(self.job_id):
-            raise ValueError(
+            _invalid(
+                "job_id",
                 f"job_id {self.job_id!r} must be 1-63 lowercase letters, digits or '-', "
-                "starting and ending with a letter or digit"
+                "starting and ending with a letter or digit",
             )
         if self.heartbeat_interval and self.heartbeat_interval >= self.heartbeat_timeout:
-            raise ValueError(
+            _invalid(
+                "heartbeat_interval",
                 f"heartbeat_interval ({self.heartbeat_interval}) must be shorter than "
-                f"heartbeat_timeout ({self.heartbeat_timeout})"
+                f"heartbeat_timeout ({self.heartbeat_timeout})",
             )
         for key in self.env:
             if not key or "=" in key or "\0" in key:
-                raise ValueError(f"env key {key!r} is not a valid variable name")
+                _invalid("env", f"env key {key!r} is not a valid variable name")
 
     @property
     def effective_heartbeat_interval(self) -> float:
@@ -159,11 +160,21 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
         return JobSpec.from_dict(data)
 
 
+def _invalid(field: str, message: str) -> None:
+    # Same suffix as msgspec's own errors, so _spec_error finds the path.
+    raise ValueError(f"{message} - at `$.{field}`")
+
+
 def _spec_error(exc: msgspec.ValidationError) -> SpecError:
-    # msgspec messages end with " - at `$.field`"; keep the path separately too.
+    # msgspec ends messages with " - at `$.field`"; for a field that is missing
+    # or unknown it names it in the text instead ("unknown field `colour`").
     message = str(exc)
-    path = None
+    path = "$"
     match = re.search(r" - at `([^`]*)`$", message)
     if match:
         path = match.group(1)
+    else:
+        named = re.search(r"field `([^`]+)`", message)
+        if named:
+            path = f"$.{named.group(1)}"
     return SpecError(f"invalid job spec: {message}", path=path)

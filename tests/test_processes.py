@@ -80,7 +80,7 @@ async def test_clean_success_gives_each_rank_the_torchrun_environment(tmp_path):
         assert seen["name"] == "__main__" and seen["path0"] == SCRIPTS
         assert seen["argv"] == [WORKER, "--record", str(tmp_path / "record"), "--steps", "3"]
         out = (tmp_path / "job" / "attempt_001" / f"rank_{rank}.stdout").read_text()
-        assert out == f"rank {rank} done after 3 steps\n"
+        assert out == f"rank {rank} ready pid {seen['pid']}\nrank {rank} done after 3 steps\n"
     assert len(ports) == 1
 
 

@@ -93,6 +93,9 @@ class Coordinator:
         advertise_host: str | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        # Struct __init__ does not validate; a spec built in code is checked here,
+        # so a bad one fails now with a SpecError naming the field.
+        spec = JobSpec.from_dict(msgspec.to_builtins(spec))
         self.spec = spec
         self.job_id = spec.job_id or _default_job_id(spec)
         self.job_dir = JobDir(spec.job_dir or Path("rankwarden-jobs") / self.job_id)

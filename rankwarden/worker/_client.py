@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -167,6 +168,10 @@ class HeartbeatClient:
     def _lost(self, why: str) -> None:
         if self._closed.is_set():
             return
-        sys.stderr.write(f"rankwarden: {why}; exiting (status {EXIT_COORDINATOR_LOST})\n")
+        sys.stderr.write(f"rankwarden: {why}; exiting\n")
         sys.stderr.flush()
+        if os.getpgrp() == os.getpid():
+            # The rank leads its own process group (the launcher made it so):
+            # take its children (data loaders, helpers) down with it.
+            os.killpg(os.getpgrp(), signal.SIGKILL)
         os._exit(EXIT_COORDINATOR_LOST)

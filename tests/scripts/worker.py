@@ -27,6 +27,7 @@ attempt = int(os.environ.get("RANKWARDEN_ATTEMPT", "1"))
 if args.record:
     with open(os.path.join(args.record, f"r{rank}_a{attempt}.json"), "w") as f:
         json.dump({"env": dict(os.environ), "argv": sys.argv, "path0": sys.path[0], "name": __name__, "pid": os.getpid()}, f)
+print(f"rank {rank} ready pid {os.getpid()}", flush=True)
 if args.spawn_child:
     subprocess.Popen(["sleep", "1000"])
 
