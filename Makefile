@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -22,7 +22,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(VENV)/bin/rankwarden run --nproc-per-node 2 --max-restarts 3 demo/ddp_train.py
+	$(PY) demo/run_demo.py
 
 clean:
 	rm -rf $(VENV) rankwarden-jobs .pytest_cache

@@ -1,0 +1,27 @@
+"""The README's library example runs as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.torch
+def test_readme_library_example_runs(tmp_path):
+    pytest.importorskip("torch")
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    code = re.search(r"<!-- example:library -->\n```python\n(.*?)```", readme, re.S).group(1)
+    code = code.replace('job_id="example"', 'job_id="t-readme"').replace("rankwarden-jobs/example", str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "JobStarted attempt 0 rank None"
+    assert "JobSucceeded attempt 1 rank None" in lines
+    assert lines[-1] == "succeeded [30, 30]"
