@@ -1,5 +1,7 @@
 import os
+import select
 import sys
+import time
 
 import pytest
 
@@ -12,11 +14,32 @@ SCRIPTS = os.path.join(HERE, "scripts")
 JOB_PREFIX = "t-"
 
 
+def _still_alive_after(pids, seconds):
+    """Wait (on pidfds, no polling) for already-signalled processes to finish dying."""
+    deadline = time.monotonic() + seconds
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            os.close(fd)
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_processes():
-    """A test that starts processes must leave none behind (ranks, their children, zombies)."""
+    """A test that starts processes must leave none behind (ranks, their children, zombies).
+
+    A process already SIGKILLed may take a moment to vanish; one still there
+    after 5 s was never killed, and fails the test."""
     yield
     left = leftover_processes("RANKWARDEN_JOB_ID", JOB_PREFIX)
+    if left:
+        _still_alive_after(left, 5.0)
+        # Look again: the dying are gone now; the living and our own unreaped zombies are not.
+        left = leftover_processes("RANKWARDEN_JOB_ID", JOB_PREFIX)
     if left:
         for pid in left:
             try:

@@ -111,7 +111,7 @@ async def test_sigstopped_rank_is_caught_by_the_heartbeat_timeout(tmp_path):
     assert snapshot.state == JobState.SUCCEEDED
     [failure] = snapshot.failures
     assert failure.cause == FailureCause.HEARTBEAT_TIMEOUT and failure.rank == 1
-    assert 1.0 <= failure.detected_after < 1.5
+    assert 1.0 <= failure.detected_after < 2.5  # timeout plus scheduling on a loaded machine
 
 
 async def test_rank_that_heartbeats_but_stops_stepping_is_caught_by_progress_timeout(tmp_path):
