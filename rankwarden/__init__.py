@@ -15,6 +15,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AuthError": "rankwarden.errors",
     "Backoff": "rankwarden.spec",
+    "CheckpointError": "rankwarden.errors",
+    "CheckpointStore": "rankwarden.checkpoint",
+    "CorruptCheckpoint": "rankwarden.errors",
+    "Manifest": "rankwarden.checkpoint",
     "Coordinator": "rankwarden.coordinator",
     "Event": "rankwarden.events",
     "ExitStatus": "rankwarden.launcher",
@@ -55,8 +59,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from rankwarden.checkpoint import CheckpointStore, Manifest
     from rankwarden.coordinator import Coordinator, run_job
-    from rankwarden.errors import AuthError, JobFailed, LaunchError, ProtocolError, RankwardenError, SpecError
+    from rankwarden.errors import AuthError, CheckpointError, CorruptCheckpoint, JobFailed, LaunchError, ProtocolError, RankwardenError, SpecError
     from rankwarden.events import Event, Failure, FailureCause, JobSnapshot, JobState, RankSnapshot, RankState
     from rankwarden.launcher import ExitStatus, LaunchRequest, Launcher, ProcessLauncher, RankProcess
     from rankwarden.spec import Backoff, JobSpec, RestartScope

@@ -5,6 +5,8 @@
     ├── LaunchError         a rank could not be started
     ├── ProtocolError       a heartbeat peer sent something we cannot accept
     │   └── AuthError       ... in particular a wrong token, job or rank
+    ├── CheckpointError     a checkpoint could not be written or read
+    │   └── CorruptCheckpoint  a committed step fails verification (size, checksum, manifest)
     └── JobFailed           a job ended failed (carries the failure records)
 
 Third-party errors (msgspec, OSError from the launcher) are translated into
@@ -20,6 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "AuthError",
+    "CheckpointError",
+    "CorruptCheckpoint",
     "JobFailed",
     "LaunchError",
     "ProtocolError",
@@ -50,6 +54,14 @@ class ProtocolError(RankwardenError):
 
 class AuthError(ProtocolError):
     """A heartbeat peer presented the wrong token, job, rank or attempt."""
+
+
+class CheckpointError(RankwardenError):
+    """A checkpoint could not be saved, committed or read (I/O error, disk full, ...)."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A committed step failed verification; readers skip it and use an older one."""
 
 
 class JobFailed(RankwardenError):

@@ -15,6 +15,8 @@ rank_exited        the rank exited 0 (it finished)
 rank_failed        the rank failed; ``failure`` says how (see FailureCause)
 rank_stopped       the coordinator stopped a rank (teardown or stop)
 peer_rejected      a heartbeat peer was dropped (bad frame, wrong token, ...)
+checkpoint_committed  every rank wrote ``step``; its manifest is durable
+checkpoint_failed  a step could not be written or committed (it never will be)
 restarting         a restart was granted; ``delay`` is the backoff
 stopping           a graceful stop was requested
 job_succeeded      every rank exited 0
@@ -31,6 +33,8 @@ import msgspec
 
 __all__ = [
     "AttemptStarted",
+    "CheckpointCommitted",
+    "CheckpointFailedEvent",
     "Event",
     "Failure",
     "FailureCause",
@@ -157,6 +161,18 @@ class PeerRejected(Event, tag="peer_rejected"):
     peer: str = ""
 
 
+class CheckpointCommitted(Event, tag="checkpoint_committed"):
+    step: int
+    files: int
+    bytes: int
+    seconds: float
+
+
+class CheckpointFailedEvent(Event, tag="checkpoint_failed"):
+    step: int
+    error: str
+
+
 class Restarting(Event, tag="restarting"):
     restart: int
     max_restarts: int
@@ -216,5 +232,7 @@ class JobSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     failures: list[Failure]
     job_dir: str
     coordinator: str = ""
+    #: Newest step committed by this job's coordinator (or found at start); None if none.
+    checkpoint_step: int | None = None
     started_at: float | None = None
     ended_at: float | None = None

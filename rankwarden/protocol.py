@@ -28,6 +28,7 @@ from rankwarden.errors import ProtocolError
 __all__ = [
     "MAX_FRAME",
     "PROTOCOL_VERSION",
+    "CheckpointFailed",
     "CheckpointReady",
     "Committed",
     "Drain",
@@ -87,6 +88,13 @@ class CheckpointReady(_Message, tag="checkpoint_ready"):
     files: list[FileInfo] = []
 
 
+class CheckpointFailed(_Message, tag="checkpoint_failed"):
+    """This rank could not write its files for ``step``; that step will not commit."""
+
+    step: int
+    error: str
+
+
 class Goodbye(_Message, tag="goodbye"):
     """The script finished; ``exit_code`` is what the process is about to exit with."""
 
@@ -119,7 +127,7 @@ class Drain(_Message, tag="drain"):
     reason: str = ""
 
 
-ToCoordinator = Union[Hello, Heartbeat, CheckpointReady, Goodbye]
+ToCoordinator = Union[Hello, Heartbeat, CheckpointReady, CheckpointFailed, Goodbye]
 ToRank = Union[Welcome, Reject, Committed, Drain]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -80,6 +80,9 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     #: Where per-rank logs and events.jsonl go; empty: ``./rankwarden-jobs/<job_id>``.
     job_dir: str = ""
     checkpoint_url: str | None = None
+    #: Keep the newest N committed checkpoints (and every ``keep_every``-th step); 0 keeps all.
+    keep_checkpoints: Annotated[int, Meta(ge=0)] = 0
+    keep_every: Annotated[int, Meta(ge=0)] = 0
     master_addr: str = "127.0.0.1"
 
     heartbeat_timeout: PositiveFloat = 5.0

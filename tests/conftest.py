@@ -10,8 +10,12 @@ from rankwarden.testing import leftover_processes
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(HERE, "scripts")
 
-#: Every job a test starts has an id with this prefix, so leftovers are findable.
+#: Every job a test starts has an id with this prefix.
 JOB_PREFIX = "t-"
+#: Every process this test session starts inherits this marker; leftovers are
+#: found by it, so two test sessions on one machine never see each other's.
+SESSION_MARKER = "RANKWARDEN_TEST_SESSION"
+os.environ[SESSION_MARKER] = f"{os.getpid()}-{time.time_ns()}"
 
 
 def _still_alive_after(pids, seconds):
@@ -35,11 +39,12 @@ def no_leftover_processes():
     A process already SIGKILLed may take a moment to vanish; one still there
     after 5 s was never killed, and fails the test."""
     yield
-    left = leftover_processes("RANKWARDEN_JOB_ID", JOB_PREFIX)
+    marker = os.environ[SESSION_MARKER]
+    left = leftover_processes(SESSION_MARKER, marker)
     if left:
         _still_alive_after(left, 5.0)
         # Look again: the dying are gone now; the living and our own unreaped zombies are not.
-        left = leftover_processes("RANKWARDEN_JOB_ID", JOB_PREFIX)
+        left = leftover_processes(SESSION_MARKER, marker)
     if left:
         for pid in left:
             try:

@@ -38,11 +38,12 @@ import msgspec
 import trio
 
 from rankwarden import protocol
+from rankwarden.coordinator._checkpoints import Committer
 from rankwarden.coordinator._heartbeat import Peer, serve_heartbeats
 from rankwarden.coordinator._jobdir import JobDir
 from rankwarden.coordinator._rank import RankRunner
 from rankwarden.coordinator._request import free_port, rank_argv, rank_env
-from rankwarden.errors import AuthError, ProtocolError
+from rankwarden.errors import AuthError, CheckpointError, ProtocolError
 from rankwarden.events import (
     AttemptStarted,
     Event,
@@ -122,6 +123,11 @@ class Coordinator:
         self._ended = trio.Event()
         self._stop_requested = trio.Event()
         self._force_requested = trio.Event()
+        self._committer: Committer | None = None
+        if spec.checkpoint_url:
+            from rankwarden.checkpoint import CheckpointStore
+
+            self._committer = Committer(self, CheckpointStore(spec.checkpoint_url, self.job_id))
 
     # -- public API ------------------------------------------------------------------
 
@@ -129,11 +135,21 @@ class Coordinator:
     def state(self) -> JobState:
         return self._state
 
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> JobSnapshot:
         """Run the job to its end. ``task_status.started(self)`` once ranks can connect."""
         if self._ran:
             raise RuntimeError("a Coordinator runs one job once; create a new one")
         self._ran = True
+        if self._committer is not None:
+            # Before anything starts: a store that cannot be read fails the run here, clearly.
+            try:
+                await self._committer.start()
+            except OSError as exc:
+                raise CheckpointError(f"checkpoint store {self.spec.checkpoint_url!r} is not usable: {exc}") from exc
         self.job_dir.prepare(msgspec.json.format(msgspec.json.encode(self.spec)))
         listeners = self._listeners
         owned = listeners is None
@@ -147,6 +163,8 @@ class Coordinator:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_heartbeats, listeners, self)
+                if self._committer is not None:
+                    nursery.start_soon(self._committer.run)
                 self._started_at = self.wall_time()
                 self._state = JobState.RUNNING
                 self.emit(
@@ -223,6 +241,7 @@ class Coordinator:
             failures=list(self._failures),
             job_dir=str(self.job_dir.path),
             coordinator=self.address,
+            checkpoint_step=self._committer.committed_step if self._committer else None,
             started_at=self._started_at,
             ended_at=self._ended_at,
         )
@@ -260,6 +279,8 @@ class Coordinator:
                 return JobState.STOPPED
 
     async def _run_group_attempt(self, attempt: int) -> RankState:
+        if self._committer is not None and attempt > 1:
+            await self._committer.new_attempt(self._checkpoint_tag(attempt))
         self._master_port = free_port(self.spec.master_addr, exclude=self._master_port)
         runners = [RankRunner(self, rank, attempt) for rank in range(self.spec.world_size)]
         self._runners = {runner.rank: runner for runner in runners}
@@ -399,6 +420,7 @@ class Coordinator:
             master_port=self._master_port or 0,
             coordinator=self.address,
             token=self._token,
+            checkpoint_tag=self._checkpoint_tag(attempt),
         )
         return LaunchRequest(
             job_id=self.job_id,
@@ -412,9 +434,26 @@ class Coordinator:
             stderr_path=str(stderr),
         )
 
+    def _checkpoint_tag(self, attempt: int) -> str:
+        # Ranks of one group attempt share a staging area, so a dead attempt's
+        # files can never be committed with a later attempt's. In scope `rank`
+        # ranks restart alone and share one for the whole job.
+        return f"a{attempt}" if self.spec.restart_scope == RestartScope.GROUP else "r"
+
     def checkpoint_ready(self, runner: RankRunner, message: protocol.CheckpointReady) -> None:
-        # The checkpoint committer consumes these; with none configured they are only logged.
-        log.debug("job=%s attempt=%d rank=%d: checkpoint step %d ready", self.job_id, runner.attempt, runner.rank, message.step)
+        if self._committer is None:
+            log.warning("job=%s rank=%d reported checkpoint step %d, but the job has no checkpoint_url",
+                        self.job_id, runner.rank, message.step)
+            return
+        self._committer.ready(self._checkpoint_tag(runner.attempt), runner.rank, message)
+
+    def checkpoint_failed(self, runner: RankRunner, message: protocol.CheckpointFailed) -> None:
+        if self._committer is not None:
+            self._committer.failed(runner.rank, runner.attempt, message)
+
+    def broadcast(self, message) -> None:
+        for runner in list(self._runners.values()):
+            runner.send(message)
 
     # -- for the heartbeat server (PeerRouter) ----------------------------------------
 

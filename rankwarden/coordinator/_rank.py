@@ -269,6 +269,8 @@ class RankRunner:
             self._goodbye_at = now
         elif isinstance(message, protocol.CheckpointReady):
             self.job.checkpoint_ready(self, message)
+        elif isinstance(message, protocol.CheckpointFailed):
+            self.job.checkpoint_failed(self, message)
         self._reschedule()
 
     def on_disconnect(self, peer: "Peer", clean: bool) -> None:

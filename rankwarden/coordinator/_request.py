@@ -30,6 +30,7 @@ def rank_env(
     master_port: int,
     coordinator: str,
     token: str,
+    checkpoint_tag: str = "",
     base: dict[str, str] | None = None,
 ) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
@@ -67,8 +68,10 @@ def rank_env(
     )
     if spec.checkpoint_url:
         env["RANKWARDEN_CHECKPOINT_URL"] = spec.checkpoint_url
+        env["RANKWARDEN_CHECKPOINT_TAG"] = checkpoint_tag
     else:
         env.pop("RANKWARDEN_CHECKPOINT_URL", None)
+        env.pop("RANKWARDEN_CHECKPOINT_TAG", None)
     return env
 
 

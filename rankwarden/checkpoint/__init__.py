@@ -1,0 +1,22 @@
+"""Atomic, verified, resumable checkpoints on any fsspec URL.
+
+A step is committed by its manifest, written last; resume takes the newest
+step that verifies. ``CheckpointStore`` works on its own (one process) or
+driven by the coordinator (each rank writes its files, the coordinator
+commits when every rank has reported). torch is imported only by the
+functions that (de)serialise torch payloads.
+"""
+
+from rankwarden.checkpoint._faults import POINTS as FAULT_POINTS, set_fault_hook
+from rankwarden.checkpoint._manifest import FileEntry, Manifest, step_dir_name
+from rankwarden.checkpoint._store import CheckpointStore, rank_file_name
+
+__all__ = [
+    "FAULT_POINTS",
+    "CheckpointStore",
+    "FileEntry",
+    "Manifest",
+    "rank_file_name",
+    "set_fault_hook",
+    "step_dir_name",
+]

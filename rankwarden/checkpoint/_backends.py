@@ -1,0 +1,314 @@
+"""Where checkpoint bytes go: a POSIX directory, or an object store through fsspec.
+
+Both backends give the store the same few operations; the difference is how
+a step becomes visible.
+
+POSIX (local disk, NFS): payloads and then the manifest are written into
+``step_N.tmp-<tag>/`` and fsynced, the directory is fsynced, renamed to
+``step_N/``, and the parent fsynced. The rename is the commit: a reader never
+sees a step directory without a complete manifest and payloads.
+
+Object stores (S3, GCS, memory://) have no rename: payloads are written to
+their final keys under ``step_N/``, then the manifest (create-only where the
+store supports it, so two committers can never both win). A ``step_N/``
+without a manifest is not a step; it is garbage once no writer is active.
+
+The checksum of a payload is computed while the kernel is writing it out:
+fsync runs in one thread and sha256 in another, so a save costs about as
+much as the write+fsync alone (both release the GIL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import threading
+import uuid
+from typing import Any, Callable, Union
+
+from rankwarden.checkpoint._faults import fault_point
+from rankwarden.checkpoint._manifest import FileEntry, parse_step_dir, step_dir_name
+
+__all__ = ["LocalBackend", "ObjectBackend", "Payload"]
+
+log = logging.getLogger(__name__)
+
+#: bytes-like content, or a function that writes the file at the local path it is given
+#: (``lambda path: torch.save(state, path)``: torch's fastest path).
+Payload = Union[bytes, bytearray, memoryview, Callable[[str], None]]
+
+_CHUNK = 8 << 20
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+
+
+def _sha256_file(f) -> str:
+    digest = hashlib.sha256()
+    while chunk := f.read(_CHUNK):
+        digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _sha256_path(path: str) -> str:
+    with open(path, "rb") as f:
+        return _sha256_file(f)
+
+
+def sha256_bytes(data) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _in_parallel(main: Callable[[], Any], side: Callable[[], Any]) -> tuple[Any, Any]:
+    """Run ``side`` in a thread while ``main`` runs here; re-raise either's error."""
+    box: dict[str, Any] = {}
+
+    def run_side() -> None:
+        try:
+            box["value"] = side()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run_side, name="rankwarden-checkpoint", daemon=True)
+    thread.start()
+    try:
+        main_value = main()
+    finally:
+        thread.join()
+    if "error" in box:
+        raise box["error"]
+    return main_value, box["value"]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: str, data: bytes, *, crash_midway: str | None = None) -> None:
+    with open(path, "wb") as f:
+        if crash_midway:
+            half = len(data) // 2
+            f.write(data[:half])
+            f.flush()
+            fault_point(crash_midway)
+            f.write(data[half:])
+        else:
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class LocalBackend:
+    """A directory on a POSIX filesystem: temp dir, fsync, rename."""
+
+    atomic_rename = True
+
+    def __init__(self, base: str) -> None:
+        self.base = os.path.abspath(base)
+
+    def join(self, *parts: str) -> str:
+        return os.path.join(self.base, *parts)
+
+    def staging_dir(self, step: int, tag: str) -> str:
+        return self.join(f"{step_dir_name(step)}.tmp-{tag}")
+
+    def write_payload(self, directory: str, name: str, payload: Payload, rank: int | None) -> FileEntry:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, name)
+        if callable(payload):
+            payload(path)
+            with open(path, "rb") as f:
+                # fsync (disk) and sha256 (CPU, reading the page cache) overlap.
+                _, checksum = _in_parallel(lambda: os.fsync(f.fileno()), lambda: _sha256_path(path))
+                size = os.fstat(f.fileno()).st_size
+        else:
+            data = memoryview(payload).cast("B")
+            _, checksum = _in_parallel(lambda: _write_durably(path, data, crash_midway="mid_payload"),
+                                       lambda: sha256_bytes(data))
+            size = len(data)
+        return FileEntry(name=name, size=size, checksum=checksum, rank=rank)
+
+    def commit(self, staging: str, step: int, manifest: bytes) -> bool:
+        """Make ``staging`` the committed ``step``; False if that step was already committed."""
+        final = self.join(step_dir_name(step))
+        if os.path.exists(os.path.join(final, MANIFEST)):
+            shutil.rmtree(staging, ignore_errors=True)
+            return False
+        _write_durably(os.path.join(staging, MANIFEST), manifest, crash_midway="mid_manifest")
+        _fsync_dir(staging)
+        fault_point("before_rename")
+        if os.path.exists(final):  # a manifest-less leftover from an older layout or a crash
+            self._discard(final)
+        os.rename(staging, final)
+        _fsync_dir(self.base)
+        fault_point("after_rename")
+        return True
+
+    def write_latest(self, step: int) -> None:
+        tmp = self.join(f"{LATEST}.tmp-{uuid.uuid4().hex[:8]}")
+        _write_durably(tmp, (step_dir_name(step) + "\n").encode(), crash_midway="mid_latest")
+        os.replace(tmp, self.join(LATEST))
+        _fsync_dir(self.base)
+
+    def read(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def read_latest(self) -> bytes | None:
+        try:
+            return self.read(self.join(LATEST))
+        except FileNotFoundError:
+            return None
+
+    def size(self, path: str) -> int | None:
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+
+    def checksum(self, path: str) -> str:
+        return _sha256_path(path)
+
+    def step_dirs(self) -> dict[int, str]:
+        try:
+            names = os.listdir(self.base)
+        except FileNotFoundError:
+            return {}
+        return {step: self.join(name) for name in names if (step := parse_step_dir(name)) is not None}
+
+    def garbage(self) -> list[str]:
+        """Temp directories and files of saves that never committed, and half-deleted steps."""
+        try:
+            names = os.listdir(self.base)
+        except FileNotFoundError:
+            return []
+        return [self.join(n) for n in names if ".tmp-" in n or ".deleting-" in n]
+
+    def remove(self, path: str) -> None:
+        if os.path.isdir(path):
+            self._discard(path)
+        else:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+    def remove_step(self, path: str) -> None:
+        # Rename first: the step stops existing atomically, then its bytes go.
+        self._discard(path)
+
+    def _discard(self, path: str) -> None:
+        doomed = f"{path}.deleting-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return
+        _fsync_dir(os.path.dirname(doomed))
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+class ObjectBackend:
+    """An fsspec filesystem without atomic rename: payloads first, manifest last."""
+
+    atomic_rename = False
+
+    def __init__(self, fs, base: str) -> None:
+        self.fs = fs
+        self.base = base.rstrip("/")
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.base, *parts)
+
+    def staging_dir(self, step: int, tag: str) -> str:
+        return self.join(step_dir_name(step))
+
+    def write_payload(self, directory: str, name: str, payload: Payload, rank: int | None) -> FileEntry:
+        path = posixpath.join(directory, name)
+        if callable(payload):
+            with tempfile.TemporaryDirectory(prefix="rankwarden-") as tmp:
+                local = os.path.join(tmp, name)
+                payload(local)
+                with open(local, "rb") as f:
+                    checksum = _sha256_file(f)
+                size = os.path.getsize(local)
+                self.fs.put_file(local, path)
+        else:
+            data = bytes(payload)
+            checksum, size = sha256_bytes(data), len(data)
+            self.fs.pipe_file(path, data)
+        return FileEntry(name=name, size=size, checksum=checksum, rank=rank)
+
+    def commit(self, staging: str, step: int, manifest: bytes) -> bool:
+        path = posixpath.join(staging, MANIFEST)
+        self.fs.invalidate_cache(staging)
+        try:
+            self.fs.pipe_file(path, manifest, mode="create")
+        except FileExistsError:
+            return False
+        except TypeError:  # an fsspec filesystem without create-only writes
+            if self.fs.exists(path):
+                return False
+            self.fs.pipe_file(path, manifest)
+        fault_point("after_rename")
+        return True
+
+    def write_latest(self, step: int) -> None:
+        self.fs.pipe_file(self.join(LATEST), (step_dir_name(step) + "\n").encode())
+
+    def read(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def read_latest(self) -> bytes | None:
+        try:
+            return self.read(self.join(LATEST))
+        except FileNotFoundError:
+            return None
+
+    def size(self, path: str) -> int | None:
+        try:
+            return int(self.fs.size(path))
+        except FileNotFoundError:
+            return None
+
+    def checksum(self, path: str) -> str:
+        with self.fs.open(path, "rb") as f:
+            return _sha256_file(f)
+
+    def _names(self) -> list[str]:
+        self.fs.invalidate_cache(self.base)
+        try:
+            return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.base, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def step_dirs(self) -> dict[int, str]:
+        return {step: self.join(name) for name in self._names() if (step := parse_step_dir(name)) is not None}
+
+    def garbage(self) -> list[str]:
+        found = []
+        for step, path in self.step_dirs().items():
+            self.fs.invalidate_cache(path)
+            if not self.fs.exists(posixpath.join(path, MANIFEST)):
+                found.append(path)
+        return found
+
+    def remove(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def remove_step(self, path: str) -> None:
+        # The manifest goes first: from then on the step does not exist.
+        try:
+            self.fs.rm_file(posixpath.join(path, MANIFEST))
+        except FileNotFoundError:
+            pass
+        self.remove(path)

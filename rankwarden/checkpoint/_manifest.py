@@ -1,0 +1,74 @@
+"""The manifest: the commit record of one checkpoint step.
+
+    <root>/<job>/step_000001230/manifest.json
+
+A step exists if and only if its manifest exists and verifies. It is written
+last, after every payload it lists is durable, so a reader that finds it can
+trust the listed files to be complete; sizes are checked when a step is
+chosen, checksums when a file is read.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import msgspec
+
+from rankwarden.errors import CorruptCheckpoint
+
+__all__ = ["FORMAT_VERSION", "FileEntry", "Manifest", "parse_step_dir", "step_dir_name"]
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d{9,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    """The step of a committed-step directory name, or None for anything else."""
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+class FileEntry(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    size: int
+    #: "sha256:<hex>"
+    checksum: str
+    rank: int | None = None
+
+
+class Manifest(msgspec.Struct, frozen=True, kw_only=True):
+    format: int = FORMAT_VERSION
+    job: str
+    step: int
+    world_size: int
+    files: list[FileEntry]
+    created_at: float = msgspec.field(default_factory=time.time)
+    metadata: dict[str, Any] = {}
+
+    def file(self, name: str) -> FileEntry:
+        for entry in self.files:
+            if entry.name == name:
+                return entry
+        raise KeyError(f"step {self.step} has no file {name!r}; it has {[f.name for f in self.files]}")
+
+    def encode(self) -> bytes:
+        return msgspec.json.format(msgspec.json.encode(self))
+
+    @classmethod
+    def decode(cls, raw: bytes, *, where: str) -> "Manifest":
+        try:
+            manifest = msgspec.json.decode(raw, type=cls)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise CorruptCheckpoint(f"{where}: manifest does not parse: {exc}") from None
+        if manifest.format != FORMAT_VERSION:
+            raise CorruptCheckpoint(f"{where}: manifest format {manifest.format}, this rankwarden reads {FORMAT_VERSION}")
+        names = [f.name for f in manifest.files]
+        if len(set(names)) != len(names) or any("/" in n or n in ("", ".", "..") for n in names):
+            raise CorruptCheckpoint(f"{where}: manifest lists invalid or duplicate file names {names}")
+        return manifest
