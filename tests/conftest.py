@@ -65,3 +65,50 @@ def script():
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """moto's S3 server on loopback (port 0), as s3fs's own suite does; yields its endpoint URL.
+
+    Credentials and the endpoint go into the environment, so rank processes
+    started by tests reach the same server (fsspec reads FSSPEC_S3_*)."""
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    import fsspec.config
+
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved_env = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "FSSPEC_S3_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      FSSPEC_S3_ENDPOINT_URL=endpoint)
+    saved_conf = fsspec.config.conf.get("s3")
+    fsspec.config.conf["s3"] = {"endpoint_url": endpoint}
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if saved_conf is None:
+            fsspec.config.conf.pop("s3", None)
+        else:
+            fsspec.config.conf["s3"] = saved_conf
+
+
+@pytest.fixture
+def s3_bucket(moto_s3):
+    """A fresh bucket; yields its s3:// URL."""
+    import uuid
+
+    import s3fs
+
+    name = f"rw-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(endpoint_url=moto_s3, skip_instance_cache=True)
+    fs.mkdir(name)
+    return f"s3://{name}"

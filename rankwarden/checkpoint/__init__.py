@@ -11,8 +11,30 @@ from rankwarden.checkpoint._faults import POINTS as FAULT_POINTS, set_fault_hook
 from rankwarden.checkpoint._manifest import FileEntry, Manifest, step_dir_name
 from rankwarden.checkpoint._store import CheckpointStore, rank_file_name
 
+
+def __getattr__(name: str):
+    # These pull in the worker and torch helpers: load them only when asked for.
+    if name == "RankCheckpointer":
+        from rankwarden.checkpoint._rank import RankCheckpointer
+
+        return RankCheckpointer
+    if name == "AsyncCheckpointer":
+        from rankwarden.checkpoint._async import AsyncCheckpointer
+
+        return AsyncCheckpointer
+    if name in ("torch_payload", "load_torch"):
+        from rankwarden.checkpoint import _torch
+
+        return getattr(_torch, name)
+    raise AttributeError(f"module 'rankwarden.checkpoint' has no attribute {name!r}")
+
+
 __all__ = [
+    "AsyncCheckpointer",
     "FAULT_POINTS",
+    "RankCheckpointer",
+    "load_torch",
+    "torch_payload",
     "CheckpointStore",
     "FileEntry",
     "Manifest",

@@ -74,28 +74,47 @@ class CheckpointStore:
         """Where the payloads of an uncommitted ``step`` go; every rank of one attempt shares ``tag``."""
         return self.backend.staging_dir(step, tag)
 
-    def write_file(self, staging: str, name: str, payload: Payload, *, rank: int | None = None) -> FileEntry:
-        """Write one payload durably into ``staging``; returns its size and checksum."""
+    def write_file(self, step: int, name: str, payload: Payload, *, tag: str, rank: int | None = None) -> FileEntry:
+        """Write one payload of ``step`` durably into the ``tag`` staging area; returns its size and checksum."""
         if not name or "/" in name or name in (".", "..", MANIFEST):
             raise CheckpointError(f"invalid checkpoint file name {name!r}")
+        if not self.backend.atomic_rename:
+            self._claim_object_step(step)
         try:
-            return self.backend.write_payload(staging, name, payload, rank)
+            return self.backend.write_payload(self.staging_dir(step, tag), name, payload, rank)
         except OSError as exc:
-            raise CheckpointError(f"{self.job}: writing {name} failed: {exc}") from exc
+            raise CheckpointError(f"{self.job}: writing {name} of step {step} failed: {exc}") from exc
+
+    def _claim_object_step(self, step: int) -> None:
+        # On an object store payloads go to their final keys: never overwrite
+        # the files of a committed step. A committed step that fails
+        # verification is decommitted (its manifest removed) so a good save can
+        # replace it; a step without a manifest is in progress: write along.
+        path = self.backend.step_dirs().get(step)
+        if path is None or self.backend.size(f"{path}/{MANIFEST}") is None:
+            return
+        try:
+            self._verify(step, path, checksums=True)
+        except CorruptCheckpoint as exc:
+            log.warning("job=%s: step %d is committed but damaged (%s); replacing it", self.job, step, exc)
+            self.backend.remove(f"{path}/{MANIFEST}")
+            return
+        raise CheckpointError(f"{self.job}: step {step} is already committed; refusing to overwrite its files")
 
     def commit(
         self,
         step: int,
         files: Iterable[FileEntry],
         *,
-        staging: str,
+        tag: str,
         world_size: int = 1,
         metadata: Mapping[str, Any] | None = None,
     ) -> Manifest:
-        """Commit ``step`` from ``staging``: check the files, write the manifest, move LATEST.
+        """Commit ``step`` from the ``tag`` staging area: check the files, write the manifest, move LATEST.
 
-        The files must be in ``staging`` with the sizes given; anything else
-        is refused, so a rank's claim is never committed on trust."""
+        The files must be there with the sizes given; anything else is refused,
+        so a rank's claim is never committed on trust."""
+        staging = self.staging_dir(step, tag)
         manifest = Manifest(job=self.job, step=step, world_size=world_size, files=list(files), metadata=dict(metadata or {}))
         for entry in manifest.files:
             size = self.backend.size(f"{staging.rstrip('/')}/{entry.name}")
@@ -106,6 +125,8 @@ class CheckpointStore:
                 )
         try:
             fault_point("after_payloads")
+            if self.backend.atomic_rename:
+                self._replace_if_damaged(step)
             fresh = self.backend.commit(staging, step, manifest.encode())
             if not fresh:
                 log.warning("job=%s: step %d was already committed; kept the existing one", self.job, step)
@@ -114,6 +135,16 @@ class CheckpointStore:
         except OSError as exc:
             raise CheckpointError(f"{self.job}: committing step {step} failed: {exc}") from exc
         return manifest
+
+    def _replace_if_damaged(self, step: int) -> None:
+        path = self.backend.step_dirs().get(step)
+        if path is None:
+            return
+        try:
+            self._verify(step, path, checksums=True)
+        except CorruptCheckpoint as exc:
+            log.warning("job=%s: step %d is committed but damaged (%s); replacing it", self.job, step, exc)
+            self.backend.remove_step(path)
 
     def save(
         self,
@@ -124,15 +155,15 @@ class CheckpointStore:
         metadata: Mapping[str, Any] | None = None,
     ) -> Manifest:
         """Write and commit a whole step from this one process (no coordinator)."""
-        staging = self.staging_dir(step, uuid.uuid4().hex[:12])
+        tag = uuid.uuid4().hex[:12]
         try:
-            entries = [self.write_file(staging, name, payload) for name, payload in payloads.items()]
-            return self.commit(step, entries, staging=staging, world_size=world_size, metadata=metadata)
+            entries = [self.write_file(step, name, payload, tag=tag) for name, payload in payloads.items()]
+            return self.commit(step, entries, tag=tag, world_size=world_size, metadata=metadata)
         except BaseException:
             # A failed save leaves no trace that a reader could mistake for a step.
             with contextlib.suppress(OSError):
                 if self.backend.atomic_rename:
-                    self.backend.remove(staging)
+                    self.backend.remove(self.staging_dir(step, tag))
             raise
 
     def _move_latest(self, step: int) -> None:

@@ -66,11 +66,10 @@ class Committer:
     async def run(self) -> None:
         async for tag, step, ranks in self._receive:
             files = [entry for rank in sorted(ranks) for entry in ranks[rank]]
-            staging = self.store.staging_dir(step, tag)
             started = time.perf_counter()
             try:
                 await trio.to_thread.run_sync(
-                    lambda: self.store.commit(step, files, staging=staging, world_size=self.job.spec.world_size)
+                    lambda: self.store.commit(step, files, tag=tag, world_size=self.job.spec.world_size)
                 )
             except CheckpointError as exc:
                 log.warning("job=%s: %s", self.job.job_id, exc)

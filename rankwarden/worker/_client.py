@@ -52,6 +52,7 @@ class HeartbeatClient:
         self.drain = threading.Event()
         self.drain_reason = ""
         self.committed_step: int | None = None
+        self._committed = threading.Condition()
         self._seq = 0
 
     def connect(self, timeout: float = 30.0) -> protocol.Welcome:
@@ -88,6 +89,13 @@ class HeartbeatClient:
 
     def send(self, message) -> None:
         self._send(message)
+
+    def wait_committed(self, step: int, timeout: float | None = None) -> bool:
+        """Block until the coordinator has committed ``step`` (or a later one)."""
+        with self._committed:
+            return self._committed.wait_for(
+                lambda: self.committed_step is not None and self.committed_step >= step, timeout
+            )
 
     def flush(self) -> None:
         """Send the newest progress now (at interpreter exit, so the last step is not lost)."""
@@ -161,7 +169,9 @@ class HeartbeatClient:
             self.drain_reason = message.reason
             self.drain.set()
         elif isinstance(message, protocol.Committed):
-            self.committed_step = message.step
+            with self._committed:
+                self.committed_step = max(message.step, self.committed_step or message.step)
+                self._committed.notify_all()
         elif isinstance(message, protocol.Reject):
             self._lost(f"the coordinator dropped this rank: {message.reason}")
 
