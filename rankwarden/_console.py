@@ -17,6 +17,7 @@ import trio
 from rankwarden.coordinator import Coordinator
 from rankwarden.events import (
     AttemptStarted,
+    CheckpointFailedEvent,
     Event,
     JobFailedEvent,
     JobSnapshot,
@@ -50,6 +51,8 @@ def describe_event(event: Event) -> str | None:
     if isinstance(event, Restarting):
         who = "all ranks" if event.rank is None else f"rank {event.rank}"
         return f"restarting {who} in {event.delay:.1f}s (restart {event.restart} of {event.max_restarts})"
+    if isinstance(event, CheckpointFailedEvent):
+        return f"checkpoint step {event.step} failed: {event.error}"
     if isinstance(event, Stopping):
         return f"stopping: {event.reason}"
     if isinstance(event, JobSucceeded):
@@ -65,9 +68,10 @@ def format_status(snapshot: JobSnapshot) -> str:
     steps = " ".join(f"r{r.rank}={'-' if r.step is None else r.step}" for r in snapshot.ranks)
     rates = [r.steps_per_second for r in snapshot.ranks if r.steps_per_second is not None]
     rate = f"{min(rates):.2f} steps/s" if rates else "-- steps/s"
+    checkpoint = "" if snapshot.checkpoint_step is None else f" | ckpt {snapshot.checkpoint_step}"
     return (
         f"[rankwarden] attempt {snapshot.attempt} {snapshot.state.value} | step {steps} | {rate} | "
-        f"restarts {snapshot.restarts_used}/{snapshot.max_restarts}"
+        f"restarts {snapshot.restarts_used}/{snapshot.max_restarts}{checkpoint}"
     )
 
 

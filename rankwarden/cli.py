@@ -100,7 +100,10 @@ def _build_parser() -> argparse.ArgumentParser:
     o.add_argument("--job-dir", default="", metavar="DIR",
                    help="where rank logs and events.jsonl go (default ./rankwarden-jobs/JOB_ID)")
     o.add_argument("--checkpoint", default=None, metavar="URL",
-                   help="checkpoint URL given to ranks as RANKWARDEN_CHECKPOINT_URL")
+                   help="checkpoint store (a path, file://, s3://, memory://) for the multi-rank commit; "
+                        "given to ranks as RANKWARDEN_CHECKPOINT_URL")
+    o.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
+                   help="keep the newest N committed checkpoints (0 keeps all)")
     o.add_argument("--quiet", action="store_true", help="do not echo rank output to the console (it is still in --job-dir)")
     o.add_argument("--log-level", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="level of rankwarden's own log messages")
@@ -124,6 +127,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
             job_id=args.job_id,
             job_dir=args.job_dir,
             checkpoint_url=args.checkpoint,
+            keep_checkpoints=args.keep_checkpoints,
             master_addr=args.master_addr,
             heartbeat_timeout=args.heartbeat_timeout or 5.0,
             heartbeat_interval=args.heartbeat_interval,
