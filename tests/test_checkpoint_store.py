@@ -43,10 +43,21 @@ def test_save_commits_a_manifest_and_moves_latest(store):
     manifest = store.save(7, files(7), world_size=2, metadata={"epoch": 1})
     assert manifest.step == 7 and manifest.world_size == 2 and manifest.metadata == {"epoch": 1}
     assert [(f.name, f.size) for f in manifest.files] == [("rank_00000.pt", 101), ("rank_00001.pt", 51)]
-    assert all(f.checksum.startswith("sha256:") and len(f.checksum) == 71 for f in manifest.files)
+    assert all(f.checksum.startswith("crc32:") and len(f.checksum) == 14 for f in manifest.files)
     assert store.backend.read_latest() == b"step_000000007\n"
     found, data = store.load_latest()
     assert found == manifest and data == files(7)
+
+
+def test_manifests_naming_sha256_still_verify(store):
+    from rankwarden.checkpoint._backends import checksum_bytes
+
+    data = b"payload" * 100
+    entry = store.write_file(4, "rank_00000.pt", data, tag="t")
+    entry = FileEntry(name=entry.name, size=entry.size, checksum=checksum_bytes(data, "sha256"))
+    manifest = store.commit(4, [entry], tag="t")
+    assert store.read(manifest, "rank_00000.pt") == data
+    assert store.latest(checksums=True).step == 4
 
 
 def test_latest_only_moves_forward(store):

@@ -25,7 +25,14 @@ import threading
 import uuid
 from typing import Any, Iterable, Iterator, Mapping
 
-from rankwarden.checkpoint._backends import MANIFEST, LocalBackend, ObjectBackend, Payload, sha256_bytes
+from rankwarden.checkpoint._backends import (
+    MANIFEST,
+    LocalBackend,
+    ObjectBackend,
+    Payload,
+    algorithm_of,
+    checksum_bytes,
+)
 from rankwarden.checkpoint._faults import fault_point
 from rankwarden.checkpoint._manifest import FileEntry, Manifest, parse_step_dir
 from rankwarden.errors import CheckpointError, CorruptCheckpoint
@@ -203,7 +210,7 @@ class CheckpointStore:
                 raise CorruptCheckpoint(f"{where}: {entry.name} is missing")
             if size != entry.size:
                 raise CorruptCheckpoint(f"{where}: {entry.name} is {size} bytes, manifest says {entry.size}")
-            if checksums and self.backend.checksum(f"{path}/{entry.name}") != entry.checksum:
+            if checksums and self.backend.checksum(f"{path}/{entry.name}", algorithm_of(entry.checksum)) != entry.checksum:
                 raise CorruptCheckpoint(f"{where}: {entry.name} does not match its checksum")
         return manifest
 
@@ -236,7 +243,7 @@ class CheckpointStore:
             data = self.backend.read(path)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{self.job} step {manifest.step}: {name} is missing") from None
-        if len(data) != entry.size or sha256_bytes(data) != entry.checksum:
+        if len(data) != entry.size or checksum_bytes(data, algorithm_of(entry.checksum)) != entry.checksum:
             raise CorruptCheckpoint(f"{self.job} step {manifest.step}: {name} does not match its checksum")
         return data
 

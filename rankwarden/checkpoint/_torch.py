@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import io
-from typing import Any, Callable
+from typing import Any
+
+from rankwarden.checkpoint._tensors import is_tensor_payload, load_tensor_payload, try_tensor_payload
 
 __all__ = ["copy_to_buffers", "load_torch", "torch_payload"]
 
 
-def torch_payload(state: Any) -> Callable[[str], None]:
-    """A payload that ``torch.save``s ``state`` straight to the store's file (torch's fastest path)."""
+def torch_payload(state: Any) -> Any:
+    """A payload for a state dict (or any tree of tensors and plain values).
+
+    The tensor format when ``state`` fits it (raw bytes at disk speed, no
+    pickle on load); otherwise ``torch.save`` straight to the store's file."""
+    payload = try_tensor_payload(state)
+    if payload is not None:
+        return payload
 
     def write(path: str) -> None:
         import torch
@@ -20,7 +28,10 @@ def torch_payload(state: Any) -> Callable[[str], None]:
 
 
 def load_torch(data: bytes, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
-    """Load a payload saved by ``torch_payload``; ``weights_only`` refuses arbitrary pickles."""
+    """Load a payload written by ``torch_payload``; torch.save payloads load with
+    ``weights_only`` (no arbitrary pickles), tensor-format ones run no pickle at all."""
+    if is_tensor_payload(data):
+        return load_tensor_payload(data, map_location=map_location)
     import torch
 
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
