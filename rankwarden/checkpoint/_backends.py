@@ -148,7 +148,21 @@ def _write_durably(path: str, data: bytes, *, crash_midway: str | None = None) -
         os.fsync(f.fileno())
 
 
-class LocalBackend:
+class _Backend:
+    def join(self, *parts: str) -> str:
+        raise NotImplementedError
+
+    def read(self, path: str) -> bytes:
+        raise NotImplementedError
+
+    def read_latest(self) -> bytes | None:
+        try:
+            return self.read(self.join(LATEST))
+        except FileNotFoundError:
+            return None
+
+
+class LocalBackend(_Backend):
     """A directory on a POSIX filesystem: temp dir, fsync, rename."""
 
     atomic_rename = True
@@ -208,12 +222,6 @@ class LocalBackend:
         with open(path, "rb") as f:
             return f.read()
 
-    def read_latest(self) -> bytes | None:
-        try:
-            return self.read(self.join(LATEST))
-        except FileNotFoundError:
-            return None
-
     def size(self, path: str) -> int | None:
         try:
             return os.stat(path).st_size
@@ -261,7 +269,7 @@ class LocalBackend:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-class ObjectBackend:
+class ObjectBackend(_Backend):
     """An fsspec filesystem without atomic rename: payloads first, manifest last."""
 
     atomic_rename = False
@@ -315,12 +323,6 @@ class ObjectBackend:
 
     def read(self, path: str) -> bytes:
         return self.fs.cat_file(path)
-
-    def read_latest(self) -> bytes | None:
-        try:
-            return self.read(self.join(LATEST))
-        except FileNotFoundError:
-            return None
 
     def size(self, path: str) -> int | None:
         try:
