@@ -226,3 +226,13 @@ def test_free_port_avoids_the_previous_port():
     assert all(free_port("127.0.0.1", exclude=first) != first for _ in range(20))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", first))  # it really was free
+
+
+async def test_a_rank_outlives_trios_idle_worker_threads(tmp_path):
+    # Regression: ranks were forked in a worker thread of trio's cache; PDEATHSIG
+    # follows the parent *thread*, and trio retires idle threads after 10 s,
+    # which SIGKILLed every rank older than that.
+    spec = spec_for(tmp_path, "long", "--steps", "120", "--step-time", "0.1", world_size=1, progress_timeout=30.0)
+    snapshot, _ = await run(spec)
+    assert snapshot.failures == []
+    assert snapshot.state == JobState.SUCCEEDED and snapshot.ranks[0].step == 120

@@ -6,6 +6,12 @@ process group is killed, not just the leader, so a rank's DataLoader workers or
 shell children die with it. To make that safe from PID reuse we wait for the
 leader to exit *without reaping it* (a pidfd becomes readable), kill the group
 while the zombie leader still pins the group id, and only then reap.
+
+Ranks are forked from the thread that runs the coordinator's Trio loop, not
+through ``trio.lowlevel.open_process``, which forks in a worker thread of
+trio's cache: ``PR_SET_PDEATHSIG`` fires when the parent *thread* exits, and
+trio retires idle worker threads after 10 s, which SIGKILLed every rank that
+lived longer than that. Fork+exec costs the loop about a millisecond.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class LocalProcess:
-    def __init__(self, process: trio.Process, request: LaunchRequest) -> None:
+    def __init__(self, process: subprocess.Popen, request: LaunchRequest) -> None:
         self._process = process
         self._request = request
         self._status: ExitStatus | None = None
@@ -61,7 +67,9 @@ class LocalProcess:
                     await trio.lowlevel.wait_readable(self._pidfd)
                     # Leader exited but is not reaped: its group id is still ours.
                     self.signal(signal.SIGKILL)
-                returncode = await self._process.wait()
+                    returncode = self._process.wait()  # it has exited: returns at once
+                else:
+                    returncode = await trio.to_thread.run_sync(self._process.wait, abandon_on_cancel=True)
                 self._status = ExitStatus.from_returncode(returncode)
                 if self._pidfd is not None:
                     os.close(self._pidfd)
@@ -93,7 +101,7 @@ class ProcessLauncher:
             stdout_path.parent.mkdir(parents=True, exist_ok=True)
             stderr_path.parent.mkdir(parents=True, exist_ok=True)
             with open(stdout_path, "ab") as out, open(stderr_path, "ab") as err:
-                process = await trio.lowlevel.open_process(
+                process = subprocess.Popen(
                     request.argv,
                     env=request.env,
                     cwd=request.cwd,
@@ -109,4 +117,5 @@ class ProcessLauncher:
                 f"cannot start rank {request.rank} of job {request.job_id}: "
                 f"{request.argv[0]!r}: {exc.strerror or exc}"
             ) from exc
+        await trio.lowlevel.checkpoint()
         return LocalProcess(process, request)
