@@ -128,8 +128,11 @@ def _fsync_dir(path: str) -> None:
 
 def _write_chunks_durably(path: str, chunks: list) -> None:
     with open(path, "wb") as f:
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             f.write(chunk)
+            if i == len(chunks) // 2:
+                f.flush()
+                fault_point("mid_payload")
         f.flush()
         os.fsync(f.fileno())
 

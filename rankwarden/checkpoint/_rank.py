@@ -65,8 +65,26 @@ class RankCheckpointer:
         elif self.world_size == 1:
             self.store.commit(step, [entry], tag=self.tag, world_size=1)
         else:
-            raise CheckpointError("a multi-rank checkpoint needs the coordinator to commit it; run under rankwarden")
+            self._commit_without_coordinator(step, entry)
         return entry
+
+    def _commit_without_coordinator(self, step: int, entry: FileEntry) -> None:
+        # Plain torchrun: the ranks commit among themselves. Everyone's entry
+        # goes to rank 0, which commits; the barrier keeps anyone from running
+        # ahead of a step that is not committed yet.
+        try:
+            import torch.distributed as dist
+        except ImportError:
+            dist = None
+        if dist is None or not dist.is_initialized():
+            raise CheckpointError(
+                "a multi-rank checkpoint needs a committer: run under rankwarden, or initialise torch.distributed"
+            )
+        entries: list = [None] * self.world_size
+        dist.all_gather_object(entries, entry)
+        if self.rank == 0:
+            self.store.commit(step, entries, tag=self.tag, world_size=self.world_size)
+        dist.barrier()
 
     def save_state(self, step: int, state: Any) -> FileEntry:
         return self.save(step, torch_payload(state))

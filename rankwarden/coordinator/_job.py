@@ -364,12 +364,15 @@ class Coordinator:
         return _Grant.STOPPED if self.stopping else _Grant.GRANTED
 
     async def _stop_on_request(self, runners: Callable[[], list[RankRunner]], scope: trio.CancelScope) -> None:
-        # Graceful stop: Drain + SIGTERM now, SIGKILL once stop_grace is over
-        # (or at once on a forced stop). Exits finish the attempt normally.
+        # Graceful stop: a connected rank gets Drain (a drain-aware script
+        # checkpoints and exits 0; the worker SIGTERMs any other script at
+        # once); a rank that is not connected gets SIGTERM. SIGKILL once
+        # stop_grace is over, or at once on a forced stop.
         await self._stop_requested.wait()
         for runner in runners():
-            runner.send(protocol.Drain(reason=self._stop_reason))
-            if runner.process is not None:
+            if runner.peer is not None:
+                runner.send(protocol.Drain(reason=self._stop_reason))
+            elif runner.process is not None:
                 runner.process.signal(signal.SIGTERM)
                 runner.process.signal(signal.SIGCONT)
         with trio.move_on_after(self.spec.stop_grace):

@@ -26,14 +26,23 @@ from rankwarden.worker._client import EXIT_COORDINATOR_LOST, HeartbeatClient
 
 __all__ = [
     "EXIT_COORDINATOR_LOST",
+    "checkpointer",
     "connect",
     "drain_requested",
+    "graceful_stop",
     "is_managed",
     "report",
+    "restore",
+    "rng_state",
+    "save",
+    "set_rng_state",
 ]
 
 _client: HeartbeatClient | None = None
 _lock = threading.Lock()
+_drain = threading.Event()
+_graceful = False
+_checkpointer = None
 
 
 def is_managed() -> bool:
@@ -78,9 +87,96 @@ def report(step: int, samples: int | None = None, **metrics: float) -> None:
         client.report(int(step), None if samples is None else int(samples), {k: float(v) for k, v in metrics.items()})
 
 
+def graceful_stop() -> None:
+    """Handle stops yourself: from now on a stop request (the coordinator's
+    Drain, or SIGTERM from anyone: torchrun, Kubernetes) only sets
+    ``drain_requested()``; the script checkpoints and exits 0.
+
+    Without this a stop request ends the script at once. Call it from the
+    main thread (it installs a SIGTERM handler)."""
+    global _graceful
+    import signal
+
+    _graceful = True
+    signal.signal(signal.SIGTERM, lambda signum, frame: _drain.set())
+    client = _client or connect()
+    if client is not None:
+        client.drain_opt_in = True
+
+
 def drain_requested() -> bool:
-    """True once the coordinator asked this rank to checkpoint and exit (a graceful stop)."""
-    return _client is not None and _client.drain.is_set()
+    """True once a stop was requested: checkpoint now and exit 0. Opts into
+    graceful stops (``graceful_stop``) on first call."""
+    if not _graceful and threading.current_thread() is threading.main_thread():
+        graceful_stop()
+    return _drain.is_set() or (_client is not None and _client.drain.is_set())
+
+
+def checkpointer(url: str | None = None, *, job: str | None = None):
+    """This rank's RankCheckpointer (created once): the coordinator's store, or ``url``."""
+    global _checkpointer
+    if _checkpointer is None:
+        from rankwarden.checkpoint import RankCheckpointer
+
+        _checkpointer = RankCheckpointer(url, job=job)
+    return _checkpointer
+
+
+def save(step: int, state, *, wait: bool = True, url: str | None = None) -> None:
+    """Checkpoint this rank's ``state`` for ``step`` (all ranks call it for the same step).
+
+    Under rankwarden the coordinator commits the step once every rank has
+    written its file; ``wait`` blocks until it has. Under plain torchrun with
+    ``url`` the ranks commit through torch.distributed."""
+    from rankwarden.checkpoint import torch_payload
+
+    ckpt = checkpointer(url)
+    ckpt.save(step, torch_payload(state))
+    if wait and not ckpt.wait_committed(step, timeout=600):
+        from rankwarden.errors import CheckpointError
+
+        raise CheckpointError(f"step {step} was not committed within 600s")
+
+
+def restore(*, url: str | None = None, map_location="cpu"):
+    """(step, state) of this rank from the newest committed checkpoint, or None."""
+    return checkpointer(url).load_latest_state(map_location=map_location)
+
+
+def rng_state() -> dict:
+    """Every RNG a training script is likely to use, as checkpointable values."""
+    import random
+
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+
+        kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
+        state["numpy"] = [kind, keys.tolist(), pos, has_gauss, gauss]
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss, gauss))
 
 
 def _goodbye(exit_code: int) -> None:

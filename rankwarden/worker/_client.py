@@ -51,6 +51,9 @@ class HeartbeatClient:
         self.metrics: dict[str, float] = {}
         self.drain = threading.Event()
         self.drain_reason = ""
+        #: Set by a script that handles drain itself (rankwarden.worker.graceful_stop).
+        #: Otherwise a Drain terminates the rank at once, as SIGTERM would.
+        self.drain_opt_in = False
         self.committed_step: int | None = None
         self._committed = threading.Condition()
         self._seq = 0
@@ -168,6 +171,8 @@ class HeartbeatClient:
         if isinstance(message, protocol.Drain):
             self.drain_reason = message.reason
             self.drain.set()
+            if not self.drain_opt_in:
+                os.kill(os.getpid(), signal.SIGTERM)
         elif isinstance(message, protocol.Committed):
             with self._committed:
                 self.committed_step = max(message.step, self.committed_step or message.step)

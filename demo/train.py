@@ -1,0 +1,147 @@
+"""DDP training of a small CNN that survives crashes and hangs and resumes exactly.
+
+Written for torchrun; runs unchanged under either of
+
+    torchrun --nproc-per-node 2 demo/train.py --data rankwarden-jobs/data --ckpt-url rankwarden-jobs/ckpt
+    rankwarden run --nproc-per-node 2 --checkpoint rankwarden-jobs/ckpt demo/train.py --data rankwarden-jobs/data
+
+NCCL with one GPU per rank when CUDA is available, gloo on CPU otherwise.
+Through rankwarden.worker it reports each step (so a hang is seen), saves a
+checkpoint every --ckpt-every steps (model, optimizer, RNG states and the
+exact data position) and, when restarted, continues from the newest committed
+one with exactly the next sample. On CPU a run that was killed and resumed
+ends with the same weights, bit for bit, as one that never stopped.
+
+Two signals exist for fault injection (rankwarden chaos uses them):
+SIGUSR1 makes this rank hang for real (alive, heartbeating, no progress: a
+deadlock stand-in); SIGUSR2 arms a crash in the middle of its next checkpoint
+write (SIGKILL with half a file on disk).
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import rankwarden.worker as rw
+from rankwarden.checkpoint import set_fault_hook
+from rankwarden.data import ShardedRecords
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--data", default="rankwarden-jobs/data")
+parser.add_argument("--epochs", type=int, default=2)
+parser.add_argument("--batch", type=int, default=32, help="per rank")
+parser.add_argument("--lr", type=float, default=0.05)
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--ckpt-every", type=int, default=16)
+parser.add_argument("--ckpt-url", default=None, help="checkpoint store when not run by rankwarden")
+parser.add_argument("--final-weights", default=None, help="rank 0 writes the trained weights here")
+parser.add_argument("--step-time", type=float, default=0.0, help="extra seconds per step (to watch it live)")
+args = parser.parse_args()
+
+
+def hang(signum, frame):
+    while True:  # a deadlock stand-in: alive, heartbeating, going nowhere
+        time.sleep(3600)
+
+
+def crash_in_next_save(signum, frame):
+    def kill_mid_write(point):
+        if point == "mid_payload":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    set_fault_hook(kill_mid_write)
+
+
+signal.signal(signal.SIGUSR1, hang)
+signal.signal(signal.SIGUSR2, crash_in_next_save)
+rw.graceful_stop()  # a stop request: checkpoint, then exit 0
+
+use_cuda = torch.cuda.is_available()
+dist.init_process_group("nccl" if use_cuda else "gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+if use_cuda:
+    torch.cuda.set_device(device)
+torch.use_deterministic_algorithms(True)
+torch.manual_seed(args.seed)
+
+with open(os.path.join(args.data, "index.json")) as f:
+    index = json.load(f)
+shard_cache = {}
+
+
+def load_shard(i):
+    if i not in shard_cache:
+        shard_cache.clear()  # one shard in memory at a time
+        data = torch.load(os.path.join(args.data, index["shards"][i]), weights_only=True)
+        shard_cache[i] = list(zip(data["x"], data["y"]))
+    return shard_cache[i]
+
+
+records = ShardedRecords(len(index["shards"]), load_shard, rank=rank, world_size=world, seed=args.seed)
+steps_per_epoch = (len(index["shards"]) // world) * index["records_per_shard"] // args.batch
+total_steps = args.epochs * steps_per_epoch
+
+model = torch.nn.Sequential(
+    torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+    torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+    torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 64), torch.nn.ReLU(), torch.nn.Linear(64, index["classes"]),
+).to(device)
+opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+
+start = 0
+found = rw.restore(url=args.ckpt_url, map_location=device)
+if found is not None:
+    start, state = found
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    records.load_state_dict(state["data"])
+    rw.set_rng_state(state["rng"])
+ddp = DDP(model, device_ids=[device.index] if use_cuda else None)
+restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+print(f"rank {rank}/{world} on {device}, restart {restart}: step {start} of {total_steps}", flush=True)
+
+
+def checkpoint(step):
+    rw.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(), "data": records.state_dict(),
+                   "rng": rw.rng_state(), "step": step}, url=args.ckpt_url)
+
+
+step = start
+loss = torch.tensor(float("nan"))
+while step < total_steps:
+    if rw.drain_requested():
+        checkpoint(step)
+        print(f"rank {rank}: stop requested; checkpointed step {step}", flush=True)
+        sys.exit(0)
+    batch = [next(records) for _ in range(args.batch)]
+    x = torch.stack([b[0] for b in batch]).unsqueeze(1).float().div(255).to(device)
+    y = torch.stack([b[1] for b in batch]).to(device)
+    loss = F.cross_entropy(ddp(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    step += 1
+    if args.step_time:
+        time.sleep(args.step_time)
+    rw.report(step, samples=step * args.batch * world, loss=loss.item())
+    if step % args.ckpt_every == 0 or step == total_steps:
+        checkpoint(step)
+
+test = torch.load(os.path.join(args.data, index["test"]), weights_only=True)
+with torch.no_grad():
+    logits = model(test["x"].unsqueeze(1).float().div(255).to(device))
+    accuracy = (logits.argmax(dim=1).cpu() == test["y"]).float().mean().item()
+print(f"rank {rank}: trained {total_steps} steps, final loss {loss.item():.4f}, test accuracy {accuracy:.4f}", flush=True)
+if rank == 0 and args.final_weights:
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, args.final_weights + ".tmp")
+    os.replace(args.final_weights + ".tmp", args.final_weights)
+dist.destroy_process_group()
