@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The chaos demo: train 2 DDP ranks on CPU, inject kill -9 / SIGSTOP / a hang /
+# a crash mid-checkpoint, run again without faults, compare the final weights.
 demo: setup
-	$(PY) demo/run_demo.py
+	$(VENV)/bin/rankwarden chaos
 
 clean:
 	rm -rf $(VENV) rankwarden-jobs .pytest_cache

@@ -55,6 +55,10 @@ def hang(signum, frame):
 def crash_in_next_save(signum, frame):
     def kill_mid_write(point):
         if point == "mid_payload":
+            chaos_dir = os.environ.get("RANKWARDEN_CHAOS_DIR")
+            if chaos_dir:  # tell the chaos harness exactly when the fault happened
+                with open(os.path.join(chaos_dir, f"fault-{os.getpid()}"), "w") as f:
+                    f.write(repr(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
 
     set_fault_hook(kill_mid_write)

@@ -236,3 +236,22 @@ async def test_a_rank_outlives_trios_idle_worker_threads(tmp_path):
     snapshot, _ = await run(spec)
     assert snapshot.failures == []
     assert snapshot.state == JobState.SUCCEEDED and snapshot.ranks[0].step == 120
+
+
+async def test_a_drain_aware_rank_checkpoints_and_exits_0_on_stop(tmp_path):
+    spec = spec_for(tmp_path, "drain", "--steps", "100000", "--step-time", "0.01", "--graceful")
+
+    async def stop_when_running(coordinator):
+        async for event in coordinator.events():
+            if type(event).__name__ == "RankConnected" and event.rank == 1:
+                break
+        while not all(r.step for r in coordinator.snapshot().ranks):
+            await trio.sleep(0.05)
+        coordinator.stop("test")
+
+    snapshot, _ = await run(spec, during=stop_when_running)
+    assert snapshot.state == JobState.STOPPED and snapshot.failures == []
+    assert [r.exit_code for r in snapshot.ranks] == [0, 0]  # drained, not killed
+    for rank in (0, 1):
+        out = (tmp_path / "job" / "attempt_001" / f"rank_{rank}.stdout").read_text()
+        assert f"rank {rank} drained at step" in out

@@ -18,10 +18,15 @@ def test_readme_library_example_runs(tmp_path):
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     code = re.search(r"<!-- example:library -->\n```python\n(.*?)```", readme, re.S).group(1)
-    code = code.replace('job_id="example"', 'job_id="t-readme"').replace("rankwarden-jobs/example", str(tmp_path))
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, os.path.join(ROOT, "demo", "make_dataset.py"), "--out", str(data), "--shards", "2",
+                    "--records-per-shard", "128", "--test-records", "64"], check=True, capture_output=True, timeout=120)
+    code = (code.replace('job_id="example"', 'job_id="t-readme"').replace("rankwarden-jobs/example", str(tmp_path / "ex"))
+            .replace("rankwarden-jobs/data", str(data)))
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0] == "JobStarted attempt 0 rank None"
+    assert "CheckpointCommitted attempt 1 rank None" in lines
     assert "JobSucceeded attempt 1 rank None" in lines
-    assert lines[-1] == "succeeded [30, 30]"
+    assert lines[-1] == "succeeded [4, 4]"  # 128 records per rank / batch 32

@@ -88,20 +88,24 @@ def report(step: int, samples: int | None = None, **metrics: float) -> None:
 
 
 def graceful_stop() -> None:
-    """Handle stops yourself: from now on a stop request (the coordinator's
-    Drain, or SIGTERM from anyone: torchrun, Kubernetes) only sets
-    ``drain_requested()``; the script checkpoints and exits 0.
+    """Handle stops yourself: from now on a stop request only sets
+    ``drain_requested()``, and the script checkpoints and exits 0.
 
-    Without this a stop request ends the script at once. Call it from the
-    main thread (it installs a SIGTERM handler)."""
+    Under rankwarden the stop request is the coordinator's Drain message;
+    SIGTERM keeps meaning "end now" (the coordinator sends it only to tear a
+    failed attempt down, when a checkpoint could not commit anyway). Without
+    rankwarden (torchrun, a Kubernetes pod) SIGTERM is the stop request.
+    Without this call a stop request ends the script at once. Call it from
+    the main thread."""
     global _graceful
-    import signal
-
     _graceful = True
-    signal.signal(signal.SIGTERM, lambda signum, frame: _drain.set())
     client = _client or connect()
     if client is not None:
         client.drain_opt_in = True
+    else:
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda signum, frame: _drain.set())
 
 
 def drain_requested() -> bool:

@@ -20,6 +20,7 @@ parser.add_argument("--fail-mode", choices=["exit1", "kill", "stop", "hang"], de
 parser.add_argument("--record", default="", help="directory to write this rank's environment to")
 parser.add_argument("--spawn-child", action="store_true", help="leave a child process running")
 parser.add_argument("--no-report", action="store_true", help="never call rankwarden.worker.report")
+parser.add_argument("--graceful", action="store_true", help="on a stop request, say so and exit 0")
 args = parser.parse_args()
 
 rank = int(os.environ["RANK"])
@@ -31,7 +32,12 @@ print(f"rank {rank} ready pid {os.getpid()}", flush=True)
 if args.spawn_child:
     subprocess.Popen(["sleep", "1000"])
 
+if args.graceful:
+    rw.graceful_stop()
 for step in range(1, args.steps + 1):
+    if args.graceful and rw.drain_requested():
+        print(f"rank {rank} drained at step {step - 1}", flush=True)
+        sys.exit(0)
     time.sleep(args.step_time)
     if not args.no_report:
         rw.report(step, samples=step * 8, loss=1.0 / step)
