@@ -41,7 +41,7 @@ def test_chaos_with_every_fault_kind_loses_nothing(tmp_path, dataset):
 def test_soak_fifty_faults(tmp_path, dataset):
     from rankwarden.chaos import run_chaos
 
-    report = run_chaos(script=TRAIN, data=dataset, job_dir=str(tmp_path / "soak"), faults=50, seed=7, epochs=2,
+    report = run_chaos(script=TRAIN, data=dataset, job_dir=str(tmp_path / "soak"), faults=50, seed=7, epochs=7,
                        limit=300.0, echo=print)
     print(report.render())
     assert report.ok, report.render()
