@@ -133,6 +133,9 @@ def _build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--job-dir", default="rankwarden-jobs/chaos", help="where both runs keep logs and checkpoints")
     chaos.add_argument("--heartbeat-timeout", type=_seconds, default=3.0, metavar="S", help="frozen-rank detection")
     chaos.add_argument("--progress-timeout", type=_seconds, default=4.0, metavar="S", help="hung-rank detection")
+    from rankwarden._api_cli import add_api_commands
+
+    add_api_commands(sub)
     return parser
 
 
@@ -230,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(functools.partial(_run, spec, quiet=args.quiet))
     if args.command == "chaos":
         return _chaos(parser, args)
+    if args.command in ("serve", "jobs"):
+        from rankwarden._api_cli import run_api_command
+
+        return run_api_command(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
     return EXIT_USAGE
 

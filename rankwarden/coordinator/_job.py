@@ -218,6 +218,10 @@ class Coordinator:
         """Every event from index ``since`` on; the iteration ends with the job."""
         return _EventIterator(self, since)
 
+    def next_event_signal(self) -> trio.Event:
+        """Set when the next event is emitted: followers of events.jsonl wait on it."""
+        return self._new_event
+
     @property
     def failures(self) -> list[Failure]:
         return list(self._failures)

@@ -1,0 +1,128 @@
+"""``rankwarden serve`` and ``rankwarden jobs ...``: the API server and its command-line client."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import signal
+import sys
+
+import msgspec
+import trio
+
+__all__ = ["add_api_commands", "run_api_command"]
+
+DEFAULT_STATE = os.path.expanduser("~/.local/state/rankwarden")
+
+
+def add_api_commands(sub) -> None:
+    serve = sub.add_parser("serve", help="run the REST API server (jobs, summaries, logs, SSE)",
+                           description="Serve the REST API. Locked by default: loopback only, a bearer token on "
+                                       "every route but /health, and only entrypoints allowed with --allow.",
+                           allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes a "
+                                                           "service that runs code: put TLS and a firewall in front")
+    serve.add_argument("--port", type=int, default=8000, help="port (0: any free port; the URL is printed)")
+    serve.add_argument("--state-dir", default=DEFAULT_STATE, help="jobs database, job logs, token file")
+    serve.add_argument("--allow", action="append", default=[], metavar="PATTERN",
+                       help="entrypoints jobs may run: a glob over the script's real path, or module:NAME; repeatable")
+    serve.add_argument("--on-restart", choices=["resume", "interrupt"], default="resume",
+                       help="what to do with jobs that were running when the server last stopped")
+    serve.add_argument("--checkpoint-root", default=None, help="checkpoint store URL for jobs (default: STATE_DIR/checkpoints)")
+
+    jobs = sub.add_parser("jobs", help="talk to a running server: submit, list, show, logs, stop, delete",
+                          allow_abbrev=False)
+    jobs.add_argument("--url", default=os.environ.get("RANKWARDEN_URL", "http://127.0.0.1:8000"), help="server URL ($RANKWARDEN_URL)")
+    jobs.add_argument("--token", default=None, help="API token (default: $RANKWARDEN_API_TOKEN or the state dir's token file)")
+    jobs.add_argument("--state-dir", default=DEFAULT_STATE, help="where to find the token file")
+    verbs = jobs.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+    submit = verbs.add_parser("submit", help="submit a job")
+    submit.add_argument("--nproc-per-node", type=int, default=1, dest="world_size")
+    submit.add_argument("--max-restarts", type=int, default=3)
+    submit.add_argument("--job-id", default=None)
+    submit.add_argument("-m", "--module", action="store_true")
+    submit.add_argument("entrypoint")
+    submit.add_argument("args", nargs=argparse.REMAINDER)
+    listing = verbs.add_parser("list", help="list jobs")
+    listing.add_argument("--state", default=None, help="comma-separated states")
+    for name, text in (("show", "a job's summary"), ("stop", "stop a job gracefully"), ("delete", "delete a finished job")):
+        verbs.add_parser(name, help=text).add_argument("job_id")
+    logs = verbs.add_parser("logs", help="rank output")
+    logs.add_argument("job_id")
+    logs.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+    logs.add_argument("--lines", type=int, default=100)
+    logs.add_argument("--rank", type=int, default=None)
+
+
+def run_api_command(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        return _serve(args)
+    return _jobs(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rankwarden.api import ServerConfig, load_or_create_token, serve_api
+
+    if not args.allow:
+        print("rankwarden serve: warning: no --allow pattern: every job submission will be refused (403)", file=sys.stderr)
+    token, created = load_or_create_token(args.state_dir)
+    config = ServerConfig(state_dir=args.state_dir, allow=args.allow, on_restart=args.on_restart,
+                          checkpoint_root=args.checkpoint_root)
+
+    async def main() -> None:
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                url = await nursery.start(functools.partial(serve_api, config, host=args.host, port=args.port,
+                                                            token=token, shutdown=stop))
+                print(f"rankwarden API on {url} (state in {args.state_dir})", flush=True)
+                if created:
+                    print(f"API token (saved 0600 in {args.state_dir}/api-token): {token}", flush=True)
+                async for _ in signals:
+                    stop.set()
+                    break
+
+    trio.run(main)
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from rankwarden.api import ApiClientError, Client, load_or_create_token
+
+    token = args.token or os.environ.get("RANKWARDEN_API_TOKEN")
+    if not token:
+        path = os.path.join(args.state_dir, "api-token")
+        if not os.path.exists(path):
+            print(f"rankwarden jobs: no token: pass --token, set $RANKWARDEN_API_TOKEN, or run on the server ({path})",
+                  file=sys.stderr)
+            return 2
+        token, _ = load_or_create_token(args.state_dir)
+    show = lambda value: print(msgspec.json.format(msgspec.json.encode(value)).decode())  # noqa: E731
+    with Client(args.url, token) as client:
+        try:
+            if args.verb == "submit":
+                show(client.submit(entrypoint=args.entrypoint, args=args.args, module=args.module,
+                                   world_size=args.world_size, max_restarts=args.max_restarts, job_id=args.job_id))
+            elif args.verb == "list":
+                for job in client.list(state=args.state, limit=1000).jobs:
+                    print(f"{job.job_id:40} {job.state:12} attempt {job.attempt} restarts {job.restarts_used}")
+            elif args.verb == "show":
+                show(client.summary(args.job_id))
+            elif args.verb == "stop":
+                show(client.stop(args.job_id))
+            elif args.verb == "delete":
+                client.delete(args.job_id)
+            elif args.verb == "logs":
+                if args.follow:
+                    for _, line in client.stream_logs(args.job_id):
+                        if args.rank is None or line["rank"] == args.rank:
+                            print(f"[rank{line['rank']}]: {line['line']}", flush=True)
+                else:
+                    for line in client.logs(args.job_id, lines=args.lines, rank=args.rank):
+                        print(f"[rank{line['rank']}]: {line['line']}")
+        except ApiClientError as exc:
+            print(f"rankwarden jobs {args.verb}: {exc}", file=sys.stderr)
+            return 1
+    return 0

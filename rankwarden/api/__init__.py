@@ -1,0 +1,23 @@
+"""The REST API: ``rankwarden serve`` and its client.
+
+Import ``rankwarden.api.Client`` to talk to a server; the server itself is
+started by ``rankwarden serve`` (or ``serve_api`` in your own Trio nursery).
+"""
+
+from rankwarden.api._manager import ServerConfig
+from rankwarden.api._schema import JobInfo, JobList, JobRequest, JobSummary
+from rankwarden.api._server import load_or_create_token, serve_api
+from rankwarden.api.client import ApiClientError, AsyncClient, Client
+
+__all__ = [
+    "ApiClientError",
+    "AsyncClient",
+    "Client",
+    "JobInfo",
+    "JobList",
+    "JobRequest",
+    "JobSummary",
+    "ServerConfig",
+    "load_or_create_token",
+    "serve_api",
+]

@@ -1,0 +1,276 @@
+"""The HTTP face: Quart-Trio routes over the JobManager.
+
+Every route but ``/health`` needs ``Authorization: Bearer <token>``. Every
+error is a JSON ``ErrorBody`` with the right status. Bodies are decoded into
+msgspec Structs, so a bad field is a 400 naming it.
+
+Server-Sent Events are pulled from the job's own files (``events.jsonl``,
+and ``logs.jsonl`` for rank output): each event's ``id`` is its line number,
+a client reconnecting with ``Last-Event-ID`` gets exactly what it missed,
+and a slow client only falls behind in a file; it can never block the job or
+another client, and no buffer can overflow. A stream ends after the job does.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import msgspec
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+
+import rankwarden
+from rankwarden.api._manager import ACTIVE, ApiError, JobManager
+from rankwarden.api._schema import (
+    API_STATES,
+    ErrorBody,
+    Health,
+    JobList,
+    JobRequest,
+    LogLines,
+    PurgeRequest,
+    PurgeResult,
+)
+from rankwarden.spec import JOB_ID_PATTERN
+
+__all__ = ["create_app"]
+
+MAX_BODY = 64 * 1024
+KEEPALIVE = 15.0
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+_encoder = msgspec.json.Encoder()
+
+
+def _json(body, status: int = 200) -> Response:
+    return Response(_encoder.encode(body), status=status, mimetype="application/json")
+
+
+def _error(status: int, message: str, detail: str = "") -> Response:
+    return _json(ErrorBody(error=message, status=status, detail=detail), status)
+
+
+def _job_id(job_id: str) -> str:
+    if not _JOB_ID.match(job_id):
+        raise ApiError(400, f"invalid job id {job_id!r}", "job ids are 1-63 lowercase letters, digits or '-'")
+    return job_id
+
+
+async def _body(kind):
+    raw = await request.get_data()
+    try:
+        return msgspec.json.decode(raw or b"{}", type=kind)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"query parameter {name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"query parameter {name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def create_app(manager: JobManager, token: str) -> QuartTrio:
+    app = QuartTrio("rankwarden")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    expected = f"Bearer {token}".encode()
+
+    @app.before_request
+    async def authenticate():
+        if request.path == "/health":
+            return None
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return _error(401, "missing or wrong bearer token", "send `Authorization: Bearer <token>`")
+        return None
+
+    @app.errorhandler(ApiError)
+    async def api_error(exc: ApiError):
+        return _error(exc.status, exc.message, exc.detail)
+
+    for status, message in ((404, "not found"), (405, "method not allowed"), (413, "request body too large"),
+                            (400, "bad request")):
+        app.register_error_handler(status, lambda exc, s=status, m=message: _error(s, m))
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception):
+        if hasattr(exc, "code") and isinstance(getattr(exc, "code"), int) and 400 <= exc.code < 500:
+            return _error(exc.code, getattr(exc, "description", "bad request") or "bad request")
+        app.logger.exception("unexpected error")
+        return _error(500, "internal error", type(exc).__name__)
+
+    @app.get("/health")
+    async def health():
+        running = sum(1 for job_id in manager.live if manager.is_active(job_id))
+        return _json(Health(version=rankwarden.__version__, jobs_running=running))
+
+    @app.post("/jobs")
+    async def submit():
+        info = manager.submit(await _body(JobRequest))
+        return _json(info, 201)
+
+    @app.get("/jobs")
+    async def list_jobs():
+        states = [s for s in request.args.get("state", "").split(",") if s]
+        bad = [s for s in states if s not in API_STATES]
+        if bad:
+            raise ApiError(400, f"unknown state {bad[0]!r}", f"states: {', '.join(API_STATES)}")
+        offset, limit = _int_arg("offset", 0, 0, 10**9), _int_arg("limit", 100, 1, 1000)
+        jobs, total = manager.db.list(states=states or None, offset=offset, limit=limit)
+        return _json(JobList(jobs=jobs, total=total, offset=offset, limit=limit))
+
+    @app.get("/jobs/summaries")
+    async def summaries():
+        jobs, _ = manager.db.list(states=list(ACTIVE), limit=1000)
+        return _json([manager.summary(j.job_id) for j in jobs])
+
+    @app.get("/jobs/<job_id>")
+    async def show(job_id: str):
+        return _json(manager.get(_job_id(job_id)))
+
+    @app.get("/jobs/<job_id>/summary")
+    async def summary(job_id: str):
+        return _json(manager.summary(_job_id(job_id)))
+
+    @app.get("/jobs/<job_id>/logs")
+    async def logs(job_id: str):
+        manager.get(_job_id(job_id))
+        count = _int_arg("lines", 100, 1, 100000)
+        rank = _int_arg("rank", -1, 0, 65535) if "rank" in request.args else None
+        attempt = _int_arg("attempt", -1, 1, 10**6) if "attempt" in request.args else None
+        path = manager.combined_log(job_id)
+        lines = []
+        if path.exists():
+            for raw in path.read_bytes().splitlines():
+                line = msgspec.json.decode(raw)
+                if (rank is None or line["rank"] == rank) and (attempt is None or line["attempt"] == attempt):
+                    lines.append(line)
+        return _json(LogLines(job_id=job_id, lines=lines[-count:]))
+
+    @app.get("/jobs/<job_id>/logs/stream")
+    async def log_stream(job_id: str):
+        manager.get(_job_id(job_id))
+        return _sse(_stream(manager.combined_log(job_id), _last_event_id(), lambda: manager.wakeup(job_id),
+                            lambda: manager.is_active(job_id)))
+
+    @app.get("/jobs/<job_id>/events/stream")
+    async def event_stream(job_id: str):
+        manager.get(_job_id(job_id))
+
+        def wake():
+            live = manager.live.get(job_id)
+            return live.coordinator.next_event_signal() if live else None
+
+        return _sse(_stream(manager.events_path(job_id), _last_event_id(), wake, lambda: manager.is_active(job_id)))
+
+    @app.post("/jobs/<job_id>/stop")
+    async def stop(job_id: str):
+        return _json(manager.stop(_job_id(job_id)), 202)
+
+    @app.delete("/jobs/<job_id>")
+    async def delete(job_id: str):
+        manager.delete(_job_id(job_id))
+        return Response(b"", status=204)
+
+    @app.post("/jobs/purge")
+    async def purge():
+        body = await _body(PurgeRequest)
+        return _json(PurgeResult(purged=manager.purge(list(body.states), body.older_than_seconds)))
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(_metrics(manager), mimetype="text/plain", headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    @app.get("/openapi.json")
+    async def openapi():
+        from rankwarden.api._openapi import openapi_document
+
+        return _json(openapi_document())
+
+    return app
+
+
+def _last_event_id() -> int:
+    raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
+    if not raw.isdigit() or len(raw) > 18:
+        raise ApiError(400, f"Last-Event-ID must be a line number, got {raw[:32]!r}")
+    return int(raw)
+
+
+def _sse(body: AsyncIterator[bytes]) -> Response:
+    response = Response(body, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.timeout = None  # a stream lasts as long as its job
+    return response
+
+
+async def _stream(path: Path, after: int, wake: Callable[[], trio.Event | None], active: Callable[[], bool]) -> AsyncIterator[bytes]:
+    yield b": rankwarden stream\n\n"
+    position, line_no = 0, 0
+    while True:
+        signal = wake()  # take it before reading, so nothing written after the read is missed
+        still_active = active()
+        data = b""
+        if path.exists():
+            with open(path, "rb") as f:
+                f.seek(position)
+                data = f.read(1 << 20)
+        complete = data.rfind(b"\n") + 1
+        position += complete
+        for line in data[:complete].splitlines():
+            line_no += 1
+            if line_no > after:
+                yield b"id: %d\ndata: %s\n\n" % (line_no, line)
+        if complete < len(data) or len(data) == 1 << 20:
+            continue  # more to read right away
+        if not still_active:
+            yield b"event: end\ndata: {}\n\n"
+            return
+        with trio.move_on_after(KEEPALIVE) as scope:
+            if signal is not None:
+                await signal.wait()
+            else:
+                await trio.sleep(KEEPALIVE)
+        if scope.cancelled_caught:
+            yield b": keep-alive\n\n"
+
+
+def _metrics(manager: JobManager) -> str:
+    lines = ["# HELP rankwarden_jobs Jobs by state.", "# TYPE rankwarden_jobs gauge"]
+    counts = {state: 0 for state in API_STATES}
+    jobs, _ = manager.db.list(limit=1_000_000)
+    for job in jobs:
+        counts[job.state] = counts.get(job.state, 0) + 1
+    lines += [f'rankwarden_jobs{{state="{s}"}} {n}' for s, n in counts.items()]
+    lines += ["# HELP rankwarden_restarts_total Restarts used, per job.", "# TYPE rankwarden_restarts_total counter"]
+    lines += [f'rankwarden_restarts_total{{job="{j.job_id}"}} {j.restarts_used}' for j in jobs]
+    failures: dict[tuple[str, str], int] = {}
+    ages, rates = [], []
+    for job_id, live in manager.live.items():
+        snap = live.coordinator.snapshot()
+        for f in snap.failures:
+            failures[(job_id, f.cause.value)] = failures.get((job_id, f.cause.value), 0) + 1
+        for r in snap.ranks:
+            if r.heartbeat_age is not None:
+                ages.append(f'rankwarden_heartbeat_age_seconds{{job="{job_id}",rank="{r.rank}"}} {r.heartbeat_age:.3f}')
+        summary = manager.summary(job_id)
+        if summary.steps_per_second is not None:
+            rates.append(f'rankwarden_steps_per_second{{job="{job_id}"}} {summary.steps_per_second:.4f}')
+    lines += ["# HELP rankwarden_failures_total Rank failures by cause.", "# TYPE rankwarden_failures_total counter"]
+    lines += [f'rankwarden_failures_total{{job="{j}",cause="{c}"}} {n}' for (j, c), n in sorted(failures.items())]
+    lines += ["# HELP rankwarden_heartbeat_age_seconds Seconds since each rank's last heartbeat.",
+              "# TYPE rankwarden_heartbeat_age_seconds gauge", *ages]
+    lines += ["# HELP rankwarden_steps_per_second Training steps per second over the last 10 s.",
+              "# TYPE rankwarden_steps_per_second gauge", *rates]
+    return "\n".join(lines) + "\n"

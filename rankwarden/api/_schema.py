@@ -1,0 +1,124 @@
+"""The REST API's bodies: every request and response is one of these Structs.
+
+Requests are validated by msgspec (unknown fields refused, limits enforced);
+the OpenAPI document is generated from the same types, so the schema can
+never drift from the code.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from rankwarden.events import Failure, RankSnapshot
+from rankwarden.spec import JOB_ID_PATTERN
+
+__all__ = [
+    "ErrorBody",
+    "Health",
+    "JobInfo",
+    "JobList",
+    "JobRequest",
+    "JobSummary",
+    "LogLines",
+    "PurgeRequest",
+    "PurgeResult",
+    "API_STATES",
+]
+
+#: A job's state as the API reports it: the coordinator's states plus
+#: ``interrupted`` (the server stopped while the job ran and did not resume it).
+API_STATES = ("pending", "running", "restarting", "stopping", "succeeded", "failed", "stopped", "interrupted")
+ApiState = Literal["pending", "running", "restarting", "stopping", "succeeded", "failed", "stopped", "interrupted"]
+JobId = Annotated[str, Meta(pattern=JOB_ID_PATTERN, max_length=63)]
+Seconds = Annotated[float, Meta(gt=0, le=86400)]
+
+
+class JobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What a client may ask for. No interpreter, no environment, no working
+    directory, no arbitrary command: the entrypoint must match one of the
+    patterns the operator allowed when starting the server."""
+
+    entrypoint: Annotated[str, Meta(min_length=1, max_length=4096)]
+    args: Annotated[list[Annotated[str, Meta(max_length=4096)]], Meta(max_length=256)] = []
+    module: bool = False
+    world_size: Annotated[int, Meta(ge=1, le=256)] = 1
+    job_id: JobId | None = None
+    heartbeat_timeout: Seconds = 5.0
+    progress_timeout: Annotated[float, Meta(ge=0, le=86400)] = 300.0
+    max_restarts: Annotated[int, Meta(ge=0, le=1000)] = 3
+    restart_scope: Literal["group", "rank"] = "group"
+    #: Give the job a checkpoint store under the server's checkpoint root.
+    checkpoint: bool = True
+    keep_checkpoints: Annotated[int, Meta(ge=0, le=100000)] = 0
+    #: Steps the job will run, when known: the summary then has an ETA.
+    total_steps: Annotated[int, Meta(ge=1)] | None = None
+
+
+class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
+    job_id: str
+    state: ApiState
+    request: JobRequest
+    created_at: float
+    updated_at: float
+    attempt: int = 0
+    restarts_used: int = 0
+    reason: str = ""
+
+
+class JobList(msgspec.Struct, frozen=True, kw_only=True):
+    jobs: list[JobInfo]
+    total: int
+    offset: int
+    limit: int
+
+
+class JobSummary(msgspec.Struct, frozen=True, kw_only=True):
+    job_id: str
+    state: ApiState
+    attempt: int
+    restarts_used: int
+    max_restarts: int
+    ranks: list[RankSnapshot]
+    steps_per_second: float | None = None
+    samples_per_second: float | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    eta_seconds: float | None = None
+    checkpoint_step: int | None = None
+    failures: list[Failure] = []
+    #: Seconds from each failure to the first new step after it, in order.
+    recovery_seconds: list[float] = []
+    #: Share of wall time spent on steps that were kept (not redone after a failure).
+    goodput: float | None = None
+    wall_seconds: float = 0.0
+
+
+class LogLines(msgspec.Struct, frozen=True, kw_only=True):
+    job_id: str
+    lines: list[dict[str, Any]]
+
+
+class PurgeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    states: list[Literal["succeeded", "failed", "stopped", "interrupted"]] = msgspec.field(
+        default_factory=lambda: ["succeeded", "failed", "stopped", "interrupted"]
+    )
+    older_than_seconds: Annotated[float, Meta(ge=0)] = 0.0
+
+
+class PurgeResult(msgspec.Struct, frozen=True, kw_only=True):
+    purged: list[str]
+
+
+class Health(msgspec.Struct, frozen=True, kw_only=True):
+    status: Literal["ok"] = "ok"
+    version: str
+    jobs_running: int
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    error: str
+    status: int
+    detail: str = ""

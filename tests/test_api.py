@@ -1,0 +1,187 @@
+"""The REST API over a real Hypercorn server on loopback (port 0), talked to with httpx."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+
+import httpx
+import pytest
+import trio
+
+from rankwarden.api import ServerConfig, serve_api
+
+from .conftest import JOB_PREFIX, SCRIPTS
+
+WORKER = os.path.join(SCRIPTS, "worker.py")
+TOKEN = "test-token-0123456789"
+LIMIT = 60
+
+
+@pytest.fixture
+async def api(tmp_path):
+    stop = trio.Event()
+    config = ServerConfig(state_dir=str(tmp_path / "state"), allow=[os.path.join(SCRIPTS, "*")])
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(functools.partial(serve_api, config, port=0, token=TOKEN, shutdown=stop))
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
+            yield client
+        stop.set()
+
+
+def job(name, *args, **fields):
+    body = {"entrypoint": WORKER, "args": list(args), "world_size": 2, "job_id": f"{JOB_PREFIX}{name}",
+            "heartbeat_timeout": 3.0, "checkpoint": False}
+    body.update(fields)
+    return body
+
+
+async def wait_state(client, job_id, *states):
+    # The test observes the server from outside, as a user would.
+    with trio.fail_after(LIMIT):
+        while (info := (await client.get(f"/jobs/{job_id}")).json())["state"] not in states:
+            await trio.sleep(0.05)
+    return info
+
+
+async def read_sse(client, path, *, last_event_id=None, stop_after=None):
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    events, ended = [], False
+    with trio.fail_after(LIMIT):
+        async with client.stream("GET", path, headers=headers) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            event_id, kind = None, ""
+            async with contextlib.aclosing(response.aiter_lines()) as lines:
+                async for line in lines:
+                    if line.startswith("id: "):
+                        event_id = int(line[4:])
+                    elif line.startswith("event: "):
+                        kind = line[7:]
+                    elif line.startswith("data: ") and kind != "end":
+                        events.append((event_id, json.loads(line[6:])))
+                        if stop_after and len(events) == stop_after:
+                            break
+                    elif line == "" and kind == "end":
+                        ended = True
+                        break
+    return events, ended
+
+
+async def test_health_needs_no_token_and_everything_else_does(api):
+    assert (await api.get("/health")).json()["status"] == "ok"
+    anonymous = httpx.AsyncClient(base_url=str(api.base_url))
+    wrong = httpx.AsyncClient(base_url=str(api.base_url), headers={"Authorization": "Bearer nope"})
+    for client in (anonymous, wrong):
+        async with client:
+            for method, path in [("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/summaries"), ("GET", "/jobs/x"),
+                                 ("GET", "/jobs/x/summary"), ("GET", "/jobs/x/logs"), ("GET", "/jobs/x/logs/stream"),
+                                 ("GET", "/jobs/x/events/stream"), ("POST", "/jobs/x/stop"), ("DELETE", "/jobs/x"),
+                                 ("POST", "/jobs/purge"), ("GET", "/metrics"), ("GET", "/openapi.json")]:
+                response = await client.request(method, path)
+                assert response.status_code == 401, (method, path)
+                assert response.json()["error"] == "missing or wrong bearer token"
+
+
+async def test_the_whole_job_lifecycle(api):
+    body = job("api-life", "--steps", "100000", "--step-time", "0.01", total_steps=100000)
+    created = await api.post("/jobs", json=body)
+    assert created.status_code == 201 and created.json()["state"] == "pending"
+    job_id = body["job_id"]
+    await wait_state(api, job_id, "running")
+    with trio.fail_after(LIMIT):
+        while (summary := (await api.get(f"/jobs/{job_id}/summary")).json())["steps_per_second"] is None:
+            await trio.sleep(0.1)
+    assert summary["steps_per_second"] > 0 and summary["eta_seconds"] > 0 and len(summary["ranks"]) == 2
+    listed = (await api.get("/jobs", params={"state": "running"})).json()
+    assert [j["job_id"] for j in listed["jobs"]] == [job_id]
+    assert [s["job_id"] for s in (await api.get("/jobs/summaries")).json()] == [job_id]
+    assert (await api.delete(f"/jobs/{job_id}")).status_code == 409  # still running
+
+    lines, _ = await read_sse(api, f"/jobs/{job_id}/logs/stream", stop_after=2)
+    assert sorted(l["line"].split(" pid")[0] for _, l in lines) == ["rank 0 ready", "rank 1 ready"]
+    assert (await api.post(f"/jobs/{job_id}/stop")).status_code == 202
+    info = await wait_state(api, job_id, "stopped")
+    assert info["reason"] == "stopped through the API"
+    assert (await api.post(f"/jobs/{job_id}/stop")).status_code == 409
+    tail = (await api.get(f"/jobs/{job_id}/logs", params={"lines": 1, "rank": 1})).json()["lines"]
+    assert len(tail) == 1 and tail[0]["rank"] == 1
+
+    events, ended = await read_sse(api, f"/jobs/{job_id}/events/stream")
+    assert ended and events[-1][1]["type"] == "job_stopped"
+    metrics = (await api.get("/metrics")).text
+    assert 'rankwarden_jobs{state="stopped"} 1' in metrics
+
+    assert (await api.delete(f"/jobs/{job_id}")).status_code == 204
+    assert (await api.get(f"/jobs/{job_id}")).status_code == 404
+    second = job("api-purge", "--steps", "3")
+    await api.post("/jobs", json=second)
+    await wait_state(api, second["job_id"], "succeeded")
+    purged = (await api.post("/jobs/purge", json={"states": ["succeeded"]})).json()
+    assert purged == {"purged": [second["job_id"]]}
+
+
+async def test_sse_resume_with_last_event_id_returns_exactly_the_missed_events(api):
+    body = job("api-sse", "--steps", "30", "--fail-rank", "1", "--fail-mode", "exit1")
+    await api.post("/jobs", json=body)
+    await wait_state(api, body["job_id"], "succeeded")
+    path = f"/jobs/{body['job_id']}/events/stream"
+    everything, ended = await read_sse(api, path)
+    assert ended and [i for i, _ in everything] == list(range(1, len(everything) + 1))
+    first, _ = await read_sse(api, path, stop_after=5)
+    rest, _ = await read_sse(api, path, last_event_id=first[-1][0])
+    assert first + rest == everything
+    bad = await api.get(path, headers={"Last-Event-ID": "x1"})
+    assert bad.status_code == 400
+
+
+async def test_twenty_concurrent_sse_clients_all_receive_every_line(api):
+    body = job("api-fanout", "--steps", "200", "--step-time", "0.005")
+    await api.post("/jobs", json=body)
+    results = []
+
+    async def reader():
+        lines, ended = await read_sse(api, f"/jobs/{body['job_id']}/logs/stream")
+        results.append((ended, [l["line"] for _, l in lines]))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(reader)
+    assert len(results) == 20
+    reference = results[0][1]
+    assert len(reference) == 4  # 2 ranks x (ready + done)
+    assert all(ended and lines == reference for ended, lines in results)
+
+
+@pytest.mark.parametrize(
+    "body, status, text",
+    [
+        ({"entrypoint": "/bin/sh", "args": ["-c", "id"]}, 403, "is not allowed on this server"),
+        ({"entrypoint": os.path.join(SCRIPTS, "..", "..", "rankwarden", "cli.py")}, 403, "is not allowed"),
+        ({"entrypoint": WORKER, "world_size": "two"}, 400, "Expected `int`, got `str` - at `$.world_size`"),
+        ({"entrypoint": WORKER, "python": "/usr/bin/python3"}, 400, "unknown field `python`"),
+        ({"entrypoint": WORKER, "job_id": "../../etc"}, 400, "$.job_id"),
+        ({"entrypoint": os.path.join(SCRIPTS, "missing.py")}, 400, "does not exist on the server"),
+    ],
+)
+async def test_bad_submissions_get_clear_4xx_errors(api, body, status, text):
+    response = await api.post("/jobs", json=body)
+    assert response.status_code == status
+    assert text in response.json()["error"]
+
+
+async def test_bad_ids_bodies_and_sizes_are_refused(api):
+    assert (await api.get("/jobs/..%2F..%2Fetc%2Fpasswd")).status_code in (400, 404)
+    assert (await api.get("/jobs/UPPER_case")).status_code == 400
+    assert (await api.get("/jobs/no-such-job")).status_code == 404
+    assert (await api.post("/jobs", content=b"{not json", headers={"Content-Type": "application/json"})).status_code == 400
+    huge = await api.post("/jobs", content=b"x" * 200_000, headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["status"] == 413
+    assert (await api.get("/jobs", params={"limit": "0"})).status_code == 400
+    assert (await api.get("/jobs", params={"state": "dancing"})).status_code == 400
+    body = job("api-dup", "--steps", "2")
+    assert (await api.post("/jobs", json=body)).status_code == 201
+    assert (await api.post("/jobs", json=body)).status_code == 409
+    await wait_state(api, body["job_id"], "succeeded")
