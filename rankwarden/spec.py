@@ -121,9 +121,16 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
                 f"heartbeat_interval ({self.heartbeat_interval}) must be shorter than "
                 f"heartbeat_timeout ({self.heartbeat_timeout})",
             )
-        for key in self.env:
+        for key, value in self.env.items():
             if not key or "=" in key or "\0" in key:
                 _invalid("env", f"env key {key!r} is not a valid variable name")
+            if "\0" in value:
+                _invalid("env", f"env value of {key!r} contains a NUL byte")
+        if "\0" in self.entrypoint:
+            _invalid("entrypoint", "entrypoint contains a NUL byte")
+        for i, arg in enumerate(self.args):
+            if "\0" in arg:
+                _invalid(f"args[{i}]", "argument contains a NUL byte")
 
     @property
     def effective_heartbeat_interval(self) -> float:

@@ -133,3 +133,14 @@ def test_coordinator_validates_a_spec_built_in_code():
     with pytest.raises(SpecError) as info:
         Coordinator(JobSpec(entrypoint="t.py", world_size="two"))  # type: ignore[arg-type]
     assert info.value.path == "$.world_size"
+
+
+@pytest.mark.parametrize(
+    "data, path",
+    [({"entrypoint": "t\0.py"}, "$.entrypoint"), ({"entrypoint": "t.py", "args": ["ok", "b\0ad"]}, "$.args[1]"),
+     ({"entrypoint": "t.py", "env": {"A": "x\0"}}, "$.env")],
+)
+def test_nul_bytes_that_exec_would_choke_on_are_refused(data, path):
+    with pytest.raises(SpecError) as info:
+        JobSpec.from_dict(data)
+    assert info.value.path == path and "NUL" in str(info.value)

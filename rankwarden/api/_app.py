@@ -88,13 +88,26 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
     expected = f"Bearer {token}".encode()
 
     @app.before_request
-    async def authenticate():
+    async def drain_then_authenticate():
+        # Read every request body (bounded) before answering anything: a
+        # response sent over an unread body leaves its bytes on the keep-alive
+        # connection and stalls the client's next request. A body over the
+        # limit is refused and its connection closed.
+        if (request.content_length or 0) > MAX_BODY:
+            return _error(413, "request body too large", f"the limit is {MAX_BODY} bytes")
+        await request.get_data()
         if request.path == "/health":
             return None
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):
             return _error(401, "missing or wrong bearer token", "send `Authorization: Bearer <token>`")
         return None
+
+    @app.after_request
+    async def close_after_refused_bodies(response: Response) -> Response:
+        if response.status_code == 413:
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError):

@@ -114,6 +114,9 @@ class JobManager:
 
     def check_allowed(self, request: JobRequest) -> str:
         """The entrypoint to run, if an operator pattern allows it; else 403."""
+        for value in (request.entrypoint, *request.args):
+            if any(ord(c) < 32 and c not in "\t" for c in value):
+                raise ApiError(400, "entrypoint and args may not contain control characters or NUL")
         if request.module:
             candidate = f"module:{request.entrypoint}"
             if not re.fullmatch(r"[A-Za-z_][\w.]*", request.entrypoint):
