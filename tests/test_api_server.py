@@ -114,3 +114,26 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_violations(tmp_path):
         server.send_signal(signal.SIGTERM)
         with trio.fail_after(LIMIT):
             await server.wait()
+
+
+async def test_the_jobs_cli_drives_a_server(tmp_path):
+    server, url = await start_server(tmp_path / "state")
+    env = dict(os.environ, RANKWARDEN_URL=url, RANKWARDEN_API_TOKEN=TOKEN)
+    jobs = [sys.executable, "-m", "rankwarden", "jobs"]
+    try:
+        with trio.fail_after(LIMIT):
+            submitted = await trio.run_process([*jobs, "submit", "--nproc-per-node", "2", "--job-id", f"{JOB_PREFIX}cli-jobs",
+                                                WORKER, "--steps", "5"], capture_stdout=True, env=env)
+            assert b'"state": "pending"' in submitted.stdout
+            followed = await trio.run_process([*jobs, "logs", "-f", f"{JOB_PREFIX}cli-jobs"], capture_stdout=True, env=env)
+            assert b"[rank0]: rank 0 done after 5 steps" in followed.stdout
+            async with client(url) as api:
+                await wait_for(api, f"{JOB_PREFIX}cli-jobs", lambda j: j["state"] == "succeeded")
+            listed = await trio.run_process([*jobs, "list"], capture_stdout=True, env=env)
+            assert b"succeeded" in listed.stdout
+            missing = await trio.run_process([*jobs, "stop", "no-such-job"], capture_stderr=True, env=env, check=False)
+            assert missing.returncode == 1 and b"404: no job no-such-job" in missing.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        with trio.fail_after(LIMIT):
+            await server.wait()
