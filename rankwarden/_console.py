@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
 from typing import TextIO
 
 import trio
 
 from rankwarden.coordinator import Coordinator
+from rankwarden.coordinator._jobdir import RankOutputTail
 from rankwarden.events import (
     AttemptStarted,
     CheckpointFailedEvent,
@@ -83,8 +83,7 @@ class Console:
         self.err = err
         self.live = err.isatty()
         self._status_shown = False
-        self._offsets: dict[Path, int] = {}
-        self._partial: dict[Path, bytes] = {}
+        self._tail = RankOutputTail(coordinator.job_dir)
 
     def _clear_status(self) -> None:
         if self._status_shown:
@@ -116,40 +115,16 @@ class Console:
                 self._status_shown = True
             await trio.sleep(_REFRESH)
 
-    def copy_rank_output(self) -> None:
+    def copy_rank_output(self, *, final: bool = False) -> None:
         if not self.echo_ranks:
             return
-        snapshot = self.coordinator.snapshot()
-        for rank in snapshot.ranks:
-            for attempt in range(1, rank.attempt + 1):
-                for path in self.coordinator.job_dir.log_paths(rank.rank, attempt):
-                    self._copy(path, rank.rank)
-
-    def _copy(self, path: Path, rank: int) -> None:
-        offset = self._offsets.get(path, 0)
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read(1 << 20)
-        except FileNotFoundError:
-            return
-        if not data:
-            return
-        self._offsets[path] = offset + len(data)
-        data = self._partial.pop(path, b"") + data
-        *lines, rest = data.split(b"\n")
-        if rest:
-            self._partial[path] = rest
-        stream = self.err if path.suffix == ".stderr" else self.out
-        for raw in lines:
-            self.line(f"[rank{rank}]: {raw.decode(errors='replace')}", stream=stream)
+        ranks = [(r.rank, r.attempt) for r in self.coordinator.snapshot().ranks]
+        for line in self._tail.read(ranks, final=final):
+            stream = self.err if line.stream == "stderr" else self.out
+            self.line(f"[rank{line.rank}]: {line.text.decode(errors='replace')}", stream=stream)
 
     def finish(self) -> None:
-        self.copy_rank_output()
-        for path, rest in list(self._partial.items()):
-            rank = int(path.stem.split("_")[1])
-            self.line(f"[rank{rank}]: {rest.decode(errors='replace')}", stream=self.out)
-        self._partial.clear()
+        self.copy_rank_output(final=True)
         self._clear_status()
 
 

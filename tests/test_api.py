@@ -204,3 +204,22 @@ async def test_a_refused_body_never_stalls_the_next_request_on_the_connection(ap
 async def test_control_characters_in_a_submission_are_a_400(api):
     response = await api.post("/jobs", json={"entrypoint": "a\u0000b"})
     assert response.status_code == 400 and "control characters or NUL" in response.json()["error"]
+
+
+async def test_the_async_client(api):
+    from rankwarden.api import ApiClientError, AsyncClient
+
+    async with AsyncClient(str(api.base_url), TOKEN) as client:
+        body = job("api-client", "--steps", "3")
+        info = await client.submit(**body)
+        assert info.job_id == body["job_id"]
+        events = [e async for _, e in client.stream(f"/jobs/{info.job_id}/events/stream")]
+        assert events[-1]["type"] == "job_succeeded"
+        assert (await client.get(info.job_id)).state == "succeeded"
+        assert [j.job_id for j in (await client.list(state="succeeded")).jobs] == [info.job_id]
+        assert any("done after 3 steps" in line["line"] for line in await client.logs(info.job_id))
+        assert (await client.summary(info.job_id)).ranks[0].step == 3
+        assert await client.purge(["succeeded"]) == [info.job_id]
+        with pytest.raises(ApiClientError) as error:
+            await client.get(info.job_id)
+        assert error.value.status == 404

@@ -31,6 +31,7 @@ import trio
 from rankwarden.api._db import JobDB
 from rankwarden.api._schema import JobInfo, JobRequest, JobSummary
 from rankwarden.coordinator import Coordinator
+from rankwarden.coordinator._jobdir import RankOutputTail
 from rankwarden.events import JobSnapshot, RankFailed
 from rankwarden.spec import JobSpec
 
@@ -69,7 +70,7 @@ class _Live:
     recoveries: list[float] = field(default_factory=list)
     new_log_line: trio.Event = field(default_factory=trio.Event)
     user_stopped: bool = False
-    log_offsets: dict[str, int] | None = None  # rank log file -> bytes already copied
+    tail: RankOutputTail | None = None  # where copying rank output stopped
     log_seq: int = 0  # lines in the combined log so far
 
 
@@ -172,7 +173,7 @@ class JobManager:
                 nursery.start_soon(self._sample, live)
                 nursery.start_soon(self._collect_logs, job_id, live)
                 await coordinator.wait()
-                self._copy_logs(job_id, live)
+                self._copy_logs(job_id, live, final=True)
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # a job's crash must never take the server down
             log.exception("job=%s: coordinator failed", job_id)
@@ -227,56 +228,36 @@ class JobManager:
             self._copy_logs(job_id, live)
             await trio.sleep(_LOG_COPY)
 
-    def _copy_logs(self, job_id: str, live: _Live) -> None:
-        if live.log_offsets is None:
-            # A resumed job's combined log already holds the earlier server's lines.
-            live.log_offsets = {}
-            path = self.combined_log(job_id)
-            if path.exists():
-                with open(path, "rb") as f:
-                    live.log_seq = sum(1 for _ in f)
-            self._skip_copied(job_id, live)
-        offsets = live.log_offsets
-        snapshot = live.coordinator.snapshot()
+    def _copy_logs(self, job_id: str, live: _Live, *, final: bool = False) -> None:
+        if live.tail is None:
+            live.tail = RankOutputTail(live.coordinator.job_dir)
+            self._resume_numbering(job_id, live)
+        ranks = [(r.rank, r.attempt) for r in live.coordinator.snapshot().ranks]
         written = []
-        for rank in snapshot.ranks:
-            for attempt in range(1, max(rank.attempt, 1) + 1):
-                for path in live.coordinator.job_dir.log_paths(rank.rank, attempt):
-                    key = str(path)
-                    start = offsets.get(key, 0)
-                    try:
-                        with open(path, "rb") as f:
-                            f.seek(start)
-                            data = f.read(1 << 20)
-                    except FileNotFoundError:
-                        continue
-                    complete = data.rfind(b"\n") + 1
-                    if not complete:
-                        continue
-                    offsets[key] = start + complete
-                    for raw in data[:complete].splitlines():
-                        live.log_seq += 1
-                        written.append(msgspec.json.encode({
-                            "id": live.log_seq, "attempt": attempt, "rank": rank.rank,
-                            "stream": path.suffix[1:], "line": raw.decode(errors="replace")}))
+        for line in live.tail.read(ranks, final=final):
+            live.log_seq += 1
+            written.append(msgspec.json.encode({"id": live.log_seq, "attempt": line.attempt, "rank": line.rank,
+                                                "stream": line.stream, "line": line.text.decode(errors="replace")}))
         if written:
             with open(self.combined_log(job_id), "ab") as f:
                 f.write(b"\n".join(written) + b"\n")
             live.new_log_line.set()
             live.new_log_line = trio.Event()
 
-    def _skip_copied(self, job_id: str, live: _Live) -> None:
-        # Rank files of attempts the previous server already copied: start past them.
+    def _resume_numbering(self, job_id: str, live: _Live) -> None:
+        # A resumed job's combined log already holds what the previous server
+        # copied: continue its numbering and skip those bytes of the rank files.
         path = self.combined_log(job_id)
         if not path.exists():
             return
-        assert live.log_offsets is not None
+        assert live.tail is not None
         with open(path, "rb") as f:
             for raw in f:
                 line = msgspec.json.decode(raw)
+                live.log_seq += 1
                 stdout, stderr = live.coordinator.job_dir.log_paths(line["rank"], line["attempt"])
                 key = str(stdout if line["stream"] == "stdout" else stderr)
-                live.log_offsets[key] = live.log_offsets.get(key, 0) + len(line["line"].encode()) + 1
+                live.tail.offsets[key] = live.tail.offsets.get(key, 0) + len(line["line"].encode()) + 1
 
     # -- views ---------------------------------------------------------------------------
 

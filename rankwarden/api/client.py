@@ -150,8 +150,21 @@ class AsyncClient:
                                                 headers={"Content-Type": "application/json"}))
         return msgspec.json.decode(response.content, type=JobInfo)
 
+    async def list(self, state: str | None = None, offset: int = 0, limit: int = 100) -> JobList:
+        params = {"offset": offset, "limit": limit, **({"state": state} if state else {})}
+        return msgspec.json.decode(_check(await self._http.get("/jobs", params=params)).content, type=JobList)
+
     async def get(self, job_id: str) -> JobInfo:
         return msgspec.json.decode(_check(await self._http.get(f"/jobs/{job_id}")).content, type=JobInfo)
+
+    async def logs(self, job_id: str, *, lines: int = 100, rank: int | None = None, attempt: int | None = None) -> list[dict]:
+        params = {"lines": lines, **({"rank": rank} if rank is not None else {}), **({"attempt": attempt} if attempt else {})}
+        return _check(await self._http.get(f"/jobs/{job_id}/logs", params=params)).json()["lines"]
+
+    async def purge(self, states: list[str] | None = None, older_than_seconds: float = 0.0) -> list[str]:
+        body = {"older_than_seconds": older_than_seconds, **({"states": states} if states else {})}
+        response = _check(await self._http.post("/jobs/purge", json=body))
+        return msgspec.json.decode(response.content, type=PurgeResult).purged
 
     async def summary(self, job_id: str) -> JobSummary:
         return msgspec.json.decode(_check(await self._http.get(f"/jobs/{job_id}/summary")).content, type=JobSummary)

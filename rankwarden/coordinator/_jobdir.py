@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import msgspec
 
-__all__ = ["JobDir"]
+__all__ = ["JobDir", "OutputLine", "RankOutputTail"]
 
 
 class JobDir:
@@ -57,3 +57,49 @@ class JobDir:
         if self._events is not None:
             self._events.close()
             self._events = None
+
+
+class OutputLine(NamedTuple):
+    rank: int
+    attempt: int
+    stream: str  # "stdout" or "stderr"
+    text: bytes
+
+
+class RankOutputTail:
+    """New lines of every rank's output files since the last call, file by file.
+
+    Ranks write their output straight to files (it survives the coordinator);
+    the CLI echoes it and the API numbers it for SSE by tailing them. Only
+    complete lines are returned, unless ``final`` (the job has ended)."""
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, job_dir: JobDir) -> None:
+        self.job_dir = job_dir
+        self.offsets: dict[str, int] = {}
+
+    def read(self, ranks: list[tuple[int, int]], *, final: bool = False) -> list[OutputLine]:
+        """``ranks``: (rank, newest attempt) pairs; every attempt up to it is read."""
+        out: list[OutputLine] = []
+        for rank, newest in ranks:
+            for attempt in range(1, max(newest, 1) + 1):
+                for path in self.job_dir.log_paths(rank, attempt):
+                    out += self._read_file(path, rank, attempt, final)
+        return out
+
+    def _read_file(self, path: Path, rank: int, attempt: int, final: bool) -> list[OutputLine]:
+        key = str(path)
+        start = self.offsets.get(key, 0)
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read(self._CHUNK)
+        except FileNotFoundError:
+            return []
+        end = len(data) if final else data.rfind(b"\n") + 1
+        if end <= 0:
+            return []
+        self.offsets[key] = start + end
+        stream = path.suffix[1:]
+        return [OutputLine(rank, attempt, stream, line) for line in data[:end].splitlines()]
