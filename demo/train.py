@@ -18,21 +18,26 @@ deadlock stand-in); SIGUSR2 arms a crash in the middle of its next checkpoint
 write (SIGKILL with half a file on disk).
 """
 
-import argparse
-import json
-import os
-import signal
-import sys
 import time
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
+T_START = time.time()  # before anything heavy: the restart-floor benchmark measures from here
 
-import rankwarden.worker as rw
-from rankwarden.checkpoint import set_fault_hook
-from rankwarden.data import ShardedRecords
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+import rankwarden.worker as rw  # noqa: E402
+from rankwarden.checkpoint import set_fault_hook  # noqa: E402
+from rankwarden.data import ShardedRecords  # noqa: E402
+
+T_IMPORTED = time.time()
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data", default="rankwarden-jobs/data")
@@ -44,7 +49,22 @@ parser.add_argument("--ckpt-every", type=int, default=16)
 parser.add_argument("--ckpt-url", default=None, help="checkpoint store when not run by rankwarden")
 parser.add_argument("--final-weights", default=None, help="rank 0 writes the trained weights here")
 parser.add_argument("--step-time", type=float, default=0.0, help="extra seconds per step (to watch it live)")
+parser.add_argument("--no-graceful-stop", action="store_true",
+                    help="do not turn stop requests into checkpoint-and-exit (benchmarks compare launchers without it)")
+parser.add_argument("--trace", default=None, help="append timestamped phases and steps here (JSON lines; benchmarks)")
 args = parser.parse_args()
+_trace_file = open(args.trace, "a", buffering=1) if args.trace else None
+
+
+def trace(event, **fields):
+    if _trace_file is not None:
+        _trace_file.write(json.dumps({"t": fields.pop("t", time.time()), "event": event, "rank": int(os.environ["RANK"]),
+                                      "pid": os.getpid(),
+                                      "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), **fields}) + "\n")
+
+
+trace("start", t=T_START)
+trace("imported", t=T_IMPORTED)
 
 
 def hang(signum, frame):
@@ -66,7 +86,8 @@ def crash_in_next_save(signum, frame):
 
 signal.signal(signal.SIGUSR1, hang)
 signal.signal(signal.SIGUSR2, crash_in_next_save)
-rw.graceful_stop()  # a stop request: checkpoint, then exit 0
+if not args.no_graceful_stop:
+    rw.graceful_stop()  # a stop request: checkpoint, then exit 0
 
 use_cuda = torch.cuda.is_available()
 dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -74,6 +95,7 @@ rank, world = dist.get_rank(), dist.get_world_size()
 device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
 if use_cuda:
     torch.cuda.set_device(device)
+trace("process_group")
 torch.use_deterministic_algorithms(True)
 torch.manual_seed(args.seed)
 
@@ -101,6 +123,7 @@ model = torch.nn.Sequential(
 ).to(device)
 opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 
+trace("model_built")
 start = 0
 found = rw.restore(url=args.ckpt_url, map_location=device)
 if found is not None:
@@ -109,6 +132,7 @@ if found is not None:
     opt.load_state_dict(state["optimizer"])
     records.load_state_dict(state["data"])
     rw.set_rng_state(state["rng"])
+trace("restored", step=start)
 ddp = DDP(model, device_ids=[device.index] if use_cuda else None)
 restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
 print(f"rank {rank}/{world} on {device}, restart {restart}: step {start} of {total_steps}", flush=True)
@@ -122,7 +146,7 @@ def checkpoint(step):
 step = start
 loss = torch.tensor(float("nan"))
 while step < total_steps:
-    if rw.drain_requested():
+    if not args.no_graceful_stop and rw.drain_requested():
         checkpoint(step)
         print(f"rank {rank}: stop requested; checkpointed step {step}", flush=True)
         sys.exit(0)
@@ -137,6 +161,7 @@ while step < total_steps:
     if args.step_time:
         time.sleep(args.step_time)
     rw.report(step, samples=step * args.batch * world, loss=loss.item())
+    trace("step", step=step)
     if step % args.ckpt_every == 0 or step == total_steps:
         checkpoint(step)
 

@@ -1,0 +1,226 @@
+"""Recovery after a failure, rankwarden vs torchrun, on the same 2-rank DDP job (gloo, CPU).
+
+Both launchers run demo/train.py (checkpoint every 16 steps, resume from the
+newest committed checkpoint). Each trial waits until rank 1 passes step 40,
+then hits it with kill -9 (or SIGSTOP) and measures from the trace the script
+writes:
+
+  detect    fault -> the launcher noticed (rankwarden: its rank_failed event;
+            torchrun: the first new process of the next restart started, an
+            upper bound)
+  recover   fault -> the first step completed after the restart
+  redone    steps trained after the resumed checkpoint, trained again
+  steps/s   steady state, steps 10..40 of the first attempt
+
+and breaks rankwarden's recovery into its parts (the restart floor):
+detection, stopping the old ranks, spawning, interpreter start, import torch,
+process-group init, checkpoint load, first step.
+
+    python bench/recovery.py --trials 5 [--sigstop-wait 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "demo", "train.py")
+KILL_AT = 40
+
+
+def read_trace(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def launch(tool: str, work: str, data: str, trace: str) -> subprocess.Popen:
+    # Without the script's SIGTERM handler: with it, torchrun waits its 30 s SIGTERM
+    # timeout for a survivor blocked in a collective (measured: ~36 s recovery).
+    script = [TRAIN, "--data", data, "--epochs", "1", "--step-time", "0.02", "--trace", trace, "--no-graceful-stop"]
+    if tool == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "3",
+               *script, "--ckpt-url", os.path.join(work, "ckpt")]
+    else:
+        cmd = [sys.executable, "-m", "rankwarden", "run", "--nproc-per-node", "2", "--max-restarts", "3", "--quiet",
+               "--heartbeat-timeout", "3", "--backoff-initial", "0.05", "--kill-grace", "2", "--run-id", "bench-recovery",
+               "--job-dir", os.path.join(work, "job"), "--checkpoint", os.path.join(work, "ckpt"), *script]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RANKWARDEN_")}
+    log = open(os.path.join(work, "launcher.log"), "wb")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_until(predicate, limit: float):
+    # A harness watching a file the ranks append to; it measures, it decides nothing.
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.005)
+    return None
+
+
+def trial(tool: str, fault: int, data: str, limit: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="rw-recovery-") as work:
+        trace = os.path.join(work, "trace.jsonl")
+        proc = launch(tool, work, data, trace)
+        try:
+            def ready():
+                steps = [e for e in read_trace(trace) if e["event"] == "step" and e["rank"] == 1 and e["restart"] == 0]
+                return steps[-1] if steps and steps[-1]["step"] >= KILL_AT else None
+
+            hit = wait_until(ready, 120)
+            if not hit:
+                return {"error": "never reached the fault step"}
+            t_fault = time.time()
+            os.kill(hit["pid"], fault)
+            recovered = wait_until(lambda: [e for e in read_trace(trace) if e["event"] == "step" and e["restart"] >= 1], limit)
+            events = read_trace(trace)
+            first_run = [e for e in events if e["event"] == "step" and e["restart"] == 0]
+            rate = _rate(first_run)
+            result = {"steps_per_s": rate, "recovered": bool(recovered)}
+            if not recovered:
+                with open(os.path.join(work, "launcher.log"), "rb") as f:
+                    tail = [line for line in f.read().decode(errors="replace").splitlines()
+                            if "Error" in line or "error" in line or "fail" in line.lower()]
+                result["why"] = tail[-3:]
+            if recovered:
+                first_new = min(recovered, key=lambda e: e["t"])
+                restored = [e for e in events if e["event"] == "restored" and e["restart"] >= 1]
+                reached = max(e["step"] for e in first_run)
+                result["recover"] = first_new["t"] - t_fault
+                result["redone"] = max(0, reached - min(e["step"] for e in restored)) if restored else None
+                result["phases"] = _phases(tool, work, events, t_fault)
+                starts = [e["t"] for e in events if e["event"] == "start" and e["restart"] >= 1]
+                result["detect"] = result["phases"].get("_detected", min(starts) - t_fault if starts else None)
+            return result
+        finally:
+            for e in read_trace(trace):
+                if e["event"] == "start":
+                    for sig in (signal.SIGCONT, signal.SIGKILL):
+                        try:
+                            os.kill(e["pid"], sig)
+                        except OSError:
+                            pass
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _rate(steps: list[dict]) -> float | None:
+    window = [e for e in steps if 10 <= e["step"] <= KILL_AT and e["rank"] == 0]
+    if len(window) < 2:
+        return None
+    return (window[-1]["step"] - window[0]["step"]) / (window[-1]["t"] - window[0]["t"])
+
+
+def _phases(tool: str, work: str, events: list[dict], t_fault: float) -> dict:
+    """Seconds spent in each part of the recovery (rankwarden: from its events too)."""
+    after = [e for e in events if e["restart"] >= 1]
+
+    def first(name):
+        times = [e["t"] for e in after if e["event"] == name]
+        return min(times) if times else None
+
+    def last_of_first(name):  # the slower rank decides when the group moves on
+        per_rank = {}
+        for e in after:
+            if e["event"] == name and e["restart"] == min(x["restart"] for x in after):
+                per_rank.setdefault(e["rank"], e["t"])
+        return max(per_rank.values()) if per_rank else None
+
+    marks = {"fault": t_fault}
+    if tool == "rankwarden":
+        with open(os.path.join(work, "job", "events.jsonl")) as f:
+            job_events = [json.loads(line) for line in f]
+        failed = next(e for e in job_events if e["type"] == "rank_failed")
+        marks["detected"] = failed["failure"]["detected_at"]
+        stopped = [e["time"] for e in job_events if e["type"] in ("rank_stopped", "rank_failed") and e["attempt"] == failed["attempt"]]
+        marks["old ranks stopped"] = max(stopped)
+        spawned = [e["time"] for e in job_events if e["type"] == "rank_started" and e["attempt"] == failed["attempt"] + 1]
+        marks["new ranks spawned"] = max(spawned) if spawned else None
+    marks["interpreter started"] = last_of_first("start")
+    marks["torch imported"] = last_of_first("imported")
+    marks["process group ready"] = last_of_first("process_group")
+    marks["model+optimizer built"] = last_of_first("model_built")
+    marks["checkpoint loaded"] = last_of_first("restored")
+    marks["first step done"] = first("step")
+    phases, previous = {}, ("fault", t_fault)
+    for name, t in marks.items():
+        if name == "fault" or t is None:
+            continue
+        phases[name] = t - previous[1]
+        previous = (name, t)
+    if "detected" in marks:
+        phases["_detected"] = marks["detected"] - t_fault
+    return phases
+
+
+def stats(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    return f"min {min(values):6.2f}  median {statistics.median(values):6.2f}  max {max(values):6.2f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--sigstop-wait", type=float, default=120.0, help="how long torchrun gets to recover from SIGSTOP")
+    parser.add_argument("--data", default=os.path.join(ROOT, "rankwarden-jobs", "data"))
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    args = parser.parse_args()
+    if not os.path.exists(os.path.join(args.data, "index.json")):
+        subprocess.run([sys.executable, os.path.join(ROOT, "demo", "make_dataset.py"), "--out", args.data], check=True,
+                       stdout=subprocess.DEVNULL)
+    results: dict = {}
+    for tool in ("rankwarden", "torchrun"):  # interleave nothing: each tool's trials back to back, same data
+        results[(tool, "kill")] = [trial(tool, signal.SIGKILL, args.data, 120) for _ in range(args.trials)]
+    results[("rankwarden", "stop")] = [trial("rankwarden", signal.SIGSTOP, args.data, 120) for _ in range(args.trials)]
+    results[("torchrun", "stop")] = [trial("torchrun", signal.SIGSTOP, args.data, args.sigstop_wait)]
+
+    print(f"# recovery: 2-rank DDP (gloo, CPU), {args.trials} trials, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+    for (tool, fault), rows in results.items():
+        ok = [r for r in rows if r.get("recovered")]
+        print(f"{fault:4} {tool:10} recovered {len(ok)}/{len(rows)}  detect s {stats([r.get('detect') for r in ok])}  "
+              f"recover s {stats([r.get('recover') for r in ok])}  redone {stats([r.get('redone') for r in ok])}")
+        for r in rows:
+            if fault == "kill" and not r.get("recovered") and r.get("why"):
+                print(f"     {tool} did not recover: {' | '.join(line.strip()[-160:] for line in r['why'])}")
+    for tool in ("rankwarden", "torchrun"):
+        print(f"steady state {tool:10} steps/s {stats([r.get('steps_per_s') for rows in (results[(tool, 'kill')],) for r in rows])}")
+    ours = [r["recover"] for r in results[("rankwarden", "kill")] if r.get("recovered")]
+    theirs = [r["recover"] for r in results[("torchrun", "kill")] if r.get("recovered")]
+    if ours and theirs:
+        print(f"ratio kill -9 recovery: torchrun / rankwarden median = {statistics.median(theirs) / statistics.median(ours):.2f}x")
+    stop = results[("torchrun", "stop")][0]
+    print(f"SIGSTOP under torchrun: {'recovered' if stop.get('recovered') else f'no recovery within {args.sigstop_wait:g}s'}")
+    print("restart floor (rankwarden, kill -9, median seconds per part):")
+    parts: dict[str, list[float]] = {}
+    for r in results[("rankwarden", "kill")]:
+        for name, seconds in (r.get("phases") or {}).items():
+            if not name.startswith("_"):
+                parts.setdefault(name, []).append(seconds)
+    total = sum(statistics.median(v) for v in parts.values()) or 1.0
+    for name, values in parts.items():
+        print(f"  {name:22} {statistics.median(values):6.3f}  ({100 * statistics.median(values) / total:4.1f}%)")
+    if parts:
+        largest = max(parts, key=lambda n: statistics.median(parts[n]))
+        print(f"largest part: {largest}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({f"{t}/{k}": v for (t, k), v in results.items()}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
