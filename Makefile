@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: setup
 # a crash mid-checkpoint, run again without faults, compare the final weights.
 demo: setup
 	$(VENV)/bin/rankwarden chaos
+
+# Every benchmark, side by side with its baseline; writes bench/RESULTS.md (~14 minutes).
+bench: setup
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV) rankwarden-jobs .pytest_cache
