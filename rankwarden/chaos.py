@@ -129,7 +129,8 @@ async def _observe(predicate: Callable[[], object], limit: float):
     return value
 
 
-async def _inject(coordinator: Coordinator, plan, chaos_dir: str, report: ChaosReport, limit: float) -> None:
+async def _inject(coordinator: Coordinator, plan, chaos_dir: str, report: ChaosReport, limit: float,
+                  echo: Callable[[str], None]) -> None:
     for kind, rank, wait_steps in plan:
         def training():
             snap = coordinator.snapshot()
@@ -171,6 +172,9 @@ async def _inject(coordinator: Coordinator, plan, chaos_dir: str, report: ChaosR
         record.recover = time.time() - t_fault
         record.redone = max(0, reached - record.resumed_from)
         report.faults.append(record)
+        echo(f"fault {len(report.faults)}/{len(plan)}: {kind} rank {rank} at step {step} -> detected as "
+             f"{record.cause} in {record.detect:.2f}s, training again after {record.recover:.2f}s "
+             f"(from step {record.resumed_from})")
 
 
 async def _run_job(spec: JobSpec, plan, chaos_dir: str, report: ChaosReport | None, limit: float,
@@ -188,30 +192,10 @@ async def _run_job(spec: JobSpec, plan, chaos_dir: str, report: ChaosReport | No
             await nursery.start(coordinator.run)
             nursery.start_soon(watch)
             if plan:
-                nursery.start_soon(_inject_and_echo, coordinator, plan, chaos_dir, report, limit, echo)
+                nursery.start_soon(_inject, coordinator, plan, chaos_dir, report, limit, echo)
             snapshot = await coordinator.wait()
             nursery.cancel_scope.cancel()
     return snapshot.state, snapshot.attempt, committed
-
-
-async def _inject_and_echo(coordinator, plan, chaos_dir, report, limit, echo) -> None:
-    done = 0
-
-    async def progress():
-        nonlocal done
-        while True:
-            await trio.sleep(0.05)
-            while done < len(report.faults):
-                f = report.faults[done]
-                echo(f"fault {done + 1}/{len(plan)}: {f.kind} rank {f.rank} at step {f.step} -> detected as "
-                     f"{f.cause} in {f.detect:.2f}s, training again after {f.recover:.2f}s (from step {f.resumed_from})")
-                done += 1
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(progress)
-        await _inject(coordinator, plan, chaos_dir, report, limit)
-        await trio.sleep(0.1)
-        nursery.cancel_scope.cancel()
 
 
 def _compare_weights(a: str, b: str) -> tuple[bool, str]:
