@@ -223,3 +223,17 @@ async def test_the_async_client(api):
         with pytest.raises(ApiClientError) as error:
             await client.get(info.job_id)
         assert error.value.status == 404
+
+
+def test_log_tail_reads_backwards_across_block_boundaries(tmp_path):
+    from rankwarden.api._app import _tail
+
+    path = tmp_path / "logs.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "rank": i % 3, "attempt": 1, "line": "x" * (i % 17)}) + "\n"
+                            for i in range(1, 501)))
+    everything = [json.loads(l) for l in path.read_text().splitlines()]
+    for block in (7, 64, 1 << 16):
+        assert _tail(path, 10, lambda l: True, block) == everything[-10:]
+        assert _tail(path, 5, lambda l: l["rank"] == 1, block) == [l for l in everything if l["rank"] == 1][-5:]
+        assert _tail(path, 1000, lambda l: True, block) == everything
+    assert _tail(tmp_path / "missing", 5, lambda l: True) == []

@@ -163,14 +163,11 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
         count = _int_arg("lines", 100, 1, 100000)
         rank = _int_arg("rank", -1, 0, 65535) if "rank" in request.args else None
         attempt = _int_arg("attempt", -1, 1, 10**6) if "attempt" in request.args else None
-        path = manager.combined_log(job_id)
-        lines = []
-        if path.exists():
-            for raw in path.read_bytes().splitlines():
-                line = msgspec.json.decode(raw)
-                if (rank is None or line["rank"] == rank) and (attempt is None or line["attempt"] == attempt):
-                    lines.append(line)
-        return _json(LogLines(job_id=job_id, lines=lines[-count:]))
+        def wanted(line: dict) -> bool:
+            return (rank is None or line["rank"] == rank) and (attempt is None or line["attempt"] == attempt)
+
+        lines = _tail(manager.combined_log(job_id), count, wanted)
+        return _json(LogLines(job_id=job_id, lines=lines))
 
     @app.get("/jobs/<job_id>/logs/stream")
     async def log_stream(job_id: str):
@@ -213,6 +210,31 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
         return _json(openapi_document())
 
     return app
+
+
+def _tail(path: Path, count: int, wanted: Callable[[dict], bool], block: int = 1 << 16) -> list[dict]:
+    """The last ``count`` wanted lines of a JSON-lines file, reading backwards only as far as needed."""
+    if not path.exists():
+        return []
+    found: list[dict] = []
+    with open(path, "rb") as f:
+        end = f.seek(0, 2)
+        rest = b""
+        while end > 0 and len(found) < count:
+            start = max(0, end - block)
+            f.seek(start)
+            chunk = f.read(end - start) + rest
+            end = start
+            lines = chunk.split(b"\n")
+            rest = lines.pop(0) if start > 0 else b""  # may be cut: finish it with the next block
+            for raw in reversed(lines):
+                if raw:
+                    line = msgspec.json.decode(raw)
+                    if wanted(line):
+                        found.append(line)
+                        if len(found) == count:
+                            break
+    return found[::-1]
 
 
 def _last_event_id() -> int:
