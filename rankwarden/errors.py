@@ -3,6 +3,7 @@
     RankwardenError
     ├── SpecError           a job spec is invalid (names the bad field)
     ├── LaunchError         a rank could not be started
+    │   └── KubernetesError  the Kubernetes API refused a call (carries its Status)
     ├── ProtocolError       a heartbeat peer sent something we cannot accept
     │   └── AuthError       ... in particular a wrong token, job or rank
     ├── CheckpointError     a checkpoint could not be written or read
@@ -25,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "CorruptCheckpoint",
     "JobFailed",
+    "KubernetesError",
     "LaunchError",
     "ProtocolError",
     "RankwardenError",
@@ -46,6 +48,23 @@ class SpecError(RankwardenError, ValueError):
 
 class LaunchError(RankwardenError):
     """A rank's process (or pod) could not be started at all."""
+
+
+class KubernetesError(LaunchError):
+    """The Kubernetes API answered with an error.
+
+    ``status`` is the HTTP code, ``reason`` the Status reason (``AlreadyExists``,
+    ``Forbidden``, ``Expired``...), and the message is the API server's own."""
+
+    def __init__(self, message: str, *, status: int = 0, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+    @property
+    def gone(self) -> bool:
+        """410: a watch or list asked for a resourceVersion the server has compacted away."""
+        return self.status == 410
 
 
 class ProtocolError(RankwardenError):

@@ -108,6 +108,9 @@ class Failure(msgspec.Struct, frozen=True, kw_only=True):
     message: str
     exit_code: int | None = None
     signal: int | None = None
+    #: The platform's own word for it, where there is one: Kubernetes' OOMKilled,
+    #: Evicted, ImagePullBackOff, Unschedulable...
+    reason: str | None = None
     #: Wall-clock time the failure was noticed.
     detected_at: float
     #: Seconds from the best estimate of when it happened (last heartbeat, last
@@ -131,6 +134,8 @@ class JobStarted(Event, tag="job_started"):
 
 class AttemptStarted(Event, tag="attempt_started"):
     master_port: int
+    #: The ranks were already running (left by a previous coordinator) and were adopted.
+    adopted: bool = False
 
 
 class RankStarted(Event, tag="rank_started"):

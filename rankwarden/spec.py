@@ -17,11 +17,14 @@ from msgspec import Meta
 
 from rankwarden.errors import SpecError
 
-__all__ = ["Backoff", "JobSpec", "RestartScope", "JOB_ID_PATTERN"]
+__all__ = ["Backoff", "JobSpec", "Resources", "RestartScope", "JOB_ID_PATTERN"]
 
 #: Job ids end up in file paths, pod names and URLs: keep them boring.
 JOB_ID_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+
+#: A Kubernetes resource quantity: "4", "500m", "16Gi", "1.5", "2e3".
+_QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|[eE][0-9]+)?$")
 
 PositiveFloat = Annotated[float, Meta(gt=0)]
 NonNegativeFloat = Annotated[float, Meta(ge=0)]
@@ -59,6 +62,18 @@ class Backoff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return base * (1.0 - self.jitter + 2.0 * self.jitter * rand)
 
 
+class Resources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What one rank needs, for launchers that schedule ranks (Kubernetes).
+
+    ``cpu`` and ``memory`` are Kubernetes quantities ("4", "500m", "16Gi"), set
+    as both request and limit; ``gpu`` is a count of ``nvidia.com/gpu``. The
+    process launcher ignores them: a local rank gets what the machine has."""
+
+    cpu: str = ""
+    memory: str = ""
+    gpu: Annotated[int, Meta(ge=0, le=64)] = 0
+
+
 class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One job: what to run, on how many ranks, and how to keep it alive.
 
@@ -84,6 +99,10 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     keep_checkpoints: Annotated[int, Meta(ge=0)] = 0
     keep_every: Annotated[int, Meta(ge=0)] = 0
     master_addr: str = "127.0.0.1"
+    #: Container image of each rank, for launchers that run containers; empty:
+    #: the launcher's default image.
+    image: str = ""
+    resources: Resources = Resources()
 
     heartbeat_timeout: PositiveFloat = 5.0
     #: Seconds between heartbeats; 0 means heartbeat_timeout / 5.
@@ -126,6 +145,15 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
                 _invalid("env", f"env key {key!r} is not a valid variable name")
             if "\0" in value:
                 _invalid("env", f"env value of {key!r} contains a NUL byte")
+        for name in ("cpu", "memory"):
+            value = getattr(self.resources, name)
+            if value and not _QUANTITY_RE.match(value):
+                _invalid(
+                    f"resources.{name}",
+                    f"{value!r} is not a Kubernetes quantity (examples: '4', '500m', '16Gi')",
+                )
+        if any(c.isspace() for c in self.image):
+            _invalid("image", f"image {self.image!r} contains whitespace")
         if "\0" in self.entrypoint:
             _invalid("entrypoint", "entrypoint contains a NUL byte")
         for i, arg in enumerate(self.args):

@@ -39,9 +39,10 @@ class Committer:
         self._pending: dict[tuple[str, int], dict[int, list[FileEntry]]] = {}
         self._send, self._receive = trio.open_memory_channel[tuple[str, int, dict]](float("inf"))
 
-    async def start(self) -> None:
+    async def start(self, cleanup: bool = True) -> None:
         """Clean what crashed saves left and learn the newest committed step."""
-        await trio.to_thread.run_sync(self.store.cleanup)
+        if cleanup:
+            await trio.to_thread.run_sync(self.store.cleanup)
         latest = await trio.to_thread.run_sync(self.store.latest)
         self.committed_step = latest.step if latest else None
 

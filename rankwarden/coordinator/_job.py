@@ -61,7 +61,7 @@ from rankwarden.events import (
     Stopping,
     event_to_json,
 )
-from rankwarden.launcher import LaunchRequest, Launcher, ProcessLauncher
+from rankwarden.launcher import LaunchRequest, Launcher, Placement, ProcessLauncher, RankProcess
 from rankwarden.spec import JobSpec, RestartScope
 
 __all__ = ["Coordinator", "run_job"]
@@ -92,6 +92,9 @@ class Coordinator:
         listeners: list[trio.abc.Listener] | None = None,
         heartbeat_host: str = "127.0.0.1",
         advertise_host: str | None = None,
+        heartbeat_port: int = 0,
+        token: str | None = None,
+        adopt: bool = False,
         rng: random.Random | None = None,
     ) -> None:
         # Struct __init__ does not validate; a spec built in code is checked here,
@@ -105,8 +108,15 @@ class Coordinator:
         self._listeners = listeners
         self._heartbeat_host = heartbeat_host
         self._advertise_host = advertise_host or heartbeat_host
+        self._heartbeat_port = heartbeat_port
         self._rng = rng or random.Random()
-        self._token = secrets.token_urlsafe(32)
+        # A coordinator that takes over a job from a predecessor (``adopt``)
+        # reuses its token and port, so the ranks it adopts can reconnect.
+        self._token = token or secrets.token_urlsafe(32)
+        self._adopt = adopt
+        self._adopted: dict[int, tuple[int, RankProcess]] = {}
+        placement = getattr(self.launcher, "placement", None)
+        self._placement: Placement | None = placement(self.job_id) if placement else None
         self._state = JobState.PENDING
         self._attempt = 0
         self._restarts_used = 0
@@ -144,17 +154,20 @@ class Coordinator:
         if self._ran:
             raise RuntimeError("a Coordinator runs one job once; create a new one")
         self._ran = True
+        if self._adopt and hasattr(self.launcher, "adopt"):
+            self._adopted = await self.launcher.adopt(self.job_id)
         if self._committer is not None:
             # Before anything starts: a store that cannot be read fails the run here, clearly.
+            # Adopted ranks may be writing into staging: leave it alone then.
             try:
-                await self._committer.start()
+                await self._committer.start(cleanup=not self._adopted)
             except OSError as exc:
                 raise CheckpointError(f"checkpoint store {self.spec.checkpoint_url!r} is not usable: {exc}") from exc
         self.job_dir.prepare(msgspec.json.format(msgspec.json.encode(self.spec)))
         listeners = self._listeners
         owned = listeners is None
         if listeners is None:
-            listeners = await trio.open_tcp_listeners(0, host=self._heartbeat_host)
+            listeners = await trio.open_tcp_listeners(self._heartbeat_port, host=self._heartbeat_host)
         try:
             port = listeners[0].socket.getsockname()[1]  # type: ignore[attr-defined]
             self.address = f"{self._advertise_host}:{port}"
@@ -188,6 +201,11 @@ class Coordinator:
                 # their shielded teardown; record the end rather than vanish.
                 self._stop_reason = self._stop_reason or "coordinator cancelled"
                 self._end(JobState.STOPPED)
+            release = getattr(self.launcher, "release", None)
+            if release is not None:
+                # What the launcher holds for the whole job (a pod launcher's Service).
+                with trio.CancelScope(shield=True):
+                    await release(self.job_id)
             self.job_dir.close()
             if owned:
                 with trio.CancelScope(shield=True):
@@ -269,9 +287,11 @@ class Coordinator:
     # -- the restart policy ---------------------------------------------------------
 
     async def _run_group(self) -> JobState:
+        adopted = await self._take_adopted_group()
         while True:
             self._attempt += 1
-            result = await self._run_group_attempt(self._attempt)
+            result = await self._run_group_attempt(self._attempt, adopted)
+            adopted = {}
             if self.stopping:
                 return JobState.STOPPED
             if result == RankState.SUCCEEDED:
@@ -282,16 +302,48 @@ class Coordinator:
             if grant == _Grant.STOPPED:
                 return JobState.STOPPED
 
-    async def _run_group_attempt(self, attempt: int) -> RankState:
-        if self._committer is not None and attempt > 1:
+    async def _take_adopted_group(self) -> dict[int, RankProcess]:
+        """The ranks to adopt in scope ``group``: all of one attempt, or none.
+
+        A partial group cannot be resumed (its process group is broken), so
+        its survivors are stopped and the job goes on with the next attempt
+        number, which keeps the new ranks' names apart from the old ones."""
+        if not self._adopted:
+            return {}
+        attempts = {attempt for attempt, _ in self._adopted.values()}
+        attempt = max(attempts)
+        if len(attempts) == 1 and len(self._adopted) == self.spec.world_size:
+            log.info("job=%s: adopting the %d running ranks of attempt %d", self.job_id, len(self._adopted), attempt)
+            self._attempt = attempt - 1
+            return {rank: process for rank, (_, process) in self._adopted.items()}
+        log.warning(
+            "job=%s: found %d of %d ranks still running (attempts %s); stopping them and starting attempt %d",
+            self.job_id, len(self._adopted), self.spec.world_size, sorted(attempts), attempt + 1,
+        )
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                for _, process in self._adopted.values():
+                    nursery.start_soon(process.stop, self.spec.kill_grace)
+        if self._committer is not None:
+            await self._committer.new_attempt(self._checkpoint_tag(attempt + 1))
+        self._attempt = attempt
+        return {}
+
+    async def _run_group_attempt(self, attempt: int, adopted: dict[int, RankProcess] | None = None) -> RankState:
+        adopted = adopted or {}
+        if self._committer is not None and attempt > 1 and not adopted:
             await self._committer.new_attempt(self._checkpoint_tag(attempt))
-        self._master_port = free_port(self.spec.master_addr, exclude=self._master_port)
-        runners = [RankRunner(self, rank, attempt) for rank in range(self.spec.world_size)]
+        if self._placement is not None:
+            self._master_port = self._placement.master_port  # each pod has a network of its own
+        else:
+            self._master_port = free_port(self.spec.master_addr, exclude=self._master_port)
+        runners = [RankRunner(self, rank, attempt, adopted.get(rank)) for rank in range(self.spec.world_size)]
         self._runners = {runner.rank: runner for runner in runners}
         if not self.stopping:
             self._state = JobState.RUNNING
-        self.emit(AttemptStarted, attempt=attempt, master_port=self._master_port)
-        log.info("job=%s attempt=%d: starting %d ranks (MASTER_PORT=%d)", self.job_id, attempt, len(runners), self._master_port)
+        self.emit(AttemptStarted, attempt=attempt, master_port=self._master_port, adopted=bool(adopted))
+        log.info("job=%s attempt=%d: %s %d ranks (MASTER_PORT=%d)", self.job_id, attempt,
+                 "adopting" if adopted else "starting", len(runners), self._master_port)
         failed = False
         remaining = len(runners)
         async with trio.open_nursery() as nursery:
@@ -318,10 +370,12 @@ class Coordinator:
 
             async def rank_loop(rank: int) -> None:
                 nonlocal exhausted, remaining
-                attempt = 0
+                attempt, adopted = self._adopted.get(rank, (1, None))
+                attempt -= 1
                 while True:
                     attempt += 1
-                    runner = RankRunner(self, rank, attempt)
+                    runner = RankRunner(self, rank, attempt, adopted)
+                    adopted = None
                     self._runners[rank] = runner
                     self._attempt = max(self._attempt, attempt)
                     outcome = await runner.run()
@@ -419,6 +473,7 @@ class Coordinator:
 
     def build_request(self, rank: int, attempt: int) -> LaunchRequest:
         stdout, stderr = self.job_dir.log_paths(rank, attempt)
+        placement = self._placement
         env = rank_env(
             self.spec,
             job_id=self.job_id,
@@ -428,17 +483,20 @@ class Coordinator:
             coordinator=self.address,
             token=self._token,
             checkpoint_tag=self._checkpoint_tag(attempt),
+            placement=placement,
         )
         return LaunchRequest(
             job_id=self.job_id,
             rank=rank,
             local_rank=rank,
             attempt=attempt,
-            argv=rank_argv(self.spec),
+            argv=rank_argv(self.spec, placement),
             env=env,
             cwd=self.spec.cwd,
             stdout_path=str(stdout),
             stderr_path=str(stderr),
+            image=self.spec.image,
+            resources=self.spec.resources,
         )
 
     def _checkpoint_tag(self, attempt: int) -> str:

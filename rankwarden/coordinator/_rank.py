@@ -66,8 +66,11 @@ class RankOutcome(msgspec.Struct, frozen=True):
 class RankRunner:
     """Runs one rank once. Created per (rank, attempt); never reused."""
 
-    def __init__(self, job: "Coordinator", rank: int, attempt: int) -> None:
+    def __init__(self, job: "Coordinator", rank: int, attempt: int, adopted: RankProcess | None = None) -> None:
         self.job = job
+        #: A rank that was already running when this coordinator started (a pod
+        #: left by the previous coordinator): it is watched, not launched.
+        self._adopted = adopted
         self.rank = rank
         self.attempt = attempt
         self.state = RankState.PENDING
@@ -99,12 +102,14 @@ class RankRunner:
 
     async def run(self) -> RankOutcome:
         job = self.job
-        request = job.build_request(self.rank, self.attempt)
         self.state = RankState.STARTING
-        try:
-            self.process = await job.launcher.start(request)
-        except LaunchError as exc:
-            return self._fail(FailureCause.LAUNCH_FAILED, str(exc))
+        if self._adopted is not None:
+            self.process = self._adopted
+        else:
+            try:
+                self.process = await job.launcher.start(job.build_request(self.rank, self.attempt))
+            except LaunchError as exc:
+                return self._fail(FailureCause.LAUNCH_FAILED, str(exc))
         self._spawned_at = trio.current_time()
         job.emit(RankStarted, attempt=self.attempt, rank=self.rank, pid=self.process.pid)
         try:
@@ -135,7 +140,12 @@ class RankRunner:
         elif status.ok:
             self._succeed()
         else:
-            cause = FailureCause.SIGNALED if status.signal is not None else FailureCause.EXITED
+            if not status.started:
+                cause = FailureCause.LAUNCH_FAILED
+            elif status.signal is not None:
+                cause = FailureCause.SIGNALED
+            else:
+                cause = FailureCause.EXITED
             self._fail(cause, f"rank {self.rank} {status.describe()}", status=status)
 
     async def _watch_deadlines(self, done: trio.CancelScope) -> None:
@@ -222,6 +232,7 @@ class RankRunner:
             message=message,
             exit_code=status.code if status else None,
             signal=status.signal if status else None,
+            reason=status.reason if status else None,
             detected_at=self.job.wall_time(),
             detected_after=round(detected_after, 6),
         )

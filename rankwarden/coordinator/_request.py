@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 
+from rankwarden.launcher._base import Placement
 from rankwarden.spec import JobSpec
 
 __all__ = ["BOOTSTRAP_MODULE", "free_port", "rank_argv", "rank_env"]
@@ -13,10 +14,10 @@ __all__ = ["BOOTSTRAP_MODULE", "free_port", "rank_argv", "rank_env"]
 BOOTSTRAP_MODULE = "rankwarden.worker._bootstrap"
 
 
-def rank_argv(spec: JobSpec) -> list[str]:
+def rank_argv(spec: JobSpec, placement: Placement | None = None) -> list[str]:
     """Every rank starts through the bootstrap, which sets PR_SET_PDEATHSIG and
     opens the heartbeat connection before handing over to the entrypoint."""
-    python = spec.python or sys.executable
+    python = spec.python or (placement.python if placement else sys.executable)
     mode = "exec" if spec.no_python else "module" if spec.module else "script"
     return [python, "-m", BOOTSTRAP_MODULE, mode, spec.entrypoint, *spec.args]
 
@@ -32,8 +33,14 @@ def rank_env(
     token: str,
     checkpoint_tag: str = "",
     base: dict[str, str] | None = None,
+    placement: Placement | None = None,
 ) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
+    """The rank's environment. Local ranks inherit the coordinator's environment;
+    placed ranks (pods) get only the spec's, so nothing of the coordinator's
+    (credentials included) leaks into a container."""
+    if base is None:
+        base = {} if placement is not None else dict(os.environ)
+    env = dict(base)
     # torchrun's defaults, which a user's environment or the spec may override.
     if spec.world_size > 1:
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -66,6 +73,20 @@ def rank_env(
             "RANKWARDEN_HEARTBEAT_TIMEOUT": repr(spec.heartbeat_timeout),
         }
     )
+    if placement is not None:
+        # Every pod is a one-process node of a multi-node job.
+        env.update(
+            {
+                "LOCAL_RANK": "0",
+                "LOCAL_WORLD_SIZE": "1",
+                "GROUP_RANK": str(rank),
+                "MASTER_ADDR": placement.master_addr,
+                "MASTER_PORT": str(placement.master_port),
+            }
+        )
+        del env["RANKWARDEN_COORDINATOR_PID"]  # another host's pid means nothing here
+        if placement.reconnect_grace:
+            env["RANKWARDEN_RECONNECT_GRACE"] = repr(placement.reconnect_grace)
     if spec.checkpoint_url:
         env["RANKWARDEN_CHECKPOINT_URL"] = spec.checkpoint_url
         env["RANKWARDEN_CHECKPOINT_TAG"] = checkpoint_tag

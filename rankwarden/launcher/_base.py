@@ -14,14 +14,24 @@ from typing import Protocol, runtime_checkable
 
 import msgspec
 
-__all__ = ["ExitStatus", "LaunchRequest", "Launcher", "RankProcess"]
+from rankwarden.spec import Resources
+
+__all__ = ["ExitStatus", "LaunchRequest", "Launcher", "Placement", "RankProcess"]
 
 
 class ExitStatus(msgspec.Struct, frozen=True):
-    """How a rank's process ended: an exit ``code`` or a ``signal`` number."""
+    """How a rank's process ended: an exit ``code`` or a ``signal`` number.
+
+    A launcher that knows more says so in ``reason`` and ``message`` (a pod's
+    ``OOMKilled``, ``Evicted``, ``Unschedulable``). ``started`` is False when
+    the rank never ran at all (its image could not be pulled, no node fits it).
+    """
 
     code: int | None = None
     signal: int | None = None
+    reason: str | None = None
+    message: str = ""
+    started: bool = True
 
     @classmethod
     def from_returncode(cls, returncode: int) -> "ExitStatus":
@@ -40,8 +50,17 @@ class ExitStatus(msgspec.Struct, frozen=True):
                 name = _signal.Signals(self.signal).name
             except ValueError:
                 name = f"signal {self.signal}"
-            return f"killed by {name}"
-        return f"exited with code {self.code}"
+            text = f"killed by {name}"
+        elif self.code is not None:
+            text = f"exited with code {self.code}"
+        elif not self.started:
+            text = "could not start"
+        else:
+            text = "ended"
+        if self.reason:
+            detail = f"{self.reason}: {self.message}" if self.message else self.reason
+            text = f"{text} ({detail})"
+        return text
 
 
 class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,6 +73,26 @@ class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
     cwd: str | None = None
     stdout_path: str
     stderr_path: str
+    #: For launchers that run ranks in containers; the process launcher ignores them.
+    image: str = ""
+    resources: Resources = Resources()
+
+
+class Placement(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a launcher that runs ranks off this host puts them (one rank per pod).
+
+    A launcher with a ``placement(job_id)`` method gets ranks whose environment
+    is built from the spec alone (not the coordinator's own environment), as
+    one-process nodes of a multi-node torchrun job, with ``MASTER_ADDR`` set to
+    rank 0's stable name."""
+
+    master_addr: str
+    master_port: int = 29500
+    #: Interpreter inside the rank's image, when the spec names none.
+    python: str = "python"
+    #: Seconds a rank keeps trying to reach a restarted coordinator before it
+    #: gives up (pods outlive the coordinator; local processes do not).
+    reconnect_grace: float = 0.0
 
 
 @runtime_checkable
