@@ -142,6 +142,16 @@ class HeartbeatClient:
             self._sock.sendall(frame)
 
     def _run(self) -> None:
+        while True:
+            why = self._beat()
+            if why is None or self._closed.is_set():
+                return
+            if not self._reconnect(why):
+                self._lost(why)
+                return
+
+    def _beat(self) -> str | None:
+        """Heartbeat until the connection ends; return why it ended (None: closed by us)."""
         sock = self._sock
         assert sock is not None
         next_beat = time.monotonic()
@@ -159,13 +169,44 @@ class HeartbeatClient:
                 if readable:
                     data = sock.recv(65536)
                     if not data:
-                        self._lost("the coordinator closed the heartbeat connection")
-                        return
+                        return "the coordinator closed the heartbeat connection"
                     for message in self._decoder.feed(data):
                         self._handle(message)
         except (OSError, ValueError, ProtocolError) as exc:
             if not self._closed.is_set():
-                self._lost(f"heartbeat connection failed: {exc}")
+                return f"heartbeat connection failed: {exc}"
+        return None
+
+    def _reconnect(self, why: str) -> bool:
+        """Pods outlive a coordinator that restarts: the next one adopts them.
+
+        With ``RANKWARDEN_RECONNECT_GRACE`` set (the pod launcher sets it), keep
+        training and keep trying to say hello again until the grace runs out.
+        A local rank has no such grace: its coordinator's death is its own."""
+        grace = float(os.environ.get("RANKWARDEN_RECONNECT_GRACE") or 0)
+        if grace <= 0:
+            return False
+        sys.stderr.write(f"rankwarden: {why}; reconnecting for up to {grace:g}s\n")
+        sys.stderr.flush()
+        deadline = time.monotonic() + grace
+        delay = 0.2
+        while not self._closed.is_set() and time.monotonic() < deadline:
+            with self._send_lock:
+                if self._sock is not None:
+                    self._sock.close()
+            self._decoder = protocol.FrameDecoder(protocol.ToRank)
+            try:
+                self.connect(timeout=max(0.1, min(10.0, deadline - time.monotonic())))
+            except (OSError, ProtocolError):
+                # Refused, or rejected: a new coordinator rejects ranks until it
+                # has adopted them, so a rejection is retried too, within the grace.
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 2.0)
+                continue
+            sys.stderr.write("rankwarden: reconnected to the coordinator\n")
+            sys.stderr.flush()
+            return True
+        return False
 
     def _handle(self, message) -> None:
         if isinstance(message, protocol.Drain):
@@ -178,11 +219,15 @@ class HeartbeatClient:
                 self.committed_step = max(message.step, self.committed_step or message.step)
                 self._committed.notify_all()
         elif isinstance(message, protocol.Reject):
-            self._lost(f"the coordinator dropped this rank: {message.reason}")
+            self._closed.set()
+            self._lost_now(f"the coordinator dropped this rank: {message.reason}")
 
     def _lost(self, why: str) -> None:
         if self._closed.is_set():
             return
+        self._lost_now(why)
+
+    def _lost_now(self, why: str) -> None:
         sys.stderr.write(f"rankwarden: {why}; exiting\n")
         sys.stderr.flush()
         if os.getpgrp() == os.getpid():

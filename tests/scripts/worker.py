@@ -21,6 +21,8 @@ parser.add_argument("--record", default="", help="directory to write this rank's
 parser.add_argument("--spawn-child", action="store_true", help="leave a child process running")
 parser.add_argument("--no-report", action="store_true", help="never call rankwarden.worker.report")
 parser.add_argument("--graceful", action="store_true", help="on a stop request, say so and exit 0")
+parser.add_argument("--until-file", default="", help="keep stepping until this file exists")
+parser.add_argument("--until-attempt", type=int, default=1, help="attempt that waits for --until-file (0: every)")
 args = parser.parse_args()
 
 rank = int(os.environ["RANK"])
@@ -34,7 +36,15 @@ if args.spawn_child:
 
 if args.graceful:
     rw.graceful_stop()
-for step in range(1, args.steps + 1):
+def more(step):
+    if args.until_file and args.until_attempt in (0, attempt):
+        return not os.path.exists(args.until_file)
+    return step <= args.steps
+
+
+step = 0
+while more(step + 1):
+    step += 1
     if args.graceful and rw.drain_requested():
         print(f"rank {rank} drained at step {step - 1}", flush=True)
         sys.exit(0)
@@ -53,4 +63,4 @@ for step in range(1, args.steps + 1):
             os.kill(os.getpid(), signal.SIGSTOP)
         while args.fail_mode == "hang":
             time.sleep(1)
-print(f"rank {rank} done after {args.steps} steps")
+print(f"rank {rank} done after {step} steps")

@@ -1,0 +1,252 @@
+"""PodLauncher against a simulated Kubernetes API server (tests/kube_sim.py).
+
+"simulated": no cluster runs here. The simulator answers like the real API
+server, enforces the Role in k8s/rbac.yaml on every call, and runs each
+pod's command as a real local process, so real ranks heartbeat to a real
+coordinator while the tests break pods the ways clusters do.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from rankwarden import Backoff, Coordinator, JobSpec, JobState, run_job
+from rankwarden.coordinator._request import free_port
+from rankwarden.errors import KubernetesError
+from rankwarden.events import AttemptStarted, FailureCause, RankConnected
+from rankwarden.kube import KubeApi, KubeConfig, PodLauncher, pod_name, service_name
+from rankwarden.kube._manifests import PodOptions
+from tests.kube_sim import SimKube, role_rules
+
+pytest.importorskip("httpx")
+pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parent.parent
+ROLE = ROOT / "k8s" / "rbac.yaml"
+
+
+@pytest.fixture
+async def sim(tmp_path, nursery):
+    workdir = tmp_path / "kubelet"
+    workdir.mkdir()
+    sim = SimKube(workdir, rules=role_rules(ROLE))
+    await nursery.start(sim.serve)
+    yield sim
+    assert sim.leftover_processes() == []
+
+
+def config(sim: SimKube, **changes) -> KubeConfig:
+    return KubeConfig(**{"server": sim.url, "namespace": "default", "token": sim.token, **changes})
+
+
+@asynccontextmanager
+async def launcher_for(sim: SimKube, **kwargs):
+    kwargs = {"image": "rankwarden:test", "force_delete_after": 1.0, **kwargs}
+    async with PodLauncher.open(config(sim), **kwargs) as launcher:
+        yield launcher
+
+
+def job(tmp_path, script, name: str, *args: str, world_size: int = 2, **kwargs) -> JobSpec:
+    record = tmp_path / "record"
+    record.mkdir(exist_ok=True)
+    fields = dict(
+        entrypoint=script("worker.py"), args=["--record", str(record), *args], world_size=world_size,
+        job_id=f"t-{name}", job_dir=str(tmp_path / "job"), python=sys.executable,
+        heartbeat_timeout=2.0, kill_grace=1.0, stop_grace=2.0, max_restarts=2,
+        backoff=Backoff(initial=0.05, jitter=0.0),
+    )
+    fields.update(kwargs)
+    return JobSpec(**fields)
+
+
+def created_pods(sim: SimKube) -> list[str]:
+    return sorted(path.rsplit("/", 1)[-1] for verb, res, path, _ in sim.requests if verb == "create" and res == "pods")
+
+
+async def wait_connected(coordinator: Coordinator, count: int, attempt: int = 1) -> None:
+    with trio.fail_after(30):
+        seen = 0
+        async for event in coordinator.events():
+            if isinstance(event, RankConnected) and event.attempt == attempt:
+                seen += 1
+                if seen == count:
+                    return
+
+
+async def test_simulated_job_runs_pods_and_cleans_up(sim, tmp_path, script, monkeypatch):
+    monkeypatch.setenv("RW_COORDINATOR_SECRET", "must-not-reach-pods")
+    spec = job(tmp_path, script, "ok", "--steps", "4")
+    async with launcher_for(sim) as launcher:
+        with trio.fail_after(30):
+            snapshot = await run_job(spec, launcher=launcher)
+    assert snapshot.state == JobState.SUCCEEDED
+    assert created_pods(sim) == [pod_name("t-ok", 1, 0), pod_name("t-ok", 1, 1)]
+    # Pods and the job's Service are deleted once the job is over.
+    assert sim.pods() == {} and sim.services() == {}
+    assert ("delete", "services", f"/api/v1/namespaces/default/services/{service_name('t-ok')}", None) in sim.requests
+    env = json.loads((tmp_path / "record" / "r1_a1.json").read_text())["env"]
+    assert env["MASTER_ADDR"] == f"rank-0.{service_name('t-ok')}.default.svc.cluster.local"
+    assert (env["RANK"], env["LOCAL_RANK"], env["GROUP_RANK"], env["WORLD_SIZE"]) == ("1", "0", "1", "2")
+    assert "RW_COORDINATOR_SECRET" not in env and "RANKWARDEN_COORDINATOR_PID" not in env
+    # The pods' output reached the job directory, as a local rank's does.
+    assert "rank 1 done after 4 steps" in (tmp_path / "job" / "attempt_001" / "rank_1.stdout").read_text()
+
+
+@pytest.mark.parametrize("breaker, reason", [("oom_kill", "OOMKilled"), ("evict", "Evicted")])
+async def test_simulated_broken_pod_restarts_the_group_with_new_pods(sim, tmp_path, script, breaker, reason):
+    spec = job(tmp_path, script, "oom", "--until-file", str(tmp_path / "never"), "--steps", "3")
+    async with launcher_for(sim) as launcher, trio.open_nursery() as nursery:
+        coordinator = Coordinator(spec, launcher=launcher)
+        await nursery.start(coordinator.run)
+        await wait_connected(coordinator, 2)
+        getattr(sim, breaker)(pod_name("t-oom", 1, 1))
+        with trio.fail_after(30):
+            snapshot = await coordinator.wait()
+    assert snapshot.state == JobState.SUCCEEDED and snapshot.attempt == 2
+    failure = snapshot.failures[0]
+    assert (failure.rank, failure.attempt, failure.reason) == (1, 1, reason)
+    assert failure.cause == FailureCause.EXITED and failure.exit_code == 137
+    assert reason in failure.message
+    assert created_pods(sim) == [pod_name("t-oom", a, r) for a in (1, 2) for r in (0, 1)]
+    assert sim.pods() == {}
+
+
+async def test_simulated_pod_stuck_terminating_is_force_deleted(sim, tmp_path, script):
+    spec = job(tmp_path, script, "stuck", "--until-file", str(tmp_path / "never"), "--steps", "3",
+               heartbeat_timeout=1.5)
+    stuck = pod_name("t-stuck", 1, 1)
+    async with launcher_for(sim) as launcher, trio.open_nursery() as nursery:
+        coordinator = Coordinator(spec, launcher=launcher)
+        await nursery.start(coordinator.run)
+        await wait_connected(coordinator, 2)
+        sim.lose_node(stuck)
+        with trio.fail_after(30):
+            snapshot = await coordinator.wait()
+    assert snapshot.state == JobState.SUCCEEDED and snapshot.attempt == 2
+    assert snapshot.failures[0].cause == FailureCause.HEARTBEAT_TIMEOUT
+    deletes = [grace for verb, res, path, grace in sim.requests if verb == "delete" and path.endswith("/" + stuck)]
+    # A graceful delete (kill_grace), nothing happens, then a force delete.
+    assert deletes[0] == 1 and deletes[-1] == 0
+
+
+async def test_simulated_coordinator_restart_adopts_running_pods(sim, tmp_path, script):
+    release = tmp_path / "release"
+    spec = job(tmp_path, script, "adopt", "--until-file", str(release), "--steps", "3")
+    token, port = "adopt-token", free_port("127.0.0.1")
+    async with launcher_for(sim) as launcher, trio.open_nursery() as nursery:
+        first = Coordinator(spec, launcher=launcher, token=token, heartbeat_port=port)
+        await nursery.start(first.run)
+        await wait_connected(first, 2)
+        launcher.detach()  # the coordinator is going away: leave its pods running
+        nursery.cancel_scope.cancel()
+    assert len(sim.pods()) == 2 and len(sim.leftover_processes()) == 2  # still running
+    assert all(p["status"]["phase"] == "Running" for p in sim.pods().values())
+    creates_before = len(created_pods(sim))
+
+    async with launcher_for(sim) as launcher, trio.open_nursery() as nursery:
+        second = Coordinator(spec, launcher=launcher, token=token, heartbeat_port=port, adopt=True)
+        await nursery.start(second.run)
+        await wait_connected(second, 2)  # the ranks reconnected to the new coordinator
+        release.write_text("go")
+        with trio.fail_after(30):
+            snapshot = await second.wait()
+    assert snapshot.state == JobState.SUCCEEDED and snapshot.attempt == 1 and snapshot.failures == []
+    assert len(created_pods(sim)) == creates_before  # nothing started over
+    started = [e for e in second._events if isinstance(e, AttemptStarted)]
+    assert [e.adopted for e in started] == [True]
+    assert sim.pods() == {} and sim.services() == {}
+
+
+async def test_simulated_watch_relists_after_410_gone(sim, tmp_path, script):
+    spec = job(tmp_path, script, "gone", "--until-file", str(tmp_path / "never"), "--steps", "3", world_size=1)
+    async with launcher_for(sim) as launcher, trio.open_nursery() as nursery:
+        coordinator = Coordinator(spec, launcher=launcher)
+        await nursery.start(coordinator.run)
+        await wait_connected(coordinator, 1)
+        lists_before = sum(1 for verb, res, _, _ in sim.requests if (verb, res) == ("list", "pods"))
+        sim.compact()  # the watch ends; resuming from its resourceVersion gets 410 Gone
+        await sim.wait_for(lambda: sum(1 for v, r, _, _ in sim.requests if (v, r) == ("list", "pods")) > lists_before)
+        sim.oom_kill(pod_name("t-gone", 1, 0))  # seen through the new watch
+        with trio.fail_after(30):
+            snapshot = await coordinator.wait()
+    assert snapshot.failures[0].reason == "OOMKilled" and snapshot.state == JobState.SUCCEEDED
+
+
+@pytest.mark.parametrize("problem", ["Unschedulable", "ErrImagePull", "InvalidImageName"])
+async def test_simulated_pod_that_cannot_start_fails_with_the_kubernetes_reason(sim, tmp_path, script, problem):
+    image = "rankwarden:test"
+    if problem == "Unschedulable":
+        sim.unschedulable = True
+    else:
+        image = "registry.invalid/nope:1"
+        sim.bad_images[image] = problem
+    spec = job(tmp_path, script, "pending", world_size=1, max_restarts=0, image=image)
+    async with launcher_for(sim, unschedulable_timeout=0.5, image_pull_timeout=0.5) as launcher:
+        with trio.fail_after(30):
+            snapshot = await run_job(spec, launcher=launcher)
+    assert snapshot.state == JobState.FAILED
+    failure = snapshot.failures[0]
+    assert failure.cause == FailureCause.LAUNCH_FAILED and failure.reason == problem
+    assert problem in failure.message
+    assert sim.pods() == {}
+
+
+async def test_simulated_rotated_token_is_read_again_on_401(sim, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(sim.token)
+    async with KubeApi(config(sim, token=None, token_file=str(token_file))) as api:
+        await api.list("pods", "a=b")
+        sim.rotate_token("rotated")
+        token_file.write_text("rotated\n")
+        assert (await api.list("pods", "a=b"))["items"] == []
+        sim.rotate_token("rotated-again")  # the file still has the old one: a clear error
+        with pytest.raises(KubernetesError) as info:
+            await api.list("pods", "a=b")
+    assert info.value.status == 401
+    # ok; 401 and a retry with the new token; 401 and no retry (the file had nothing new)
+    assert sum(1 for verb, _, _, _ in sim.requests if verb == "list") == 4
+
+
+async def test_simulated_launcher_uses_exactly_what_the_role_grants(sim, tmp_path, script):
+    """Least privilege both ways: every call is allowed (the simulator enforces
+    the Role), and every rule of the Role is used by something the launcher does."""
+    options = PodOptions(namespace="default")
+    async with KubeApi(config(sim)) as api:
+        # Leftovers a dead coordinator could leave: this attempt's pod, the job's
+        # Service, and the Service of a job that no longer exists.
+        from rankwarden.kube import pod_manifest, service_manifest
+        from rankwarden.launcher import LaunchRequest
+
+        stale = LaunchRequest(job_id="t-rbac", rank=0, local_rank=0, attempt=1, argv=["sleep", "60"], env={},
+                              stdout_path=str(tmp_path / "stale.log"), stderr_path=str(tmp_path / "stale.log"),
+                              image="rankwarden:test")
+        await api.create("pods", pod_manifest(stale, options))
+        await api.create("services", service_manifest("t-rbac", options))
+        await api.create("services", service_manifest("t-orphan", options))
+    spec = job(tmp_path, script, "rbac", "--steps", "3", "--fail-rank", "0", "--fail-step", "2", world_size=1)
+    async with launcher_for(sim) as launcher:
+        with trio.fail_after(30):
+            snapshot = await run_job(spec, launcher=launcher)
+        assert await launcher.release_orphans(set()) == ["t-orphan"]
+    assert snapshot.state == JobState.SUCCEEDED and snapshot.attempt == 2
+    used = {(verb, res) for verb, res, _, _ in sim.requests}
+    assert used == role_rules(ROLE)
+    assert sim.pods() == {} and sim.services() == {}
+
+
+async def test_simulated_call_outside_the_role_is_forbidden(sim):
+    async with KubeApi(config(sim)) as api:
+        with pytest.raises(KubernetesError) as info:
+            await api._request("GET", "/api/v1/namespaces/default/pods/x/log", params={})
+        assert info.value.status == 404  # allowed verb, missing pod
+        sim.rules = sim.rules - {("delete", "pods")}
+        with pytest.raises(KubernetesError) as info:
+            await api.delete("pods", "x")
+    assert info.value.status == 403 and info.value.reason == "Forbidden"
+    assert "cannot delete resource" in str(info.value)
