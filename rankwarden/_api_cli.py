@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import signal
@@ -30,6 +31,14 @@ def add_api_commands(sub) -> None:
     serve.add_argument("--on-restart", choices=["resume", "interrupt"], default="resume",
                        help="what to do with jobs that were running when the server last stopped")
     serve.add_argument("--checkpoint-root", default=None, help="checkpoint store URL for jobs (default: STATE_DIR/checkpoints)")
+    kube = serve.add_argument_group("Kubernetes (run ranks as pods; in-cluster config, else the kubeconfig)")
+    kube.add_argument("--kubernetes", action="store_true", help="run each rank as a pod instead of a local process")
+    kube.add_argument("--namespace", default=None, help="namespace for rank pods (default: the pod's own, or the kubeconfig's)")
+    kube.add_argument("--image", default=os.environ.get("RANKWARDEN_RANK_IMAGE", ""),
+                      help="image of the rank pods (default: $RANKWARDEN_RANK_IMAGE)")
+    kube.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
+                      help="address rank pods use to reach this server's heartbeat ports (default: $POD_IP)")
+    kube.add_argument("--rank-service-account", default="rankwarden-rank", help="ServiceAccount of rank pods")
 
     jobs = sub.add_parser("jobs", help="talk to a running server: submit, list, show, logs, stop, delete",
                           allow_abbrev=False)
@@ -67,11 +76,25 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not args.allow:
         print("rankwarden serve: warning: no --allow pattern: every job submission will be refused (403)", file=sys.stderr)
+    if args.kubernetes and not (args.image and args.advertise_host):
+        print("rankwarden serve: --kubernetes needs --image and --advertise-host (or $RANKWARDEN_RANK_IMAGE "
+              "and $POD_IP)", file=sys.stderr)
+        return 2
     token, created = load_or_create_token(args.state_dir)
     config = ServerConfig(state_dir=args.state_dir, allow=args.allow, on_restart=args.on_restart,
                           checkpoint_root=args.checkpoint_root)
 
     async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            if args.kubernetes:
+                from rankwarden.kube import PodLauncher
+
+                config.launcher = await stack.enter_async_context(PodLauncher.open(
+                    namespace=args.namespace, image=args.image, service_account=args.rank_service_account))
+                config.heartbeat_host, config.advertise_host = "0.0.0.0", args.advertise_host
+            await serve()
+
+    async def serve() -> None:
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

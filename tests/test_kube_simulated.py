@@ -161,6 +161,9 @@ async def test_simulated_coordinator_restart_adopts_running_pods(sim, tmp_path, 
     started = [e for e in second._events if isinstance(e, AttemptStarted)]
     assert [e.adopted for e in started] == [True]
     assert sim.pods() == {} and sim.services() == {}
+    # The log of each adopted pod is continued, not repeated from its start.
+    output = (tmp_path / "job" / "attempt_001" / "rank_0.stdout").read_text()
+    assert output.count("rank 0 ready") == 1 and "rank 0 done" in output
 
 
 async def test_simulated_watch_relists_after_410_gone(sim, tmp_path, script):

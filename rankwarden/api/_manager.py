@@ -24,6 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import trio
@@ -33,6 +34,7 @@ from rankwarden.api._schema import JobInfo, JobRequest, JobSummary
 from rankwarden.coordinator import Coordinator
 from rankwarden.coordinator._jobdir import RankOutputTail
 from rankwarden.events import JobSnapshot, RankFailed
+from rankwarden.errors import SpecError
 from rankwarden.spec import JobSpec
 
 __all__ = ["ApiError", "JobManager", "ServerConfig"]
@@ -58,6 +60,12 @@ class ServerConfig:
     allow: list[str] = field(default_factory=list)
     on_restart: str = "resume"  # or "interrupt"
     checkpoint_root: str | None = None
+    #: How ranks run: None for local processes, or a Launcher (an open PodLauncher).
+    launcher: Any = None
+    #: Where ranks reach the heartbeat server: loopback for local ranks; for
+    #: pods, all interfaces and this pod's IP (or a stable DNS name).
+    heartbeat_host: str = "127.0.0.1"
+    advertise_host: str | None = None
 
 
 @dataclass
@@ -90,6 +98,8 @@ class JobManager:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._recover()
+                if hasattr(self.config.launcher, "release_orphans"):
+                    nursery.start_soon(self._release_orphans)
                 task_status.started(self)
                 await trio.sleep_forever()
         finally:
@@ -97,6 +107,19 @@ class JobManager:
 
     def shutdown(self) -> None:
         self._shutting_down = True
+        detach = getattr(self.config.launcher, "detach", None)
+        if detach is not None:
+            detach()  # pods keep running; the next server adopts them
+
+    async def _release_orphans(self) -> None:
+        # Services of jobs that no longer run here (a server died mid-teardown).
+        try:
+            released = await self.config.launcher.release_orphans(set(self.live))
+        except Exception as exc:  # housekeeping must not take the server down
+            log.warning("could not release orphaned job Services: %s", exc)
+            return
+        for job_id in released:
+            log.info("job=%s: deleted its orphaned Service", job_id)
 
     def _recover(self) -> None:
         jobs, _ = self.db.list(states=list(ACTIVE), limit=1_000_000)
@@ -104,7 +127,7 @@ class JobManager:
             if self.config.on_restart == "resume":
                 log.info("job=%s was running when the server stopped; resuming it", info.job_id)
                 self.db.update(info.job_id, reason="resumed after a server restart")
-                self._start(info.job_id, info.request)
+                self._start(info.job_id, info.request, resumed=True)
             else:
                 self.db.update(info.job_id, state="interrupted", reason="the server stopped while the job was running")
 
@@ -139,6 +162,10 @@ class JobManager:
         job_id = request.job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         if self.db.exists(job_id):
             raise ApiError(409, f"job {job_id} already exists", "pick another job_id, or delete the old job")
+        try:
+            JobSpec.from_dict(msgspec.to_builtins(self._spec(job_id, request)))
+        except SpecError as exc:
+            raise ApiError(400, str(exc), f"at {exc.path}") from None
         info = self.db.insert(job_id, request, "pending")
         self._start(job_id, request)
         return info
@@ -153,12 +180,22 @@ class JobManager:
             job_id=job_id, job_dir=str(self.job_dir(job_id)), checkpoint_url=checkpoint_url,
             heartbeat_timeout=request.heartbeat_timeout, progress_timeout=request.progress_timeout,
             max_restarts=request.max_restarts, restart_scope=request.restart_scope,
-            keep_checkpoints=request.keep_checkpoints,
+            keep_checkpoints=request.keep_checkpoints, resources=request.resources,
         )
 
-    def _start(self, job_id: str, request: JobRequest) -> None:
+    def _start(self, job_id: str, request: JobRequest, resumed: bool = False) -> None:
         assert self._nursery is not None
-        coordinator = Coordinator(self._spec(job_id, request))
+        launcher = self.config.launcher
+        kwargs: dict[str, Any] = {}
+        if hasattr(launcher, "placement"):
+            # Pods outlive this server: a resumed job adopts them, and they
+            # reconnect with the token and port the job had before.
+            token, port = self._identity(job_id)
+            kwargs = {"token": token, "heartbeat_port": port, "adopt": resumed}
+        coordinator = Coordinator(
+            self._spec(job_id, request), launcher=launcher, heartbeat_host=self.config.heartbeat_host,
+            advertise_host=self.config.advertise_host, **kwargs,
+        )
         live = _Live(coordinator=coordinator, request=request, started=time.time())
         self.live[job_id] = live
         self._nursery.start_soon(self._run_job, job_id, live)
@@ -168,6 +205,8 @@ class JobManager:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(coordinator.run)
+                if hasattr(self.config.launcher, "placement"):
+                    self._save_identity(job_id, coordinator)
                 self.db.update(job_id, state="running")
                 nursery.start_soon(self._mirror_events, job_id, live)
                 nursery.start_soon(self._sample, live)
@@ -215,6 +254,28 @@ class JobManager:
                     live.recoveries.append(now - pending_recovery)
                     pending_recovery = None
             await trio.sleep(_SAMPLE)
+
+    # -- a job's heartbeat identity (pod launchers) ---------------------------------------
+
+    def _identity_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "coordinator.json"
+
+    def _identity(self, job_id: str) -> tuple[str, int]:
+        try:
+            saved = msgspec.json.decode(self._identity_path(job_id).read_bytes())
+            return str(saved["token"]), int(saved["port"])
+        except (OSError, msgspec.DecodeError, KeyError, TypeError, ValueError):
+            return secrets.token_urlsafe(32), 0
+
+    def _save_identity(self, job_id: str, coordinator: Coordinator) -> None:
+        port = int(coordinator.address.rpartition(":")[2])
+        path = self._identity_path(job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the ranks' token
+        with os.fdopen(fd, "wb") as f:
+            f.write(msgspec.json.encode({"token": coordinator.token, "port": port}))
+        os.replace(tmp, path)
 
     # -- logs ---------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import msgspec
 from msgspec import Meta
 
 from rankwarden.events import Failure, RankSnapshot
-from rankwarden.spec import JOB_ID_PATTERN
+from rankwarden.spec import JOB_ID_PATTERN, Resources
 
 __all__ = [
     "ErrorBody",
@@ -55,6 +55,8 @@ class JobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     keep_checkpoints: Annotated[int, Meta(ge=0, le=100000)] = 0
     #: Steps the job will run, when known: the summary then has an ETA.
     total_steps: Annotated[int, Meta(ge=1)] | None = None
+    #: Per-rank CPU, memory and GPUs, when the server runs ranks as pods.
+    resources: Resources = Resources()
 
 
 class JobInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -149,6 +149,11 @@ class Coordinator:
     def attempt(self) -> int:
         return self._attempt
 
+    @property
+    def token(self) -> str:
+        """The ranks' heartbeat token (a successor coordinator needs it to adopt them)."""
+        return self._token
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> JobSnapshot:
         """Run the job to its end. ``task_status.started(self)`` once ranks can connect."""
         if self._ran:

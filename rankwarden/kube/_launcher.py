@@ -287,13 +287,16 @@ class PodLauncher:
             await self.changed(name).wait()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # An adopted pod's log restarts from the beginning: keep what is there, mark the seam.
+            # The log of an adopted pod starts again from the container's start:
+            # skip what the previous coordinator already copied, so nothing doubles.
+            skip = path.stat().st_size if adopted and path.exists() else 0
             with open(path, "ab") as out:
-                if adopted:
-                    out.write(b"--- rankwarden: coordinator restarted; log of this pod again from its start ---\n")
                 chunks = self.api.follow_log(name, CONTAINER)
                 async with aclosing(chunks):
                     async for chunk in chunks:
+                        if skip:
+                            cut = min(skip, len(chunk))
+                            chunk, skip = chunk[cut:], skip - cut
                         out.write(chunk)
                         out.flush()
         except (KubernetesError, httpx.HTTPError, OSError) as exc:

@@ -22,6 +22,7 @@ import atexit
 import os
 import threading
 
+from rankwarden.errors import ProtocolError
 from rankwarden.worker._client import EXIT_COORDINATOR_LOST, HeartbeatClient
 
 __all__ = [
@@ -69,7 +70,13 @@ def connect() -> HeartbeatClient | None:
                 attempt=int(env.get("RANKWARDEN_ATTEMPT", "1")),
                 token=env["RANKWARDEN_TOKEN"],
             )
-            client.connect()
+            try:
+                client.connect()
+            except (OSError, ProtocolError) as exc:
+                # A pod may start while its coordinator restarts: within the
+                # reconnect grace, keep trying; a local rank fails at once.
+                if not client.reconnect(f"cannot reach the coordinator: {exc}"):
+                    raise
             client.start()
             # Programs that connect themselves (--no-python) never say goodbye;
             # at least their last reported step reaches the coordinator.

@@ -146,7 +146,7 @@ class HeartbeatClient:
             why = self._beat()
             if why is None or self._closed.is_set():
                 return
-            if not self._reconnect(why):
+            if not self.reconnect(why):
                 self._lost(why)
                 return
 
@@ -177,7 +177,7 @@ class HeartbeatClient:
                 return f"heartbeat connection failed: {exc}"
         return None
 
-    def _reconnect(self, why: str) -> bool:
+    def reconnect(self, why: str) -> bool:
         """Pods outlive a coordinator that restarts: the next one adopts them.
 
         With ``RANKWARDEN_RECONNECT_GRACE`` set (the pod launcher sets it), keep
