@@ -39,6 +39,12 @@ def add_api_commands(sub) -> None:
     kube.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
                       help="address rank pods use to reach this server's heartbeat ports (default: $POD_IP)")
     kube.add_argument("--rank-service-account", default="rankwarden-rank", help="ServiceAccount of rank pods")
+    kube.add_argument("--rank-env-from", action="append", default=[], metavar="configmap:NAME|secret:NAME",
+                      help="give every rank pod the keys of this ConfigMap or Secret as environment (repeatable)")
+    kube.add_argument("--rank-node-selector", action="append", default=[], metavar="KEY=VALUE",
+                      help="schedule rank pods only on nodes with this label (repeatable)")
+    kube.add_argument("--rank-toleration", action="append", default=[], metavar="KEY",
+                      help="let rank pods run on nodes tainted KEY:NoSchedule, e.g. nvidia.com/gpu (repeatable)")
 
     jobs = sub.add_parser("jobs", help="talk to a running server: submit, list, show, logs, stop, delete",
                           allow_abbrev=False)
@@ -80,6 +86,17 @@ def _serve(args: argparse.Namespace) -> int:
         print("rankwarden serve: --kubernetes needs --image and --advertise-host (or $RANKWARDEN_RANK_IMAGE "
               "and $POD_IP)", file=sys.stderr)
         return 2
+    env_from = []
+    for item in args.rank_env_from:
+        kind, _, name = item.partition(":")
+        if kind not in ("configmap", "secret") or not name:
+            print(f"rankwarden serve: --rank-env-from {item!r}: expected configmap:NAME or secret:NAME", file=sys.stderr)
+            return 2
+        env_from.append((kind, name))
+    bad = [kv for kv in args.rank_node_selector if "=" not in kv]
+    if bad:
+        print(f"rankwarden serve: --rank-node-selector {bad[0]!r}: expected KEY=VALUE", file=sys.stderr)
+        return 2
     token, created = load_or_create_token(args.state_dir)
     config = ServerConfig(state_dir=args.state_dir, allow=args.allow, on_restart=args.on_restart,
                           checkpoint_root=args.checkpoint_root)
@@ -90,7 +107,10 @@ def _serve(args: argparse.Namespace) -> int:
                 from rankwarden.kube import PodLauncher
 
                 config.launcher = await stack.enter_async_context(PodLauncher.open(
-                    namespace=args.namespace, image=args.image, service_account=args.rank_service_account))
+                    namespace=args.namespace, image=args.image, service_account=args.rank_service_account,
+                    env_from=env_from, node_selector=dict(kv.split("=", 1) for kv in args.rank_node_selector),
+                    tolerations=[{"key": key, "operator": "Exists", "effect": "NoSchedule"}
+                                 for key in args.rank_toleration]))
                 config.heartbeat_host, config.advertise_host = "0.0.0.0", args.advertise_host
             await serve()
 

@@ -113,7 +113,8 @@ class SimKube:
         self._procs[name].signal(signal.SIGSTOP)
 
     def compact(self) -> None:
-        """Forget every event so far: watches from older versions get 410 Gone."""
+        """Forget every event so far: watches from any version seen so far get 410 Gone."""
+        self.rv += 1  # writes elsewhere moved the store on; the history window starts after them
         self.oldest_rv = self.rv
         self.history.clear()
         self._kill_watches.set()

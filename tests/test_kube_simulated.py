@@ -1,7 +1,7 @@
 """PodLauncher against a simulated Kubernetes API server (tests/kube_sim.py).
 
 "simulated": no cluster runs here. The simulator answers like the real API
-server, enforces the Role in k8s/rbac.yaml on every call, and runs each
+server, enforces the Role in k8s/base/rbac.yaml on every call, and runs each
 pod's command as a real local process, so real ranks heartbeat to a real
 coordinator while the tests break pods the ways clusters do.
 """
@@ -28,7 +28,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parent.parent
-ROLE = ROOT / "k8s" / "rbac.yaml"
+ROLE = ROOT / "k8s" / "base" / "rbac.yaml"
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ class KubeConfig:
         if not token_file.is_file():
             raise KubernetesError(
                 f"no ServiceAccount token at {token_file}: the coordinator's pod needs "
-                "automountServiceAccountToken (see k8s/coordinator.yaml)"
+                "automountServiceAccountToken (see k8s/base/coordinator.yaml)"
             )
         try:
             namespace = (directory / "namespace").read_text().strip()

@@ -50,7 +50,7 @@ class PodOptions:
     #: Used when the job spec names no image.
     image: str = ""
     image_pull_policy: str = "IfNotPresent"
-    #: The ranks' ServiceAccount (k8s/rank-serviceaccount.yaml); its token is never mounted.
+    #: The ranks' ServiceAccount (k8s/base/serviceaccounts.yaml); its token is never mounted.
     service_account: str = "rankwarden-rank"
     run_as_user: int = 1000
     node_selector: dict[str, str] = field(default_factory=dict)
@@ -60,6 +60,10 @@ class PodOptions:
     cluster_domain: str = "cluster.local"
     #: Extra labels on every pod (cost centre, team...).
     labels: dict[str, str] = field(default_factory=dict)
+    #: ConfigMaps and Secrets whose keys become every rank's environment
+    #: (S3 endpoint and credentials): ``[("configmap", name), ("secret", name)]``.
+    #: The kubelet reads them, so the coordinator needs no access to Secrets.
+    env_from: list[tuple[str, str]] = field(default_factory=list)
 
 
 def dns_label(name: str, prefix: str = "") -> str:
@@ -122,6 +126,11 @@ def pod_manifest(request: LaunchRequest, options: PodOptions, *, grace_seconds: 
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
     }
+    if options.env_from:
+        container["envFrom"] = [
+            {"configMapRef" if kind == "configmap" else "secretRef": {"name": name, "optional": True}}
+            for kind, name in options.env_from
+        ]
     if request.cwd:
         container["workingDir"] = request.cwd
     resources = _resources(request)
