@@ -32,8 +32,10 @@ RUN groupadd --gid 1000 rankwarden && \
     useradd --uid 1000 --gid 1000 --home-dir /home/rankwarden --create-home --shell /usr/sbin/nologin rankwarden
 COPY --from=build /opt/venv /opt/venv
 COPY demo /app/demo
-# The state volume mounts here; a new named volume takes this ownership.
-RUN mkdir /state && chown 1000:1000 /state
+# The demo's synthetic data set, baked in: rank pods do not see the
+# coordinator's volume. The state volume mounts at /state; a new named volume
+# takes this ownership.
+RUN /opt/venv/bin/python /app/demo/make_dataset.py --out /app/data && mkdir /state && chown 1000:1000 /state
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
