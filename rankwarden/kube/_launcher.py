@@ -188,7 +188,8 @@ class PodLauncher:
     def _process(self, name: str, stdout: str, rank: int, attempt: int, adopted: bool = False) -> "PodProcess":
         process = PodProcess(self, name, rank=rank, attempt=attempt)
         if stdout and self._nursery is not None:
-            self._nursery.start_soon(self._follow_log, name, Path(stdout), adopted)
+            process.log_done = trio.Event()
+            self._nursery.start_soon(self._follow_log, name, Path(stdout), adopted, process.log_done)
         return process
 
     async def _ensure_service(self, job_id: str) -> None:
@@ -275,9 +276,15 @@ class PodLauncher:
         while name in self._pods:
             await self.changed(name).wait()
 
-    async def _follow_log(self, name: str, path: Path, adopted: bool) -> None:
+    async def _follow_log(self, name: str, path: Path, adopted: bool, done: trio.Event) -> None:
         # The container's output (stdout and stderr, as the kubelet keeps them)
         # goes to the rank's log file, where the CLI and API read local ranks' output.
+        try:
+            await self._copy_log(name, path, adopted)
+        finally:
+            done.set()
+
+    async def _copy_log(self, name: str, path: Path, adopted: bool) -> None:
         while True:
             pod = self.status_of(name)
             if pod is not None and _container_state(pod) in ("running", "terminated"):
@@ -355,6 +362,10 @@ class PodProcess:
     """One rank's pod, as the coordinator sees any rank: wait, stop, signal."""
 
     pid = None
+    #: Set when the pod's output has been copied to the end; a rank's end is
+    #: reported only after that (bounded), so its last lines are not lost.
+    log_done: trio.Event | None = None
+    LOG_DRAIN = 5.0
 
     def __init__(self, launcher: PodLauncher, name: str, *, rank: int, attempt: int) -> None:
         self.launcher = launcher
@@ -406,6 +417,9 @@ class PodProcess:
                 self._status = _exit_status(launcher.status_of(self.name), gone=True) or ExitStatus(
                     reason="Deleted", message="the pod was deleted before it ended"
                 )
+            if self.log_done is not None:
+                with trio.move_on_after(self.LOG_DRAIN):
+                    await self.log_done.wait()
             return self._status
 
     def signal(self, sig: int) -> None:
