@@ -187,7 +187,7 @@ class JobManager:
         assert self._nursery is not None
         launcher = self.config.launcher
         kwargs: dict[str, Any] = {}
-        if hasattr(launcher, "placement"):
+        if self._ranks_are_remote:
             # Pods outlive this server: a resumed job adopts them, and they
             # reconnect with the token and port the job had before.
             token, port = self._identity(job_id)
@@ -205,7 +205,7 @@ class JobManager:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(coordinator.run)
-                if hasattr(self.config.launcher, "placement"):
+                if self._ranks_are_remote:
                     self._save_identity(job_id, coordinator)
                 self.db.update(job_id, state="running")
                 nursery.start_soon(self._mirror_events, job_id, live)
@@ -256,6 +256,11 @@ class JobManager:
             await trio.sleep(_SAMPLE)
 
     # -- a job's heartbeat identity (pod launchers) ---------------------------------------
+
+    @property
+    def _ranks_are_remote(self) -> bool:
+        """Ranks run off this host (pods) and outlive this server."""
+        return hasattr(self.config.launcher, "placement")
 
     def _identity_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "coordinator.json"

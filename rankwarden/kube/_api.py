@@ -109,7 +109,7 @@ class KubeApi:
     async def follow_log(self, pod: str, container: str) -> AsyncIterator[bytes]:
         """The container's output from its start, following until it exits."""
         params = {"follow": "true", "container": container}
-        async with self._authorized_stream("GET", self.path("pods", pod, "log"), params, read_timeout=None) as response:
+        async with _Stream(self, "GET", self.path("pods", pod, "log"), params, read_timeout=None) as response:
             async for chunk in response.aiter_bytes():
                 yield chunk
 
@@ -140,11 +140,8 @@ class KubeApi:
             log.info("Kubernetes API said 401; retrying with the re-read token")
         return changed
 
-    def _authorized_stream(self, method: str, path: str, params: dict[str, str], *, read_timeout: float | None):
-        return _Stream(self, method, path, params, read_timeout)
-
     async def _stream_lines(self, path: str, params: dict[str, str], *, read_timeout: float) -> AsyncIterator[str]:
-        async with self._authorized_stream("GET", path, params, read_timeout=read_timeout) as response:
+        async with _Stream(self, "GET", path, params, read_timeout=read_timeout) as response:
             buffer = b""
             async for chunk in response.aiter_bytes():
                 buffer += chunk

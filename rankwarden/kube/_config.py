@@ -17,7 +17,7 @@ import base64
 import os
 import ssl
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ class KubeConfig:
         else:
             config = cls.from_kubeconfig()
         if namespace:
-            config = cls(**{**config.__dict__, "namespace": namespace})
+            config = replace(config, namespace=namespace)
         return config
 
     @classmethod

@@ -22,6 +22,7 @@ import logging
 import math
 import signal as _signal
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -89,16 +90,26 @@ class PodLauncher:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, config: KubeConfig | None = None, *, namespace: str | None = None, **kwargs: Any
+        cls,
+        config: KubeConfig | None = None,
+        *,
+        namespace: str | None = None,
+        force_delete_after: float = 30.0,
+        unschedulable_timeout: float = 300.0,
+        image_pull_timeout: float = 300.0,
+        reconnect_grace: float = 120.0,
+        **pod_options: Any,
     ) -> AsyncIterator["PodLauncher"]:
-        """Connect, list the namespace's rankwarden pods, and keep watching them."""
-        config = config or KubeConfig.load(namespace)
-        launcher_args = {k: kwargs.pop(k) for k in list(kwargs) if k in (
-            "force_delete_after", "unschedulable_timeout", "image_pull_timeout", "reconnect_grace")}
-        options = PodOptions(namespace=namespace or config.namespace, **kwargs)
-        api = KubeApi(KubeConfig(**{**config.__dict__, "namespace": options.namespace}))
-        async with api:
-            launcher = cls(api, options, **launcher_args)
+        """Connect, list the namespace's rankwarden pods, and keep watching them.
+
+        ``pod_options`` are ``PodOptions`` fields (image, service_account, ...)."""
+        config = KubeConfig.load(namespace) if config is None else replace(config, namespace=namespace or config.namespace)
+        options = PodOptions(namespace=config.namespace, **pod_options)
+        async with KubeApi(config) as api:
+            launcher = cls(
+                api, options, force_delete_after=force_delete_after, unschedulable_timeout=unschedulable_timeout,
+                image_pull_timeout=image_pull_timeout, reconnect_grace=reconnect_grace,
+            )
             async with trio.open_nursery() as nursery:
                 launcher._nursery = nursery
                 await nursery.start(launcher._watch)
