@@ -16,6 +16,7 @@ _EXPORTS = {
     "AuthError": "rankwarden.errors",
     "Backoff": "rankwarden.spec",
     "CheckpointError": "rankwarden.errors",
+    "CheckpointRefused": "rankwarden.errors",
     "CheckpointStore": "rankwarden.checkpoint",
     "CorruptCheckpoint": "rankwarden.errors",
     "Manifest": "rankwarden.checkpoint",
@@ -61,7 +62,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from rankwarden.checkpoint import CheckpointStore, Manifest
     from rankwarden.coordinator import Coordinator, run_job
-    from rankwarden.errors import AuthError, CheckpointError, CorruptCheckpoint, JobFailed, LaunchError, ProtocolError, RankwardenError, SpecError
+    from rankwarden.errors import AuthError, CheckpointError, CheckpointRefused, CorruptCheckpoint, JobFailed, LaunchError, ProtocolError, RankwardenError, SpecError
     from rankwarden.events import Event, Failure, FailureCause, JobSnapshot, JobState, RankSnapshot, RankState
     from rankwarden.launcher import ExitStatus, LaunchRequest, Launcher, ProcessLauncher, RankProcess
     from rankwarden.spec import Backoff, JobSpec, RestartScope

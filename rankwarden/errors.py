@@ -7,7 +7,9 @@
     ├── ProtocolError       a heartbeat peer sent something we cannot accept
     │   └── AuthError       ... in particular a wrong token, job or rank
     ├── CheckpointError     a checkpoint could not be written or read
-    │   └── CorruptCheckpoint  a committed step fails verification (size, checksum, manifest)
+    │   ├── CorruptCheckpoint  a committed step fails verification (size, checksum, manifest)
+    │   └── CheckpointRefused  a committed step is intact but not this job's to resume
+    │                          (another world size, another run)
     └── JobFailed           a job ended failed (carries the failure records)
 
 Third-party errors (msgspec, OSError from the launcher) are translated into
@@ -24,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "AuthError",
     "CheckpointError",
+    "CheckpointRefused",
     "CorruptCheckpoint",
     "JobFailed",
     "KubernetesError",
@@ -81,6 +84,12 @@ class CheckpointError(RankwardenError):
 
 class CorruptCheckpoint(CheckpointError):
     """A committed step failed verification; readers skip it and use an older one."""
+
+
+class CheckpointRefused(CheckpointError):
+    """The newest intact step cannot be resumed by this job: written by another
+    world size, or by another run without ``resume`` asked for. Never skipped
+    silently: resuming it, or something older, would be a wrong result."""
 
 
 class JobFailed(RankwardenError):

@@ -17,6 +17,8 @@ rank_stopped       the coordinator stopped a rank (teardown or stop)
 peer_rejected      a heartbeat peer was dropped (bad frame, wrong token, ...)
 checkpoint_committed  every rank wrote ``step``; its manifest is durable
 checkpoint_failed  a step could not be written or committed (it never will be)
+resume_chosen      the step every rank of the attempt resumes from, and the
+                   newer steps skipped with why (None: from scratch)
 restarting         a restart was granted; ``delay`` is the backoff
 stopping           a graceful stop was requested
 job_succeeded      every rank exited 0
@@ -54,6 +56,8 @@ __all__ = [
     "RankState",
     "RankStopped",
     "Restarting",
+    "ResumeChosen",
+    "SkippedStepInfo",
     "Stopping",
     "event_to_json",
 ]
@@ -176,6 +180,20 @@ class CheckpointCommitted(Event, tag="checkpoint_committed"):
 class CheckpointFailedEvent(Event, tag="checkpoint_failed"):
     step: int
     error: str
+
+
+class SkippedStepInfo(msgspec.Struct, frozen=True, kw_only=True):
+    step: int
+    reason: str
+
+
+class ResumeChosen(Event, tag="resume_chosen"):
+    """Every rank of ``attempt`` (or ``rank`` alone, in scope ``rank``) loads ``step``."""
+
+    step: int | None
+    skipped: list[SkippedStepInfo] = []
+    #: "resuming from step 8 (step 12 skipped: rank 1's file rank_00001.pt failed its checksum)"
+    message: str = ""
 
 
 class Restarting(Event, tag="restarting"):

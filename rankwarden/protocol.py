@@ -38,6 +38,7 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Reject",
+    "Resume",
     "ToCoordinator",
     "ToRank",
     "Welcome",
@@ -105,10 +106,19 @@ class Goodbye(_Message, tag="goodbye"):
 # -- coordinator -> rank ---------------------------------------------------------
 
 
+class Resume(msgspec.Struct, frozen=True):
+    """The step this rank loads: the same for every rank of the attempt, chosen
+    by the coordinator; ``None`` means start from scratch."""
+
+    step: int | None
+
+
 class Welcome(_Message, tag="welcome"):
     version: int
     heartbeat_interval: float
     attempt: int
+    #: Set when the job has a checkpoint store; a rank never picks a step itself.
+    resume: Resume | None = None
 
 
 class Reject(_Message, tag="reject"):

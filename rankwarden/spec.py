@@ -95,6 +95,15 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     #: Where per-rank logs and events.jsonl go; empty: ``./rankwarden-jobs/<job_id>``.
     job_dir: str = ""
     checkpoint_url: str | None = None
+    #: Identifies this run in the checkpoints it writes. Empty: the job is its
+    #: command (entrypoint, args, world size): running the same command again
+    #: resumes it. The REST API sets a fresh one per submitted job, so a new
+    #: job that reuses an old job's id never resumes the old one's training.
+    run_id: Annotated[str, Meta(max_length=128, pattern=r"^[A-Za-z0-9._:-]*$")] = ""
+    #: Resume a committed checkpoint even if another run wrote it (other run
+    #: id, entrypoint or args). Without it such a checkpoint fails the job
+    #: with a message saying whose it is. Another world size is always refused.
+    resume: bool = False
     #: Keep the newest N committed checkpoints (and every ``keep_every``-th step); 0 keeps all.
     keep_checkpoints: Annotated[int, Meta(ge=0)] = 0
     keep_every: Annotated[int, Meta(ge=0)] = 0

@@ -135,7 +135,7 @@ def _write(store, path, data):
     "how, log_text",
     [
         ("truncated payload", "rank_00001.pt is 10 bytes, manifest says 51"),
-        ("flipped byte", "rank_00001.pt does not match its checksum"),
+        ("flipped byte", "rank_00001.pt failed its checksum"),
         ("missing file", "rank_00001.pt is missing"),
         ("garbage manifest", "manifest does not parse"),
         ("manifest of another step", "manifest is for job 'job' step 99"),

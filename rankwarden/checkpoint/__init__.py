@@ -8,16 +8,15 @@ functions that (de)serialise torch payloads.
 """
 
 from rankwarden.checkpoint._faults import POINTS as FAULT_POINTS, set_fault_hook
-from rankwarden.checkpoint._manifest import FileEntry, Manifest, step_dir_name
+from rankwarden.checkpoint._manifest import FileEntry, Manifest, Writer, step_dir_name
+from rankwarden.checkpoint._resume import ResumePlan, SkippedStep, choose_resume
 from rankwarden.checkpoint._store import CheckpointStore, rank_file_name
 
 
 def __getattr__(name: str):
-    # These pull in the worker and torch helpers: load them only when asked for.
-    if name == "RankCheckpointer":
-        from rankwarden.checkpoint._rank import RankCheckpointer
-
-        return RankCheckpointer
+    # These pull in torch helpers: load them only when asked for. Nothing here
+    # imports the worker or the coordinator: the store is usable on its own
+    # (the rank side, RankCheckpointer, lives in rankwarden.worker).
     if name == "AsyncCheckpointer":
         from rankwarden.checkpoint._async import AsyncCheckpointer
 
@@ -32,12 +31,15 @@ def __getattr__(name: str):
 __all__ = [
     "AsyncCheckpointer",
     "FAULT_POINTS",
-    "RankCheckpointer",
     "load_torch",
     "torch_payload",
     "CheckpointStore",
     "FileEntry",
     "Manifest",
+    "ResumePlan",
+    "SkippedStep",
+    "Writer",
+    "choose_resume",
     "rank_file_name",
     "set_fault_hook",
     "step_dir_name",

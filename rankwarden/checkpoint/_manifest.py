@@ -18,7 +18,7 @@ import msgspec
 
 from rankwarden.errors import CorruptCheckpoint
 
-__all__ = ["FORMAT_VERSION", "FileEntry", "Manifest", "parse_step_dir", "step_dir_name"]
+__all__ = ["FORMAT_VERSION", "FileEntry", "Manifest", "Writer", "parse_step_dir", "step_dir_name"]
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{9,})$")
@@ -42,6 +42,30 @@ class FileEntry(msgspec.Struct, frozen=True, kw_only=True):
     rank: int | None = None
 
 
+class Writer(msgspec.Struct, frozen=True, kw_only=True):
+    """What wrote a checkpoint: the fingerprint that resume compares before trusting it.
+
+    A step is resumed silently only by a job with the same fingerprint; one
+    with another ``world_size`` is refused, one with another run, entrypoint
+    or arguments only when asked to explicitly (``JobSpec.resume``)."""
+
+    #: The run that wrote it: empty for "whoever runs this same command"
+    #: (``rankwarden run``), unique per submitted job for the REST API.
+    run_id: str = ""
+    entrypoint: str
+    args: list[str] = []
+    world_size: int
+
+    def differences(self, other: "Writer") -> list[str]:
+        """What differs between two writers, in words (empty: the same fingerprint)."""
+        out = []
+        for name in ("world_size", "run_id", "entrypoint", "args"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                out.append(f"{name} {theirs!r} (this job: {mine!r})")
+        return out
+
+
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     format: int = FORMAT_VERSION
     job: str
@@ -50,6 +74,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     files: list[FileEntry]
     created_at: float = msgspec.field(default_factory=time.time)
     metadata: dict[str, Any] = {}
+    #: None in manifests written before fingerprints existed: resume treats them as foreign.
+    writer: Writer | None = None
 
     def file(self, name: str) -> FileEntry:
         for entry in self.files:

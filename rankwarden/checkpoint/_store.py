@@ -34,7 +34,7 @@ from rankwarden.checkpoint._backends import (
     checksum_bytes,
 )
 from rankwarden.checkpoint._faults import fault_point
-from rankwarden.checkpoint._manifest import FileEntry, Manifest, parse_step_dir
+from rankwarden.checkpoint._manifest import FileEntry, Manifest, Writer, parse_step_dir
 from rankwarden.errors import CheckpointError, CorruptCheckpoint
 
 __all__ = ["CheckpointStore", "rank_file_name"]
@@ -116,13 +116,16 @@ class CheckpointStore:
         tag: str,
         world_size: int = 1,
         metadata: Mapping[str, Any] | None = None,
+        writer: Writer | None = None,
     ) -> Manifest:
         """Commit ``step`` from the ``tag`` staging area: check the files, write the manifest, move LATEST.
 
         The files must be there with the sizes given; anything else is refused,
-        so a rank's claim is never committed on trust."""
+        so a rank's claim is never committed on trust. ``writer`` is the
+        fingerprint a later resume compares against its own."""
         staging = self.staging_dir(step, tag)
-        manifest = Manifest(job=self.job, step=step, world_size=world_size, files=list(files), metadata=dict(metadata or {}))
+        manifest = Manifest(job=self.job, step=step, world_size=world_size, files=list(files),
+                            metadata=dict(metadata or {}), writer=writer)
         for entry in manifest.files:
             size = self.backend.size(f"{staging.rstrip('/')}/{entry.name}")
             if size != entry.size:
@@ -160,12 +163,13 @@ class CheckpointStore:
         *,
         world_size: int = 1,
         metadata: Mapping[str, Any] | None = None,
+        writer: Writer | None = None,
     ) -> Manifest:
         """Write and commit a whole step from this one process (no coordinator)."""
         tag = uuid.uuid4().hex[:12]
         try:
             entries = [self.write_file(step, name, payload, tag=tag) for name, payload in payloads.items()]
-            return self.commit(step, entries, tag=tag, world_size=world_size, metadata=metadata)
+            return self.commit(step, entries, tag=tag, world_size=world_size, metadata=metadata, writer=writer)
         except BaseException:
             # A failed save leaves no trace that a reader could mistake for a step.
             with contextlib.suppress(OSError):
@@ -205,14 +209,24 @@ class CheckpointStore:
         if manifest.step != step or manifest.job != self.job:
             raise CorruptCheckpoint(f"{where}: manifest is for job {manifest.job!r} step {manifest.step}")
         for entry in manifest.files:
+            whose = entry.name if entry.rank is None else f"rank {entry.rank}'s file {entry.name}"
             size = self.backend.size(f"{path}/{entry.name}")
             if size is None:
-                raise CorruptCheckpoint(f"{where}: {entry.name} is missing")
+                raise CorruptCheckpoint(f"{where}: {whose} is missing")
             if size != entry.size:
-                raise CorruptCheckpoint(f"{where}: {entry.name} is {size} bytes, manifest says {entry.size}")
+                raise CorruptCheckpoint(f"{where}: {whose} is {size} bytes, manifest says {entry.size}")
             if checksums and self.backend.checksum(f"{path}/{entry.name}", algorithm_of(entry.checksum)) != entry.checksum:
-                raise CorruptCheckpoint(f"{where}: {entry.name} does not match its checksum")
+                raise CorruptCheckpoint(f"{where}: {whose} failed its checksum")
         return manifest
+
+    def verify(self, step: int, *, checksums: bool = True) -> Manifest:
+        """The manifest of committed ``step`` once every file it lists verifies
+        (by checksum unless ``checksums=False``); CorruptCheckpoint naming the
+        file (and its rank) otherwise, or when the step was never committed."""
+        path = self.backend.step_dirs().get(step)
+        if path is None:
+            raise CorruptCheckpoint(f"{self.job} step {step}: no such step (never committed, or deleted)")
+        return self._verify(step, path, checksums=checksums)
 
     def manifests(self, *, checksums: bool = False) -> Iterator[Manifest]:
         """Committed steps that verify, newest first; each skipped one is logged with the reason."""
@@ -244,7 +258,8 @@ class CheckpointStore:
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{self.job} step {manifest.step}: {name} is missing") from None
         if len(data) != entry.size or checksum_bytes(data, algorithm_of(entry.checksum)) != entry.checksum:
-            raise CorruptCheckpoint(f"{self.job} step {manifest.step}: {name} does not match its checksum")
+            whose = name if entry.rank is None else f"rank {entry.rank}'s file {name}"
+            raise CorruptCheckpoint(f"{self.job} step {manifest.step}: {whose} failed its checksum")
         return data
 
     def load_latest(self, names: Iterable[str] | None = None) -> tuple[Manifest, dict[str, bytes]] | None:

@@ -43,7 +43,7 @@ from rankwarden.coordinator._heartbeat import Peer, serve_heartbeats
 from rankwarden.coordinator._jobdir import JobDir
 from rankwarden.coordinator._rank import RankRunner
 from rankwarden.coordinator._request import free_port, rank_argv, rank_env
-from rankwarden.errors import AuthError, CheckpointError, ProtocolError
+from rankwarden.errors import AuthError, CheckpointError, CheckpointRefused, ProtocolError
 from rankwarden.events import (
     AttemptStarted,
     Event,
@@ -67,6 +67,13 @@ from rankwarden.spec import JobSpec, RestartScope
 __all__ = ["Coordinator", "run_job"]
 
 log = logging.getLogger(__name__)
+
+#: How long a finished job waits for commits of steps its ranks already reported.
+COMMIT_DRAIN_TIMEOUT = 600.0
+
+
+class _Refused(Exception):
+    """No attempt can start: the checkpoint to resume is not this job's (the reason is in ``_fatal``)."""
 
 
 class _Grant(enum.Enum):
@@ -127,6 +134,8 @@ class Coordinator:
         self._started_at: float | None = None
         self._ended_at: float | None = None
         self._stop_reason = ""
+        #: Why the job failed without a rank failing (a checkpoint it must not resume).
+        self._fatal = ""
         self.stopping = False
         self._ran = False
         self._new_event = trio.Event()  # replaced after every emit; wakes event iterators
@@ -198,7 +207,18 @@ class Coordinator:
                     final = await self._run_group()
                 else:
                     final = await self._run_rank_scope()
+                if self._committer is not None:
+                    # Steps every rank reported (a last save(wait=False), a stop's
+                    # checkpoint) are committed before the job is over.
+                    with trio.move_on_after(COMMIT_DRAIN_TIMEOUT):
+                        await self._committer.drain()
                 nursery.cancel_scope.cancel()
+            if self._committer is not None:
+                # Every rank is gone: what they staged and never committed is garbage now.
+                try:
+                    await self._committer.finish()
+                except OSError as exc:
+                    log.warning("job=%s: removing uncommitted checkpoint data failed: %s", self.job_id, exc)
             self._end(final)
         finally:
             if not self._state.finished:
@@ -275,6 +295,8 @@ class Coordinator:
 
     def failure_report(self) -> str:
         """Human report: the first observed failure first (the root cause), then the rest."""
+        if self._fatal:
+            return f"job {self.job_id} failed: {self._fatal}"
         if not self._failures:
             return f"job {self.job_id}: no failures"
         first, *rest = self._failures
@@ -295,7 +317,10 @@ class Coordinator:
         adopted = await self._take_adopted_group()
         while True:
             self._attempt += 1
-            result = await self._run_group_attempt(self._attempt, adopted)
+            try:
+                result = await self._run_group_attempt(self._attempt, adopted)
+            except _Refused:
+                return JobState.FAILED
             adopted = {}
             if self.stopping:
                 return JobState.STOPPED
@@ -338,11 +363,12 @@ class Coordinator:
         adopted = adopted or {}
         if self._committer is not None and attempt > 1 and not adopted:
             await self._committer.new_attempt(self._checkpoint_tag(attempt))
+        resume = await self._plan_resume(attempt)
         if self._placement is not None:
             self._master_port = self._placement.master_port  # each pod has a network of its own
         else:
             self._master_port = free_port(self.spec.master_addr, exclude=self._master_port)
-        runners = [RankRunner(self, rank, attempt, adopted.get(rank)) for rank in range(self.spec.world_size)]
+        runners = [RankRunner(self, rank, attempt, adopted.get(rank), resume) for rank in range(self.spec.world_size)]
         self._runners = {runner.rank: runner for runner in runners}
         if not self.stopping:
             self._state = JobState.RUNNING
@@ -379,7 +405,13 @@ class Coordinator:
                 attempt -= 1
                 while True:
                     attempt += 1
-                    runner = RankRunner(self, rank, attempt, adopted)
+                    try:
+                        resume = None if adopted is not None else await self._plan_resume(attempt, rank)
+                    except _Refused:
+                        exhausted = True
+                        nursery.cancel_scope.cancel()
+                        return
+                    runner = RankRunner(self, rank, attempt, adopted, resume)
                     adopted = None
                     self._runners[rank] = runner
                     self._attempt = max(self._attempt, attempt)
@@ -401,6 +433,22 @@ class Coordinator:
         if self.stopping:
             return JobState.STOPPED
         return JobState.FAILED if exhausted else JobState.SUCCEEDED
+
+    async def _plan_resume(self, attempt: int, rank: int | None = None) -> protocol.Resume | None:
+        """The step the ranks about to start load (told in their Welcome), or None
+        without a checkpoint store. Raises _Refused when no attempt may start."""
+        if self._committer is None:
+            return None
+        try:
+            plan = await self._committer.plan_resume(attempt, rank)
+        except CheckpointRefused as exc:
+            self._fatal = str(exc)
+        except OSError as exc:
+            self._fatal = f"cannot read checkpoint store {self.spec.checkpoint_url!r} to choose the resume step: {exc}"
+        else:
+            return protocol.Resume(step=plan.step)
+        log.error("job=%s: %s", self.job_id, self._fatal)
+        raise _Refused(self._fatal)
 
     async def _grant_restart(self, rank: int | None) -> _Grant:
         if self._restarts_used >= self.spec.max_restarts:

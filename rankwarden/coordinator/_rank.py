@@ -66,7 +66,14 @@ class RankOutcome(msgspec.Struct, frozen=True):
 class RankRunner:
     """Runs one rank once. Created per (rank, attempt); never reused."""
 
-    def __init__(self, job: "Coordinator", rank: int, attempt: int, adopted: RankProcess | None = None) -> None:
+    def __init__(
+        self,
+        job: "Coordinator",
+        rank: int,
+        attempt: int,
+        adopted: RankProcess | None = None,
+        resume: protocol.Resume | None = None,
+    ) -> None:
         self.job = job
         #: A rank that was already running when this coordinator started (a pod
         #: left by the previous coordinator): it is watched, not launched.
@@ -80,6 +87,7 @@ class RankRunner:
             version=protocol.PROTOCOL_VERSION,
             heartbeat_interval=job.spec.effective_heartbeat_interval,
             attempt=attempt,
+            resume=resume,
         )
         self.step: int | None = None
         self.samples: int | None = None
@@ -95,6 +103,7 @@ class RankRunner:
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self._deadline_scope: trio.CancelScope | None = None
         self._outcome: RankOutcome | None = None
+        self._disconnected = trio.Event()
         #: Lowered to 0 by a forced stop: then teardown goes straight to SIGKILL.
         self.kill_grace = job.spec.kill_grace
 
@@ -130,6 +139,12 @@ class RankRunner:
         assert self.process is not None
         status = await self.process.wait()
         self.exit_code = status.code
+        if self.peer is not None:
+            # The process is gone but what it sent last (a CheckpointReady of
+            # its final save, its Goodbye) may still be unread in the socket:
+            # read the connection to its end, briefly, before judging the exit.
+            with trio.move_on_after(CONNECTION_LOST_GRACE):
+                await self._disconnected.wait()
         if self._outcome is None:
             self._on_exit(status)
         done.cancel()
@@ -288,6 +303,7 @@ class RankRunner:
         if peer is not self.peer:
             return
         self.peer = None
+        self._disconnected.set()
         if not clean and self._outcome is None:
             self._lost_at = trio.current_time()
             self._reschedule()

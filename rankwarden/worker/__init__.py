@@ -27,6 +27,7 @@ from rankwarden.worker._client import EXIT_COORDINATOR_LOST, HeartbeatClient
 
 __all__ = [
     "EXIT_COORDINATOR_LOST",
+    "RankCheckpointer",
     "checkpointer",
     "connect",
     "drain_requested",
@@ -127,7 +128,7 @@ def checkpointer(url: str | None = None, *, job: str | None = None):
     """This rank's RankCheckpointer (created once): the coordinator's store, or ``url``."""
     global _checkpointer
     if _checkpointer is None:
-        from rankwarden.checkpoint import RankCheckpointer
+        from rankwarden.worker._checkpointer import RankCheckpointer
 
         _checkpointer = RankCheckpointer(url, job=job)
     return _checkpointer
@@ -150,8 +151,23 @@ def save(step: int, state, *, wait: bool = True, url: str | None = None) -> None
 
 
 def restore(*, url: str | None = None, map_location="cpu"):
-    """(step, state) of this rank from the newest committed checkpoint, or None."""
+    """(step, state) of this rank from the step every rank resumes from, or None to start fresh.
+
+    Under rankwarden the coordinator chose that step (the newest committed one
+    whose files all verify, of this job's world size and run) and told every
+    rank the same one; under torchrun rank 0 chooses and broadcasts it (call
+    this after ``init_process_group``). If this rank cannot read that step it
+    raises CheckpointError instead of loading another one."""
     return checkpointer(url).load_latest_state(map_location=map_location)
+
+
+def __getattr__(name: str):
+    # RankCheckpointer pulls in the checkpoint plane: load it only when asked for.
+    if name == "RankCheckpointer":
+        from rankwarden.worker._checkpointer import RankCheckpointer
+
+        return RankCheckpointer
+    raise AttributeError(f"module 'rankwarden.worker' has no attribute {name!r}")
 
 
 def rng_state() -> dict:

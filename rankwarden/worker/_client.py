@@ -57,6 +57,8 @@ class HeartbeatClient:
         self.committed_step: int | None = None
         self._committed = threading.Condition()
         self._seq = 0
+        #: The coordinator's first Welcome to this process (its resume decision).
+        self.welcome: protocol.Welcome | None = None
 
     def connect(self, timeout: float = 30.0) -> protocol.Welcome:
         """Say hello and wait for the welcome; raise ProtocolError if rejected."""
@@ -75,6 +77,10 @@ class HeartbeatClient:
                     raise AuthError(f"coordinator rejected this rank: {message.reason}")
                 if isinstance(message, protocol.Welcome):
                     self.interval = message.heartbeat_interval
+                    if self.welcome is None:
+                        # The first welcome of this process decides its resume step; a
+                        # reconnect (a pod under a new coordinator) has restored already.
+                        self.welcome = message
                     sock.settimeout(None)
                     return message
 

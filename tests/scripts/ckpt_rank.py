@@ -10,7 +10,7 @@ import json
 import os
 import signal
 
-from rankwarden.checkpoint import RankCheckpointer
+from rankwarden.worker import RankCheckpointer
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=4)

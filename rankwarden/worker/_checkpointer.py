@@ -1,0 +1,191 @@
+"""A rank's side of the multi-rank commit: write my file, report it, wait for the commit.
+
+Used inside a training script (synchronous). Everything comes from the
+environment the coordinator gives ranks (``RANKWARDEN_CHECKPOINT_URL``,
+``RANKWARDEN_JOB_ID``, ``RANK``, ``WORLD_SIZE``, ``RANKWARDEN_CHECKPOINT_TAG``);
+without a coordinator a single-rank job commits its own steps.
+
+Which step to load is never this rank's choice when it has peers:
+
+- under rankwarden the coordinator names the step in its ``Welcome`` (the
+  same for every rank of the attempt, verified by checksum beforehand);
+- under plain torchrun rank 0 chooses and broadcasts it through
+  ``torch.distributed``;
+- a single process chooses for itself.
+
+If the named step cannot be read, ``load`` raises: the rank fails, and the
+coordinator chooses again (verifying every file) before the next attempt.
+Falling back on its own would put this rank on another step than its peers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Mapping
+
+from rankwarden import protocol
+from rankwarden.checkpoint import CheckpointStore, FileEntry, Writer, choose_resume, rank_file_name
+from rankwarden.checkpoint._backends import Payload
+from rankwarden.checkpoint._torch import load_torch, torch_payload
+from rankwarden.errors import CheckpointError, CorruptCheckpoint
+
+__all__ = ["RankCheckpointer"]
+
+log = logging.getLogger(__name__)
+
+
+class RankCheckpointer:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        job: str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        tag: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        env = os.environ
+        import rankwarden.worker as worker
+
+        self._client = worker.connect()
+        managed_url = env.get("RANKWARDEN_CHECKPOINT_URL")
+        if self._client is not None and url and url != managed_url:
+            # The coordinator commits into its own store only: files written
+            # elsewhere would be reported and never committed.
+            raise CheckpointError(
+                f"this rank runs under rankwarden, whose checkpoint store is {managed_url!r}, but was given "
+                f"url={url!r}; pass the location to the coordinator (`rankwarden run --checkpoint URL`) "
+                "and call save/restore without url"
+            )
+        url = url or managed_url
+        if not url:
+            raise CheckpointError("no checkpoint URL: pass one or run under rankwarden with --checkpoint URL")
+        self.rank = int(env.get("RANK", "0")) if rank is None else rank
+        self.world_size = int(env.get("WORLD_SIZE", "1")) if world_size is None else world_size
+        self.tag = tag or env.get("RANKWARDEN_CHECKPOINT_TAG") or "local"
+        self.store = CheckpointStore(url, job or env.get("RANKWARDEN_JOB_ID") or "default", storage_options=storage_options)
+
+    @property
+    def file_name(self) -> str:
+        return rank_file_name(self.rank)
+
+    def _writer(self) -> Writer:
+        # Without a coordinator the script's own command line is the fingerprint.
+        entrypoint = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+        return Writer(entrypoint=entrypoint, args=list(sys.argv[1:]), world_size=self.world_size)
+
+    def save(self, step: int, payload: Payload) -> FileEntry:
+        """Write this rank's payload for ``step`` durably and report it for commit."""
+        try:
+            entry = self.store.write_file(step, self.file_name, payload, tag=self.tag, rank=self.rank)
+        except CheckpointError as exc:
+            if self._client is not None:
+                self._client.send(protocol.CheckpointFailed(step=step, error=str(exc)))
+            raise
+        if self._client is not None:
+            info = protocol.FileInfo(name=entry.name, size=entry.size, checksum=entry.checksum)
+            self._client.send(protocol.CheckpointReady(step=step, files=[info]))
+        elif self.world_size == 1:
+            self.store.commit(step, [entry], tag=self.tag, world_size=1, writer=self._writer())
+        else:
+            self._commit_without_coordinator(step, entry)
+        return entry
+
+    def _dist(self):
+        try:
+            import torch.distributed as dist
+        except ImportError:
+            return None
+        return dist if dist.is_available() and dist.is_initialized() else None
+
+    def _commit_without_coordinator(self, step: int, entry: FileEntry) -> None:
+        # Plain torchrun: the ranks commit among themselves. Everyone's entry
+        # goes to rank 0, which commits; the barrier keeps anyone from running
+        # ahead of a step that is not committed yet.
+        dist = self._dist()
+        if dist is None:
+            raise CheckpointError(
+                "a multi-rank checkpoint needs a committer: run under rankwarden, or initialise torch.distributed"
+            )
+        entries: list = [None] * self.world_size
+        dist.all_gather_object(entries, entry)
+        if self.rank == 0:
+            self.store.commit(step, entries, tag=self.tag, world_size=self.world_size, writer=self._writer())
+        dist.barrier()
+
+    def save_state(self, step: int, state: Any) -> FileEntry:
+        return self.save(step, torch_payload(state))
+
+    def wait_committed(self, step: int, timeout: float | None = None) -> bool:
+        """Block until ``step`` is committed; True at once without a coordinator (save committed it)."""
+        if self._client is None:
+            return True
+        return self._client.wait_committed(step, timeout)
+
+    # -- loading ---------------------------------------------------------------------
+
+    def resume_step(self) -> int | None:
+        """The step every rank of this job loads (None: start from scratch); see the module docstring."""
+        if self._client is not None:
+            welcome = self._client.welcome
+            if welcome is None or welcome.resume is None:
+                raise CheckpointError(
+                    "the coordinator did not name a resume step for this rank (it has no checkpoint store, "
+                    "or speaks an older protocol); refusing to choose one alone"
+                )
+            return welcome.resume.step
+        if self.world_size == 1:
+            return choose_resume(self.store, writer=None).step
+        dist = self._dist()
+        if dist is None:
+            raise CheckpointError(
+                f"rank {self.rank} of {self.world_size}: restoring needs one step agreed by every rank; run under "
+                "rankwarden, or initialise torch.distributed before restore so that rank 0 can choose it"
+            )
+        choice: list = [None]
+        if self.rank == 0:
+            plan = choose_resume(self.store, writer=None)
+            if plan.step is not None:
+                manifest = self.store.verify(plan.step, checksums=False)
+                if manifest.world_size != self.world_size:
+                    choice = [CheckpointError(
+                        f"step {plan.step} was written by {manifest.world_size} rank(s), this job has "
+                        f"{self.world_size}; a checkpoint of one world size cannot be resumed by another")]
+                else:
+                    choice = [plan.step]
+            log.info("rank 0 chose the resume step for all ranks: %s", plan.describe())
+        dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], Exception):
+            raise choice[0]
+        return choice[0]
+
+    def load_latest(self) -> tuple[int, bytes] | None:
+        """This rank's payload of the agreed resume step, or None to start from scratch.
+
+        Raises CheckpointError if that step cannot be read: never another step."""
+        step = self.resume_step()
+        if step is None:
+            return None
+        with self.store.reading(step):
+            try:
+                manifest = self.store.verify(step, checksums=False)  # each file's checksum is checked as it is read
+                if manifest.world_size != self.world_size:
+                    raise CheckpointError(
+                        f"step {step} was written by {manifest.world_size} rank(s), this job has {self.world_size}")
+                return step, self.store.read(manifest, self.file_name)
+            except (CorruptCheckpoint, KeyError) as exc:
+                raise CheckpointError(
+                    f"rank {self.rank} cannot load step {step}, the step every rank of this attempt resumes "
+                    f"from: {exc}. Not falling back alone (ranks on different steps diverge silently); "
+                    "the coordinator chooses again before the next attempt"
+                ) from exc
+
+    def load_latest_state(self, *, map_location: Any = "cpu") -> tuple[int, Any] | None:
+        found = self.load_latest()
+        if found is None:
+            return None
+        step, data = found
+        return step, load_torch(data, map_location=map_location)
