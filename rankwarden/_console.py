@@ -28,6 +28,7 @@ from rankwarden.events import (
     RankExited,
     RankFailed,
     Restarting,
+    ResumeChosen,
     Stopping,
 )
 
@@ -51,6 +52,8 @@ def describe_event(event: Event) -> str | None:
     if isinstance(event, Restarting):
         who = "all ranks" if event.rank is None else f"rank {event.rank}"
         return f"restarting {who} in {event.delay:.1f}s (restart {event.restart} of {event.max_restarts})"
+    if isinstance(event, ResumeChosen):
+        return f"attempt {event.attempt}{'' if event.rank is None else f', rank {event.rank}'}: {event.message}"
     if isinstance(event, CheckpointFailedEvent):
         return f"checkpoint step {event.step} failed: {event.error}"
     if isinstance(event, Stopping):

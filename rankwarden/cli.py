@@ -105,6 +105,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         "given to ranks as RANKWARDEN_CHECKPOINT_URL")
     o.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
                    help="keep the newest N committed checkpoints (0 keeps all)")
+    o.add_argument("--resume", action="store_true",
+                   help="resume the --checkpoint store even if another command wrote it (other script or "
+                        "arguments); without it such a store fails the job, saying whose it is. The same command "
+                        "always resumes its own checkpoints; another world size is always refused")
     o.add_argument("--quiet", action="store_true", help="do not echo rank output to the console (it is still in --job-dir)")
     o.add_argument("--log-level", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="level of rankwarden's own log messages")
@@ -155,6 +159,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
             job_dir=args.job_dir,
             checkpoint_url=args.checkpoint,
             keep_checkpoints=args.keep_checkpoints,
+            resume=args.resume,
             master_addr=args.master_addr,
             heartbeat_timeout=args.heartbeat_timeout or 5.0,
             heartbeat_interval=args.heartbeat_interval,

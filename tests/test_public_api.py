@@ -55,3 +55,23 @@ def test_script_using_report_runs_under_plain_python(tmp_path):
     result = subprocess.run([sys.executable, f"{SCRIPTS}/worker.py", "--steps", "2"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "done after 2 steps" in result.stdout
+
+
+def test_the_checkpoint_plane_imports_nothing_of_the_worker_or_the_coordinator():
+    # The store is usable on its own; the rank side (RankCheckpointer) lives in rankwarden.worker.
+    import pathlib
+
+    import rankwarden.checkpoint
+
+    modules = _modules_after("import rankwarden.checkpoint as c; c.CheckpointStore; c.choose_resume; c.AsyncCheckpointer")
+    layered = {m for m in modules if m.startswith(("rankwarden.worker", "rankwarden.coordinator", "rankwarden.protocol"))}
+    assert layered == set()
+    # ... nor lazily, inside a function.
+    import re
+
+    upward = re.compile(r"^\s*(from|import)\s+rankwarden(\.(worker|coordinator|protocol)\b|\s+import\s+.*\b(worker|coordinator|protocol)\b)", re.M)
+    package = pathlib.Path(rankwarden.checkpoint.__file__).parent
+    for source in package.glob("*.py"):
+        assert not upward.search(source.read_text()), f"{source.name} imports the worker, coordinator or protocol"
+    assert not hasattr(rankwarden.checkpoint, "RankCheckpointer")
+    assert rankwarden.worker.RankCheckpointer.__module__ == "rankwarden.worker._checkpointer"

@@ -19,6 +19,7 @@ a later job can tell its own checkpoints from another run's.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -43,7 +44,11 @@ class Committer:
         self.store = store
         self.committed_step: int | None = None
         spec = job.spec
-        self.writer = Writer(run_id=spec.run_id, entrypoint=spec.entrypoint, args=list(spec.args),
+        entrypoint = spec.entrypoint
+        if not (spec.module or spec.no_python):
+            # "train.py" and "./train.py" are one script: compare resolved paths.
+            entrypoint = os.path.realpath(os.path.join(spec.cwd or ".", entrypoint))
+        self.writer = Writer(run_id=spec.run_id, entrypoint=entrypoint, args=list(spec.args),
                              world_size=spec.world_size)
         #: The step the ranks being launched resume from (None: from scratch).
         self.resume_step: int | None = None
