@@ -1,8 +1,11 @@
 """``rankwarden chaos``: break a training job on purpose, then prove nothing was lost.
 
 1. Run the job (by default ``demo/train.py``) with a coordinator and a fault
-   injector beside it. Each fault waits until the current attempt has made
-   some new steps, then hits one rank with one of:
+   injector beside it. Fault ``i`` is planned at an absolute step a few steps
+   past the ``i+1``-th checkpoint (``ckpt_every * (i + 1) + offset``), once
+   that checkpoint is committed, so every fault resumes from a committed step
+   and not from step 0: the run proves resume, not only restart. It then hits
+   one rank with one of:
 
    ============  ====================================================  =====================
    kill          SIGKILL                                               process exit
@@ -11,11 +14,14 @@
    kill-in-save  SIGUSR2: the script SIGKILLs itself mid checkpoint    process exit
    ============  ====================================================  =====================
 
-   Kinds, ranks and timing come from one seed.
+   Kinds, ranks and fault steps come from one seed.
 2. Run the same job again with no faults.
 3. Compare: the final weights must be bit-identical (CPU, gloo, same seed,
-   same world size) and the committed checkpoint steps must never go
-   backwards. Exit status 0 only if both hold and the job succeeded.
+   same world size), the committed checkpoint steps must never go
+   backwards, and at least two faults (or every fault, if fewer are planned)
+   must have resumed from a non-zero committed step, as the coordinator's
+   ``resume_chosen`` events report. Exit status 0 only if all hold and the
+   job succeeded.
 
 The injector is an observer: it samples coordinator snapshots to time its
 faults. Detection and recovery are measured from the moment of the fault.
@@ -38,7 +44,7 @@ from typing import Callable
 import trio
 
 from rankwarden.coordinator import Coordinator
-from rankwarden.events import CheckpointCommitted, JobState
+from rankwarden.events import CheckpointCommitted, JobState, ResumeChosen
 from rankwarden.spec import JobSpec
 
 __all__ = ["KINDS", "ChaosReport", "FaultRecord", "run_chaos"]
@@ -78,9 +84,19 @@ class ChaosReport:
         return all(a < b for a, b in zip(self.committed, self.committed[1:]))
 
     @property
+    def resumed_from_a_checkpoint(self) -> int:
+        """Faults after which the job resumed from a committed step other than 0."""
+        return sum(1 for f in self.faults if f.resumed_from > 0)
+
+    @property
+    def resume_needed(self) -> int:
+        return min(2, self.planned)
+
+    @property
     def ok(self) -> bool:
         return (self.state == "succeeded" and self.identical and self.monotonic and len(self.faults) == self.planned
-                and all(not math.isnan(f.recover) for f in self.faults))
+                and all(not math.isnan(f.recover) for f in self.faults)
+                and self.resumed_from_a_checkpoint >= self.resume_needed)
 
     def render(self) -> str:
         by_kind: dict[str, int] = {}
@@ -100,6 +116,9 @@ class ChaosReport:
             f"chaos run: {self.state} after {self.attempts} attempts in {self.seconds:.1f}s; fault-free run: {self.clean_seconds:.1f}s",
             f"committed steps never went backwards: {'yes' if self.monotonic else 'NO'} ({len(self.committed)} commits, "
             f"last {self.committed[-1] if self.committed else None})",
+            f"faults resumed from a committed step (not step 0): {self.resumed_from_a_checkpoint} "
+            f"({'enough' if self.resumed_from_a_checkpoint >= self.resume_needed else 'NOT enough'}: "
+            f"at least {self.resume_needed} needed to prove resume)",
             f"final weights bit-identical to the fault-free run: {'yes' if self.identical else 'NO ' + self.mismatch}",
         ]
         if self.accuracy:
@@ -113,12 +132,22 @@ def _median(values: list[float]) -> float:
     return values[len(values) // 2] if values else math.nan
 
 
-def plan_faults(count: int, kinds: list[str], world_size: int, seed: int) -> list[tuple[str, int, int]]:
-    """(kind, rank, steps to wait) for each fault; every kind equally often, order from the seed."""
+def plan_faults(count: int, kinds: list[str], world_size: int, seed: int,
+                ckpt_every: int = 16) -> list[tuple[str, int, int]]:
+    """(kind, rank, step) of each fault; every kind equally often, order from the seed.
+
+    Fault ``i`` strikes a few steps after the ``i+1``-th checkpoint
+    (``ckpt_every * (i + 1)``): it can only resume from a committed, non-zero
+    step. (A fault placed relative to the last resume, as before, could keep
+    landing before the first checkpoint, and a run that only ever restarted
+    from step 0 proved nothing about resume.)"""
+    if ckpt_every < 4:
+        raise ValueError(f"ckpt_every must be at least 4 to leave room between a commit and a fault, got {ckpt_every}")
     rng = random.Random(seed)
     chosen = (kinds * (count // len(kinds) + 1))[:count]
     rng.shuffle(chosen)
-    return [(kind, rng.randrange(world_size), rng.randint(4, 14)) for kind in chosen]
+    return [(kind, rng.randrange(world_size), ckpt_every * (i + 1) + rng.randint(2, ckpt_every - 2))
+            for i, kind in enumerate(chosen)]
 
 
 async def _observe(predicate: Callable[[], object], limit: float):
@@ -130,15 +159,15 @@ async def _observe(predicate: Callable[[], object], limit: float):
 
 
 async def _inject(coordinator: Coordinator, plan, chaos_dir: str, report: ChaosReport, limit: float,
-                  echo: Callable[[str], None]) -> None:
-    for kind, rank, wait_steps in plan:
+                  echo: Callable[[str], None], resumes: dict[int, int | None], ckpt_every: int) -> None:
+    for kind, rank, at_step in plan:
         def training():
             snap = coordinator.snapshot()
             steps = [r.step for r in snap.ranks]
             if snap.state != JobState.RUNNING or any(s is None for s in steps):
                 return None
-            resumed = report.faults[-1].resumed_from if report.faults else 0
-            return snap if min(steps) >= resumed + wait_steps else None
+            committed = snap.checkpoint_step or 0
+            return snap if min(steps) >= at_step and committed >= at_step // ckpt_every * ckpt_every else None
 
         snap = await _observe(training, limit)
         if snap.state.finished:
@@ -158,9 +187,6 @@ async def _inject(coordinator: Coordinator, plan, chaos_dir: str, report: ChaosR
         record.detect = failure.detected_at - t_fault
         at_detection = coordinator.snapshot()
         reached = max(r.step or 0 for r in at_detection.ranks)
-        # A restart resumes from the newest committed step: that is exact;
-        # steps seen through heartbeats lag by up to one heartbeat interval.
-        record.resumed_from = at_detection.checkpoint_step or 0
 
         def recovered():
             now = coordinator.snapshot()
@@ -168,8 +194,10 @@ async def _inject(coordinator: Coordinator, plan, chaos_dir: str, report: ChaosR
                 return now
             return None
 
-        await _observe(recovered, limit)
+        now = await _observe(recovered, limit)
         record.recover = time.time() - t_fault
+        # What the coordinator told every rank of the new attempt to load.
+        record.resumed_from = resumes.get(now.attempt) or 0
         record.redone = max(0, reached - record.resumed_from)
         report.faults.append(record)
         echo(f"fault {len(report.faults)}/{len(plan)}: {kind} rank {rank} at step {step} -> detected as "
@@ -178,21 +206,24 @@ async def _inject(coordinator: Coordinator, plan, chaos_dir: str, report: ChaosR
 
 
 async def _run_job(spec: JobSpec, plan, chaos_dir: str, report: ChaosReport | None, limit: float,
-                   echo: Callable[[str], None]) -> tuple[JobState, int, list[int]]:
+                   echo: Callable[[str], None], ckpt_every: int) -> tuple[JobState, int, list[int]]:
     coordinator = Coordinator(spec)
     committed: list[int] = []
+    resumes: dict[int, int | None] = {}
 
     async def watch():
         async for event in coordinator.events():
             if isinstance(event, CheckpointCommitted):
                 committed.append(event.step)
+            elif isinstance(event, ResumeChosen):
+                resumes[event.attempt] = event.step
 
     with trio.fail_after(limit * (len(plan) + 2)):
         async with trio.open_nursery() as nursery:
             await nursery.start(coordinator.run)
             nursery.start_soon(watch)
             if plan:
-                nursery.start_soon(_inject, coordinator, plan, chaos_dir, report, limit, echo)
+                nursery.start_soon(_inject, coordinator, plan, chaos_dir, report, limit, echo, resumes, ckpt_every)
             snapshot = await coordinator.wait()
             nursery.cancel_scope.cancel()
     return snapshot.state, snapshot.attempt, committed
@@ -224,6 +255,7 @@ def run_chaos(
     epochs: int = 2,
     heartbeat_timeout: float = 3.0,
     progress_timeout: float = 4.0,
+    ckpt_every: int = 16,
     limit: float = 120.0,
     echo: Callable[[str], None] = print,
 ) -> ChaosReport:
@@ -237,14 +269,14 @@ def run_chaos(
         subprocess.run([sys.executable, make_dataset, "--out", data], check=True, stdout=subprocess.DEVNULL)
     shutil.rmtree(job_dir, ignore_errors=True)
     report = ChaosReport(planned=faults)
-    plan = plan_faults(faults, kinds, world_size, seed)
+    plan = plan_faults(faults, kinds, world_size, seed, ckpt_every)
 
     def spec(name: str, n_faults: int) -> JobSpec:
         root = os.path.abspath(os.path.join(job_dir, name))
         os.makedirs(root, exist_ok=True)
         return JobSpec(
             entrypoint=script,
-            args=["--data", data, "--epochs", str(epochs), "--seed", str(seed),
+            args=["--data", data, "--epochs", str(epochs), "--seed", str(seed), "--ckpt-every", str(ckpt_every),
                   "--final-weights", os.path.join(root, "final.pt")],
             world_size=world_size, job_id=f"chaos-{name}", job_dir=os.path.join(root, "job"),
             checkpoint_url=os.path.join(root, "checkpoints"), heartbeat_timeout=heartbeat_timeout,
@@ -256,11 +288,12 @@ def run_chaos(
     started = time.time()
     echo(f"chaos run: {faults} faults ({', '.join(kinds)}), seed {seed}, {world_size} ranks")
     state, attempts, report.committed = trio.run(_run_job, spec("faults", faults), plan,
-                                                os.path.abspath(os.path.join(job_dir, "faults")), report, limit, echo)
+                                                os.path.abspath(os.path.join(job_dir, "faults")), report, limit, echo,
+                                                ckpt_every)
     report.state, report.attempts, report.seconds = state.value, attempts, time.time() - started
     started = time.time()
     echo("fault-free run of the same job")
-    clean_state, _, report.clean_committed = trio.run(_run_job, spec("clean", 0), [], "", None, limit, echo)
+    clean_state, _, report.clean_committed = trio.run(_run_job, spec("clean", 0), [], "", None, limit, echo, ckpt_every)
     report.clean_seconds = time.time() - started
     if clean_state != JobState.SUCCEEDED:
         report.mismatch = f"(the fault-free run ended {clean_state.value})"

@@ -34,7 +34,37 @@ def test_chaos_with_every_fault_kind_loses_nothing(tmp_path, dataset):
     assert report.state == "succeeded" and report.attempts == 5
     assert report.monotonic and report.committed[-1] == 128
     assert report.identical, report.mismatch
+    # Every fault struck after a commit: each resumed from a committed, non-zero step.
+    assert all(f.resumed_from > 0 and f.resumed_from % 16 == 0 for f in report.faults), report.render()
+    assert report.resumed_from_a_checkpoint == 4
     assert report.ok
+
+
+def test_faults_are_planned_after_commits_the_same_for_the_same_seed():
+    from rankwarden.chaos import plan_faults
+
+    plan = plan_faults(6, ["kill", "stop", "hang"], 2, seed=3, ckpt_every=16)
+    assert plan == plan_faults(6, ["kill", "stop", "hang"], 2, seed=3, ckpt_every=16)
+    assert plan != plan_faults(6, ["kill", "stop", "hang"], 2, seed=4, ckpt_every=16)
+    for i, (_, _, step) in enumerate(plan):
+        assert 16 * (i + 1) + 2 <= step <= 16 * (i + 2) - 2  # past the (i+1)-th commit, before the next
+
+
+def test_the_chaos_verdict_fails_a_run_that_never_resumed_from_a_checkpoint():
+    from rankwarden.chaos import ChaosReport, FaultRecord
+
+    def report(*resumed):
+        faults = [FaultRecord(kind="kill", rank=0, attempt=i + 1, step=20, cause="signaled", detect=0.01, recover=1.0,
+                              resumed_from=r) for i, r in enumerate(resumed)]
+        return ChaosReport(faults=faults, planned=len(faults), state="succeeded", attempts=len(faults) + 1,
+                           committed=[16, 32], identical=True)
+
+    assert report(16, 32, 48).ok
+    only_restarts = report(0, 0, 0)  # everything else fine: identical weights, monotonic commits
+    assert not only_restarts.ok
+    assert "faults resumed from a committed step (not step 0): 0 (NOT enough" in only_restarts.render()
+    assert only_restarts.render().endswith("RESULT: FAILED")
+    assert not report(16, 0, 0).ok and report(16, 0, 32).ok
 
 
 @pytest.mark.soak
