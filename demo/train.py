@@ -169,7 +169,13 @@ test = torch.load(os.path.join(args.data, index["test"]), weights_only=True)
 with torch.no_grad():
     logits = model(test["x"].unsqueeze(1).float().div(255).to(device))
     accuracy = (logits.argmax(dim=1).cpu() == test["y"]).float().mean().item()
-print(f"rank {rank}: trained {total_steps} steps, final loss {loss.item():.4f}, test accuracy {accuracy:.4f}", flush=True)
+if start >= total_steps:
+    # Resumed a finished run (the same command again): no loss to report.
+    print(f"rank {rank}: resumed at step {start} of {total_steps}: nothing left to train; "
+          f"test accuracy {accuracy:.4f}", flush=True)
+else:
+    print(f"rank {rank}: trained {total_steps} steps, final loss {loss.item():.4f}, test accuracy {accuracy:.4f}",
+          flush=True)
 if rank == 0 and args.final_weights:
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, args.final_weights + ".tmp")
     os.replace(args.final_weights + ".tmp", args.final_weights)

@@ -30,3 +30,11 @@ def test_readme_library_example_runs(tmp_path):
     assert "CheckpointCommitted attempt 1 rank None" in lines
     assert "JobSucceeded attempt 1 rank None" in lines
     assert lines[-1] == "succeeded [4, 4]"  # 128 records per rank / batch 32
+
+    # Run it again: the same command resumes its own (finished) training and says so, no "final loss nan".
+    again = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "ResumeChosen attempt 1 rank None" in again.stdout.splitlines()
+    assert again.stdout.splitlines()[-1] == "succeeded [None, None]"  # no step trained, none reported
+    output = (tmp_path / "ex" / "attempt_001" / "rank_0.stdout").read_text()
+    assert "resumed at step 4 of 4: nothing left to train" in output and "nan" not in output
