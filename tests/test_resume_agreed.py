@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -93,3 +95,22 @@ async def test_a_damaged_file_of_one_rank_moves_every_rank_back_to_the_same_step
     # Step 12 was committed again, intact this time.
     assert [e.step for e in events if isinstance(e, CheckpointCommitted)] == [12]
     assert store.verify(12).step == 12
+
+
+def test_under_plain_torchrun_rank_0_chooses_the_step_for_every_rank(tmp_path):
+    url = str(tmp_path / "ckpt")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [*torchrun, SCRIPT, "--steps", "12", "--out", str(tmp_path), "--url", url]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RANKWARDEN_") or k == "RANKWARDEN_TEST_SESSION"}
+    first = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    store = CheckpointStore(url, "default")
+    assert store.steps() == [12, 8, 4]
+    _flip_a_byte(store, 12, "rank_00001.pt")
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=180, env={**env, "RW_TEST_TAG": "again"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = [json.loads((tmp_path / f"again_resume_r{r}.json").read_text())["resumed_from"] for r in (0, 1)]
+    assert resumed == [8, 8]
+    finals = [torch.load(tmp_path / f"again_final_r{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])

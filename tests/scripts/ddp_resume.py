@@ -22,6 +22,7 @@ parser.add_argument("--steps", type=int, required=True)
 parser.add_argument("--every", type=int, default=4)
 parser.add_argument("--no-wait", action="store_true")
 parser.add_argument("--out", required=True)
+parser.add_argument("--url", default=None, help="checkpoint store when run without rankwarden (torchrun)")
 args = parser.parse_args()
 # Not an argument: arguments are part of the checkpoint's fingerprint, and a
 # test reruns the same command to resume it.
@@ -34,7 +35,7 @@ model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Li
 opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 start = 0
-found = rw.restore()
+found = rw.restore(url=args.url)
 if found is not None:
     start, state = found
     model.load_state_dict(state["model"])
@@ -52,7 +53,7 @@ for step in range(start + 1, args.steps + 1):
     opt.step()
     rw.report(step)
     if step % args.every == 0:
-        rw.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict()}, wait=not args.no_wait)
+        rw.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict()}, wait=not args.no_wait, url=args.url)
 
 torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
            os.path.join(args.out, f"{args.tag}_final_r{rank}.pt"))
