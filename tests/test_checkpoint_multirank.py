@@ -84,3 +84,18 @@ async def test_retention_runs_after_each_commit(tmp_path):
     snapshot, committed = await run_job(spec)
     assert snapshot.state == JobState.SUCCEEDED and len(committed) == 5
     assert sorted(CheckpointStore(url, spec.job_id).steps()) == [4, 5]
+
+
+async def test_a_job_that_ends_leaves_no_uncommitted_staging(tmp_path):
+    # Rank 2 writes its step-3 file and dies before reporting it; no restart is
+    # left, so the job fails with step 3 staged and never committed. Its staging
+    # area is garbage once the job is over, not only when the next attempt starts.
+    url = str(tmp_path / "ckpt")
+    spec = spec_for(tmp_path, url, "mr-end", "--steps", "4", "--die-rank", "2", "--die-step", "3", max_restarts=0)
+    snapshot, committed = await run_job(spec)
+    assert snapshot.state == JobState.FAILED
+    assert committed == [(1, 1, 3), (1, 2, 3)]
+    store = CheckpointStore(url, spec.job_id)
+    assert store.steps() == [2, 1]
+    assert store.backend.garbage() == []
+    assert not list((tmp_path / "ckpt" / spec.job_id).glob("*.tmp-*"))
