@@ -7,7 +7,8 @@
     ├── ProtocolError       a heartbeat peer sent something we cannot accept
     │   └── AuthError       ... in particular a wrong token, job or rank
     ├── CheckpointError     a checkpoint could not be written or read
-    │   └── CorruptCheckpoint  a committed step fails verification (size, checksum, manifest)
+    │   ├── CorruptCheckpoint  a committed step fails verification (size, checksum, manifest)
+    │   └── StepAlreadyCommitted  another writer committed that step first (carries its manifest)
     └── JobFailed           a job ended failed (carries the failure records)
 
 Third-party errors (msgspec, OSError from the launcher) are translated into
@@ -31,6 +32,7 @@ __all__ = [
     "ProtocolError",
     "RankwardenError",
     "SpecError",
+    "StepAlreadyCommitted",
 ]
 
 
@@ -81,6 +83,16 @@ class CheckpointError(RankwardenError):
 
 class CorruptCheckpoint(CheckpointError):
     """A committed step failed verification; readers skip it and use an older one."""
+
+
+class StepAlreadyCommitted(CheckpointError):
+    """A commit lost: ``manifest`` is the step another writer committed first (kept as it is).
+
+    The loser's files were not used; they are garbage for ``CheckpointStore.cleanup``."""
+
+    def __init__(self, message: str, manifest) -> None:
+        super().__init__(message)
+        self.manifest = manifest
 
 
 class JobFailed(RankwardenError):
