@@ -102,7 +102,9 @@ class Reader:
         args = [sys.executable, READER, url, "job", str(step)] + ([str(ttl)] if ttl else [])
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         line = self._line(60)
-        assert line == b"reading\n", line + self.proc.stderr.read()
+        if line != b"reading\n":
+            self.close()
+            pytest.fail(f"the reader did not start: {line!r}")
 
     def _line(self, timeout):
         timer = threading.Timer(timeout, self.proc.kill)
@@ -120,12 +122,13 @@ class Reader:
     def kill(self):
         self.proc.kill()
         self.proc.wait(timeout=60)
-        self.proc.stdin.close()
 
     def close(self):
         if self.proc.poll() is None:
-            self.kill()
-        self.proc.stdout.close()
+            self.proc.kill()
+        self.proc.wait(timeout=60)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            stream.close()
         self.proc.stderr.close()
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import json
 import logging
 import zlib
 import os
@@ -46,7 +47,7 @@ import socket
 import tempfile
 import threading
 import uuid
-from typing import Any, Callable, Collection, Iterator, Mapping, Union
+from typing import Any, Callable, Collection, Iterator, Union
 
 from rankwarden.checkpoint._faults import fault_point
 from rankwarden.checkpoint._manifest import FileEntry, parse_step_dir, step_dir_name
@@ -361,7 +362,7 @@ class LocalBackend(_Backend):
             return {}
         return {step: self.join(name) for name in names if (step := parse_step_dir(name)) is not None}
 
-    def garbage(self, keep_tags: Collection[str] = (), committed: Mapping[int, str | None] = {}) -> list[str]:
+    def garbage(self, keep_tags: Collection[str] = ()) -> list[str]:
         """Temp directories and files of saves that never committed, and half-deleted steps.
 
         The staging directories of the attempts in ``keep_tags`` (still writing) are spared."""
@@ -527,21 +528,28 @@ class ObjectBackend(_Backend):
     def step_dirs(self) -> dict[int, str]:
         return {step: self.join(name) for name in self._names() if (step := parse_step_dir(name)) is not None}
 
-    def garbage(self, keep_tags: Collection[str] = (), committed: Mapping[int, str | None] = {}) -> list[str]:
+    def garbage(self, keep_tags: Collection[str] = ()) -> list[str]:
         """Payload prefixes that no manifest names, except those of the attempts in ``keep_tags``.
 
-        ``committed`` maps each step that has a manifest to the prefix it
-        names (None: unreadable, so the step is left to retention). A manifest
-        key is never garbage: a step appearing meanwhile keeps its manifest."""
+        A step whose manifest cannot be read is left alone (retention's). A
+        manifest key is never garbage: a step committed meanwhile keeps it."""
         found = []
-        for step, path in sorted(self.step_dirs().items()):
-            if step in committed and committed[step] is None:
-                continue
-            named = committed.get(step)
-            for entry in self._names(path):
+        for path in sorted(self.step_dirs().values()):
+            entries = self._names(path)
+            named = None
+            if MANIFEST in entries:
+                try:
+                    named = json.loads(self.read(posixpath.join(path, MANIFEST))).get("payload_dir", "")
+                except FileNotFoundError:
+                    pass  # removed meanwhile: the step is gone
+                except (ValueError, AttributeError):
+                    continue
+                if named is not None and not isinstance(named, str):
+                    continue
+            for entry in entries:
                 if entry == MANIFEST or entry in keep_tags:
                     continue
-                if step in committed and (entry == named or not named):
+                if named is not None and (entry == named or not named):
                     continue  # the committed files (or, in the old layout, files beside the manifest)
                 found.append(posixpath.join(path, entry))
         return found

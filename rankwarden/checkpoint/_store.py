@@ -448,10 +448,7 @@ class CheckpointStore:
         ``keep_tags``: pass the tags of attempts that may still be writing
         (with none, no save may be in progress)."""
         removed = []
-        committed = {} if self.backend.atomic_rename else {
-            step: (m.payload_dir if m is not None else None) for step, m in self._committed().items()
-        }
-        for path in self.backend.garbage(keep_tags, committed):
+        for path in self.backend.garbage(keep_tags):
             log.info("job=%s: removing uncommitted checkpoint data %s", self.job, path)
             self.backend.remove(path)
             removed.append(path)
