@@ -223,3 +223,13 @@ def test_a_commit_racing_a_damaged_step_replacement_never_discards_a_committed_s
     manifest, data = CheckpointStore(url, "job").load_latest()
     assert manifest == outcome[winner]
     assert data == {"rank_00000.pt": winner.upper().encode() * 64}
+
+
+def test_committing_a_step_twice_with_the_same_tag_keeps_the_committed_files(store):
+    # A duplicate commit of one attempt's step (a retried report) loses, and
+    # must not take the committed step's files with it.
+    entry = store.write_file(3, "rank_00000.pt", b"once" * 10, tag="a1")
+    committed = store.commit(3, [entry], tag="a1")
+    with pytest.raises(StepAlreadyCommitted):
+        store.commit(3, [entry], tag="a1")
+    assert store.load_latest() == (committed, {"rank_00000.pt": b"once" * 10})

@@ -175,6 +175,8 @@ class CheckpointStore:
         for entry in manifest.files:
             size = self.backend.size(f"{staging.rstrip('/')}/{entry.name}")
             if size != entry.size:
+                if self._committed_manifest(step, self.backend.join(step_dir_name(step))):
+                    self._lost(step, tag, staging)  # e.g. this very staging was committed already
                 raise CheckpointError(
                     f"{self.job}: cannot commit step {step}: {entry.name} is "
                     f"{'missing' if size is None else f'{size} bytes'}, expected {entry.size}"
@@ -191,16 +193,20 @@ class CheckpointStore:
                 manifest = msgspec.structs.replace(manifest, commit_seq=self._next_commit_seq(), created_at=time.time())
                 fresh = self.backend.commit(staging, step, manifest.encode())
             if not fresh:
-                self._lost(step, staging)
+                self._lost(step, tag, staging)
             self._move_latest(step)
         except OSError as exc:
             raise CheckpointError(f"{self.job}: committing step {step} failed: {exc}") from exc
         return manifest
 
-    def _lost(self, step: int, staging: str) -> None:
-        with contextlib.suppress(OSError):
-            self.backend.remove(staging)  # never referenced by any manifest
+    def _lost(self, step: int, tag: str, staging: str) -> None:
         path = self.backend.step_dirs().get(step, self.backend.join(step_dir_name(step)))
+        existing = self._committed_manifest(step, path)
+        if self.backend.atomic_rename or not existing or existing.payload_dir != self.backend.payload_dir(tag):
+            # Never referenced by any manifest. (On an object store, the same
+            # tag committed twice: those files are the committed step's, and stay.)
+            with contextlib.suppress(OSError):
+                self.backend.remove(staging)
         try:
             existing = self._verify(step, path)
         except CorruptCheckpoint as exc:
