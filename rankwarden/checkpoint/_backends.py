@@ -211,9 +211,14 @@ def scratch_dir() -> str:
             path = os.path.join(_scratch_root(), f"{socket.gethostname()}.{pid}.{_start_time(pid) or 0}")
             os.makedirs(path, exist_ok=True)
             if _scratch is None:
-                atexit.register(lambda: shutil.rmtree(path, ignore_errors=True))
+                atexit.register(_remove_scratch)
             _scratch = path
         return _scratch
+
+
+def _remove_scratch() -> None:
+    if _scratch is not None:
+        shutil.rmtree(_scratch, ignore_errors=True)
 
 
 def sweep_scratch() -> list[str]:
