@@ -8,8 +8,9 @@
     │   └── AuthError       ... in particular a wrong token, job or rank
     ├── CheckpointError     a checkpoint could not be written or read
     │   ├── CorruptCheckpoint  a committed step fails verification (size, checksum, manifest)
-    │   └── CheckpointRefused  a committed step is intact but not this job's to resume
-    │                          (another world size, another run)
+    │   ├── CheckpointRefused  a committed step is intact but not this job's to resume
+    │   │                      (another world size, another run)
+    │   └── StepAlreadyCommitted  another writer committed that step first (carries its manifest)
     └── JobFailed           a job ended failed (carries the failure records)
 
 Third-party errors (msgspec, OSError from the launcher) are translated into
@@ -34,6 +35,7 @@ __all__ = [
     "ProtocolError",
     "RankwardenError",
     "SpecError",
+    "StepAlreadyCommitted",
 ]
 
 
@@ -90,6 +92,16 @@ class CheckpointRefused(CheckpointError):
     """The newest intact step cannot be resumed by this job: written by another
     world size, or by another run without ``resume`` asked for. Never skipped
     silently: resuming it, or something older, would be a wrong result."""
+
+
+class StepAlreadyCommitted(CheckpointError):
+    """A commit lost: ``manifest`` is the step another writer committed first (kept as it is).
+
+    The loser's files were not used; they are garbage for ``CheckpointStore.cleanup``."""
+
+    def __init__(self, message: str, manifest) -> None:
+        super().__init__(message)
+        self.manifest = manifest
 
 
 class JobFailed(RankwardenError):

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from rankwarden.checkpoint import FAULT_POINTS, CheckpointStore, FileEntry
-from rankwarden.errors import CheckpointError, CorruptCheckpoint
+from rankwarden.errors import CheckpointError, CorruptCheckpoint, StepAlreadyCommitted
 
 from .conftest import SCRIPTS
 
@@ -79,13 +79,11 @@ def test_commit_refuses_files_that_are_not_there(store):
     assert store.latest() is None
 
 
-def test_a_committed_step_is_never_overwritten(store):
+def test_a_committed_step_is_never_overwritten_and_the_second_writer_learns_it_lost(store):
     first = store.save(5, files(5))
-    if store.backend.atomic_rename:
-        assert store.save(5, {"rank_00000.pt": b"other"}) == first  # the new copy is discarded
-    else:
-        with pytest.raises(CheckpointError, match="step 5 is already committed; refusing to overwrite"):
-            store.save(5, {"rank_00000.pt": b"other"})
+    with pytest.raises(StepAlreadyCommitted, match="step 5 was already committed by another writer") as lost:
+        store.save(5, {"rank_00000.pt": b"other"})
+    assert lost.value.manifest == first and isinstance(lost.value, CheckpointError)
     assert store.load_latest() == (first, files(5))
 
 
@@ -106,7 +104,8 @@ def test_invalid_names_are_refused(store):
 
 def _damage(store, step, how):
     path = store.backend.step_dirs()[step]
-    target = f"{path}/rank_00001.pt"
+    payload_dir = json.loads(store.backend.read(f"{path}/manifest.json")).get("payload_dir")
+    target = f"{path}/{payload_dir}/rank_00001.pt" if payload_dir else f"{path}/rank_00001.pt"
     if how == "truncated payload":
         _write(store, target, b"b" * 10)
     elif how == "flipped byte":
@@ -229,7 +228,12 @@ def test_sigkill_at_any_point_of_the_s3_commit_never_exposes_a_partial_step(s3_b
     assert manifest.step == (2 if committed else 1)
     step = manifest.step
     assert data == {n: bytes([step]) * (3 << 20) + n.encode() for n in ("rank_00000.pt", "rank_00001.pt")}
-    assert reader.cleanup() == ([] if committed else [f"{s3_bucket[5:]}/job/step_000000002"])
+    removed = reader.cleanup()
+    if committed:
+        assert removed == []
+    else:  # the dead writer's payloads, under its tag
+        assert len(removed) == 1 and removed[0].startswith(f"{s3_bucket[5:]}/job/step_000000002/")
+        assert reader.cleanup() == []
     reader.save(3, {"rank_00000.pt": b"x"})
     assert reader.latest().step == 3
 

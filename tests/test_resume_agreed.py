@@ -49,7 +49,8 @@ def _spec(tmp_path, url, name, steps, *extra, tag="run") -> JobSpec:
 
 
 def _flip_a_byte(store: CheckpointStore, step: int, name: str) -> None:
-    path = f"{store.backend.step_dirs()[step]}/{name}"
+    manifest = store.verify(step, checksums=False)
+    path = store._file_path(store.backend.step_dirs()[step], manifest, name)  # on S3: under the writer's tag
     data = bytearray(store.backend.read(path))
     data[len(data) // 2] ^= 0x01
     if hasattr(store.backend, "fs"):

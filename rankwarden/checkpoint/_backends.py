@@ -8,10 +8,21 @@ POSIX (local disk, NFS): payloads and then the manifest are written into
 ``step_N/``, and the parent fsynced. The rename is the commit: a reader never
 sees a step directory without a complete manifest and payloads.
 
-Object stores (S3, GCS, memory://) have no rename: payloads are written to
-their final keys under ``step_N/``, then the manifest (create-only where the
-store supports it, so two committers can never both win). A ``step_N/``
-without a manifest is not a step; it is garbage once no writer is active.
+Object stores (S3, GCS, memory://) have no rename: each attempt writes its
+payloads under its own prefix ``step_N/<tag>/``, then the manifest
+``step_N/manifest.json`` (create-only where the store supports it, so two
+committers can never both win) names that prefix. Two writers of one step
+never touch each other's files, and the manifest only ever references the
+winner's. A ``step_N/`` without a manifest is not a step, and a tag prefix the
+manifest does not name is a loser's or a dead writer's: garbage once no
+writer of it is active.
+
+Garbage a crash can leave, and what removes it (``CheckpointStore.cleanup``):
+``step_N.tmp-<tag>/``, ``LATEST.tmp-*``, ``*.deleting-*`` (POSIX); unnamed tag
+prefixes and incomplete multipart uploads (S3); expired reading leases; and
+the local scratch copies that function payloads are written to before an
+upload, which live in a per-process directory removed at exit and swept when
+their process is gone.
 
 Checksums are CRC-32 (zlib: about 3 GB/s here, and it releases the GIL),
 computed from memory in a second thread while the first writes the same
@@ -23,16 +34,20 @@ back while fsync runs.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
+import json
 import logging
 import zlib
 import os
 import posixpath
 import shutil
+import socket
 import tempfile
 import threading
 import uuid
-from typing import Any, Callable, Union
+from typing import Any, Callable, Collection, Iterator, Union
 
 from rankwarden.checkpoint._faults import fault_point
 from rankwarden.checkpoint._manifest import FileEntry, parse_step_dir, step_dir_name
@@ -48,6 +63,8 @@ Payload = Union[bytes, bytearray, memoryview, Callable[[str], None], Any]
 _CHUNK = 8 << 20
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
+LEASES = "leases"
+_COMMIT_LOCK = ".commit-lock"
 
 
 class Checksum:
@@ -151,6 +168,80 @@ def _write_durably(path: str, data: bytes, *, crash_midway: str | None = None) -
         os.fsync(f.fileno())
 
 
+# -- local scratch copies (function payloads bound for an object store) -------------
+#
+# torch.save needs a local path. Its file lives in a directory owned by this
+# process (named after the host, the pid and the pid's start time, so a reused
+# pid is not mistaken for the owner), removed at exit; a process killed
+# before that leaves it, and the next sweep on that host (cleanup, or the next
+# process that needs scratch space) removes the directories of dead owners.
+
+_scratch_lock = threading.Lock()
+_scratch: str | None = None
+
+
+def _scratch_root() -> str:
+    return os.path.join(tempfile.gettempdir(), "rankwarden-scratch")
+
+
+def _start_time(pid: int) -> str | None:
+    """The pid's start time (clock ticks since boot), "" without /proc, None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except FileNotFoundError:
+        return None
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return ""
+
+
+def scratch_dir() -> str:
+    """This process's scratch directory (created on first use, removed at exit)."""
+    global _scratch
+    with _scratch_lock:
+        if _scratch is None or not os.path.isdir(_scratch):
+            sweep_scratch()
+            pid = os.getpid()
+            path = os.path.join(_scratch_root(), f"{socket.gethostname()}.{pid}.{_start_time(pid) or 0}")
+            os.makedirs(path, exist_ok=True)
+            if _scratch is None:
+                atexit.register(_remove_scratch)
+            _scratch = path
+        return _scratch
+
+
+def _remove_scratch() -> None:
+    if _scratch is not None:
+        shutil.rmtree(_scratch, ignore_errors=True)
+
+
+def sweep_scratch() -> list[str]:
+    """Remove the scratch directories of processes on this host that are gone."""
+    root, host = _scratch_root(), socket.gethostname()
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    removed = []
+    for name in names:
+        rest = name.rsplit(".", 2)  # host (may hold dots), pid, start time
+        if len(rest) != 3 or rest[0] != host or not rest[1].isdigit():
+            continue
+        started = _start_time(int(rest[1]))
+        if started is None or (started and rest[2] != started):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed.append(os.path.join(root, name))
+    if removed:
+        log.info("removed the checkpoint scratch directories of finished processes: %s", removed)
+    return removed
+
+
 class _Backend:
     def join(self, *parts: str) -> str:
         raise NotImplementedError
@@ -163,6 +254,11 @@ class _Backend:
             return self.read(self.join(LATEST))
         except FileNotFoundError:
             return None
+
+    @contextlib.contextmanager
+    def commit_lock(self) -> Iterator[None]:
+        """Held around every change of which steps are committed (where the store can lock)."""
+        yield
 
 
 class LocalBackend(_Backend):
@@ -178,6 +274,24 @@ class LocalBackend(_Backend):
 
     def staging_dir(self, step: int, tag: str) -> str:
         return self.join(f"{step_dir_name(step)}.tmp-{tag}")
+
+    def payload_dir(self, tag: str) -> str:
+        return ""  # the rename moves the files into the step directory itself
+
+    @contextlib.contextmanager
+    def commit_lock(self) -> Iterator[None]:
+        # flock: two committers (threads or processes, on this host or over
+        # NFSv4) never interleave their checks and renames; the kernel drops
+        # the lock of a writer that dies.
+        import fcntl
+
+        os.makedirs(self.base, exist_ok=True)
+        fd = os.open(self.join(_COMMIT_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def write_payload(self, directory: str, name: str, payload: Payload, rank: int | None) -> FileEntry:
         os.makedirs(directory, exist_ok=True)
@@ -200,7 +314,10 @@ class LocalBackend(_Backend):
         return FileEntry(name=name, size=size, checksum=checksum, rank=rank)
 
     def commit(self, staging: str, step: int, manifest: bytes) -> bool:
-        """Make ``staging`` the committed ``step``; False if that step was already committed."""
+        """Make ``staging`` the committed ``step``; False if that step was already committed.
+
+        Call it inside ``commit_lock``: the check, the removal of a manifest-less
+        leftover and the rename are then one step for every other committer."""
         final = self.join(step_dir_name(step))
         if os.path.exists(os.path.join(final, MANIFEST)):
             shutil.rmtree(staging, ignore_errors=True)
@@ -208,9 +325,18 @@ class LocalBackend(_Backend):
         _write_durably(os.path.join(staging, MANIFEST), manifest, crash_midway="mid_manifest")
         _fsync_dir(staging)
         fault_point("before_rename")
-        if os.path.exists(final):  # a manifest-less leftover from an older layout or a crash
-            self._discard(final)
-        os.rename(staging, final)
+        if os.path.exists(final) and not os.path.exists(os.path.join(final, MANIFEST)):
+            self._discard(final)  # a manifest-less leftover from an older layout or a crash
+        try:
+            # rename(2) never replaces a non-empty directory: a step committed
+            # by a writer that ignored the lock is kept, and this one loses.
+            os.rename(staging, final)
+        except OSError as exc:
+            if not os.path.exists(os.path.join(final, MANIFEST)):
+                raise
+            log.debug("step %d appeared while committing (%s)", step, exc)
+            shutil.rmtree(staging, ignore_errors=True)
+            return False
         _fsync_dir(self.base)
         fault_point("after_rename")
         return True
@@ -241,13 +367,50 @@ class LocalBackend(_Backend):
             return {}
         return {step: self.join(name) for name in names if (step := parse_step_dir(name)) is not None}
 
-    def garbage(self) -> list[str]:
-        """Temp directories and files of saves that never committed, and half-deleted steps."""
+    def garbage(self, keep_tags: Collection[str] = ()) -> list[str]:
+        """Temp directories and files of saves that never committed, and half-deleted steps.
+
+        The staging directories of the attempts in ``keep_tags`` (still writing) are spared."""
         try:
             names = os.listdir(self.base)
         except FileNotFoundError:
             return []
-        return [self.join(n) for n in names if ".tmp-" in n or ".deleting-" in n]
+        spared = set()
+        for name in names:
+            stem, sep, tag = name.partition(".tmp-")
+            if sep and tag in keep_tags and parse_step_dir(stem) is not None:
+                spared.add(name)
+        return [self.join(n) for n in sorted(names) if (".tmp-" in n or ".deleting-" in n) and n not in spared]
+
+    # -- reading leases: one small file per reader -----------------------------------
+
+    def put_lease(self, name: str, data: bytes) -> None:
+        directory = self.join(LEASES)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f"{name}.tmp-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(directory, name))  # a reader of it never sees half a lease
+
+    def leases(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.join(LEASES)))
+        except FileNotFoundError:
+            return []
+
+    def read_lease(self, name: str) -> bytes:
+        return self.read(self.join(LEASES, name))
+
+    def remove_lease(self, name: str) -> None:
+        self.remove(self.join(LEASES, name))
+
+    def destroy(self) -> None:
+        # The steps stop existing first (atomically, one by one), then the rest goes.
+        for path in self.step_dirs().values():
+            self._discard(path)
+        shutil.rmtree(self.base, ignore_errors=True)
+        if os.path.exists(self.base):
+            raise OSError(f"could not remove {self.base}")
 
     def remove(self, path: str) -> None:
         if os.path.isdir(path):
@@ -273,9 +436,11 @@ class LocalBackend(_Backend):
 
 
 class ObjectBackend(_Backend):
-    """An fsspec filesystem without atomic rename: payloads first, manifest last."""
+    """An fsspec filesystem without atomic rename: payloads under the writer's tag, manifest last."""
 
     atomic_rename = False
+    #: Size of one multipart upload part for streamed payloads (S3 allows 5 MiB and up).
+    part_size = 64 << 20
 
     def __init__(self, fs, base: str) -> None:
         self.fs = fs
@@ -285,22 +450,41 @@ class ObjectBackend(_Backend):
         return posixpath.join(self.base, *parts)
 
     def staging_dir(self, step: int, tag: str) -> str:
-        return self.join(step_dir_name(step))
+        return self.join(step_dir_name(step), tag)
+
+    def payload_dir(self, tag: str) -> str:
+        return tag
 
     def write_payload(self, directory: str, name: str, payload: Payload, rank: int | None) -> FileEntry:
         path = posixpath.join(directory, name)
-        if hasattr(payload, "chunks") or callable(payload):
-            with tempfile.TemporaryDirectory(prefix="rankwarden-") as tmp:
-                local = os.path.join(tmp, name)
-                if hasattr(payload, "chunks"):
-                    chunks = list(payload.chunks())
-                    _write_chunks_durably(local, chunks)
-                    checksum = checksum_chunks(chunks)
-                else:
-                    payload(local)
-                    checksum = checksum_file(local)
+        if hasattr(payload, "chunks"):
+            # Streamed: no local copy. A writer killed midway leaves at most an
+            # incomplete multipart upload, which cleanup aborts.
+            chunks = list(payload.chunks())
+            f = self.fs.open(path, "wb", block_size=self.part_size)
+            try:
+                for i, chunk in enumerate(chunks):
+                    f.write(chunk)
+                    if i == len(chunks) // 2:
+                        fault_point("mid_payload")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    if hasattr(f, "discard"):
+                        f.discard()  # abort the multipart upload; never complete half a file
+                    f.closed = True
+                raise
+            f.close()
+            checksum, size = checksum_chunks(chunks), sum(len(c) for c in chunks)
+        elif callable(payload):
+            local = os.path.join(scratch_dir(), f"{uuid.uuid4().hex[:12]}-{name}")
+            try:
+                payload(local)
+                checksum = checksum_file(local)
                 size = os.path.getsize(local)
                 self.fs.put_file(local, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(local)
         else:
             data = bytes(payload)
             checksum, size = checksum_bytes(data), len(data)
@@ -308,8 +492,10 @@ class ObjectBackend(_Backend):
         return FileEntry(name=name, size=size, checksum=checksum, rank=rank)
 
     def commit(self, staging: str, step: int, manifest: bytes) -> bool:
-        path = posixpath.join(staging, MANIFEST)
-        self.fs.invalidate_cache(staging)
+        """Write ``step``'s manifest create-only; False if another writer's is already there."""
+        step_dir = self.join(step_dir_name(step))
+        path = posixpath.join(step_dir, MANIFEST)
+        self.fs.invalidate_cache(step_dir)
         try:
             self.fs.pipe_file(path, manifest, mode="create")
         except FileExistsError:
@@ -336,22 +522,41 @@ class ObjectBackend(_Backend):
     def checksum(self, path: str, algorithm: str) -> str:
         return checksum_file(path, algorithm, opener=self.fs.open)
 
-    def _names(self) -> list[str]:
-        self.fs.invalidate_cache(self.base)
+    def _names(self, path: str | None = None) -> list[str]:
+        path = path or self.base
+        self.fs.invalidate_cache(path)
         try:
-            return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.base, detail=False)]
+            return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False)]
         except FileNotFoundError:
             return []
 
     def step_dirs(self) -> dict[int, str]:
         return {step: self.join(name) for name in self._names() if (step := parse_step_dir(name)) is not None}
 
-    def garbage(self) -> list[str]:
+    def garbage(self, keep_tags: Collection[str] = ()) -> list[str]:
+        """Payload prefixes that no manifest names, except those of the attempts in ``keep_tags``.
+
+        A step whose manifest cannot be read is left alone (retention's). A
+        manifest key is never garbage: a step committed meanwhile keeps it."""
         found = []
-        for step, path in self.step_dirs().items():
-            self.fs.invalidate_cache(path)
-            if not self.fs.exists(posixpath.join(path, MANIFEST)):
-                found.append(path)
+        for path in sorted(self.step_dirs().values()):
+            entries = self._names(path)
+            named = None
+            if MANIFEST in entries:
+                try:
+                    named = json.loads(self.read(posixpath.join(path, MANIFEST))).get("payload_dir", "")
+                except FileNotFoundError:
+                    pass  # removed meanwhile: the step is gone
+                except (ValueError, AttributeError):
+                    continue
+                if named is not None and not isinstance(named, str):
+                    continue
+            for entry in entries:
+                if entry == MANIFEST or entry in keep_tags:
+                    continue
+                if named is not None and (entry == named or not named):
+                    continue  # the committed files (or, in the old layout, files beside the manifest)
+                found.append(posixpath.join(path, entry))
         return found
 
     def remove(self, path: str) -> None:
@@ -367,3 +572,55 @@ class ObjectBackend(_Backend):
         except FileNotFoundError:
             pass
         self.remove(path)
+
+    # -- reading leases: one small object per reader ---------------------------------
+
+    def put_lease(self, name: str, data: bytes) -> None:
+        self.fs.pipe_file(self.join(LEASES, name), data)  # one PUT: never half a lease
+
+    def leases(self) -> list[str]:
+        return sorted(self._names(self.join(LEASES)))
+
+    def read_lease(self, name: str) -> bytes:
+        return self.read(self.join(LEASES, name))
+
+    def remove_lease(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self.join(LEASES, name))
+        except FileNotFoundError:
+            pass
+
+    # -- incomplete multipart uploads (S3 only) -----------------------------------------
+
+    def incomplete_uploads(self) -> list[tuple[str, str]]:
+        """(key path, upload id) of every multipart upload under this job that never completed."""
+        if not hasattr(self.fs, "call_s3"):
+            return []
+        bucket, _, prefix = self.base.partition("/")
+        found, markers = [], {}
+        while True:
+            page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=f"{prefix}/", **markers)
+            found += [(f"{bucket}/{u['Key']}", u["UploadId"]) for u in page.get("Uploads", [])]
+            if not page.get("IsTruncated"):
+                return found
+            markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    def abort_upload(self, path: str, upload_id: str) -> None:
+        bucket, _, key = path.partition("/")
+        self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+
+    def tag_of(self, path: str) -> str | None:
+        """The writer's tag of a payload key ``<base>/step_N/<tag>/<name>``, or None."""
+        parts = path[len(self.base) + 1:].split("/") if path.startswith(self.base + "/") else []
+        return parts[1] if len(parts) == 3 and parse_step_dir(parts[0]) is not None else None
+
+    def destroy(self) -> None:
+        for path, upload_id in self.incomplete_uploads():
+            self.abort_upload(path, upload_id)
+        for path in self.step_dirs().values():  # the steps stop existing first
+            try:
+                self.fs.rm_file(posixpath.join(path, MANIFEST))
+            except FileNotFoundError:
+                pass
+        self.remove(self.base)
+        self.fs.invalidate_cache(self.base)

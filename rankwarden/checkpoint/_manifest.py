@@ -76,6 +76,12 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, Any] = {}
     #: None in manifests written before fingerprints existed: resume treats them as foreign.
     writer: Writer | None = None
+    #: Where the files are, relative to the step directory: "" (in it), or on
+    #: object stores the writer's tag, which keeps two writers' payloads apart.
+    payload_dir: str = ""
+    #: Commit order within the job: one more than the highest committed before.
+    #: 0 in manifests written before it existed (they order by ``created_at``).
+    commit_seq: int = 0
 
     def file(self, name: str) -> FileEntry:
         for entry in self.files:
@@ -97,4 +103,6 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
         names = [f.name for f in manifest.files]
         if len(set(names)) != len(names) or any("/" in n or n in ("", ".", "..") for n in names):
             raise CorruptCheckpoint(f"{where}: manifest lists invalid or duplicate file names {names}")
+        if "/" in manifest.payload_dir or manifest.payload_dir in (".", "..", "manifest.json"):
+            raise CorruptCheckpoint(f"{where}: manifest names an invalid payload directory {manifest.payload_dir!r}")
         return manifest

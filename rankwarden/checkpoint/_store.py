@@ -11,6 +11,14 @@ naming something else (garbage, a step that vanished, an older step after a
 crash between commit and LATEST) is logged and ignored. LATEST itself only
 ever moves forward.
 
+Retention keeps the last K steps in commit order (each manifest carries a
+commit sequence), never deletes the newest step that verifies by checksum,
+and never one that any process holds a reading lease on:
+``<url>/<job>/leases/step_N.<id>``, a small file with an expiry that its
+reader renews, removed when the read ends; leases past their expiry are
+ignored and removed. ``cleanup`` removes every kind of garbage a crash can
+leave, sparing the staging areas of attempts still writing (``keep_tags``).
+
 Everything here is blocking I/O: the coordinator calls it through
 ``trio.to_thread``; a training script calls it directly (or through
 ``AsyncCheckpointer``).
@@ -19,11 +27,17 @@ Everything here is blocking I/O: the coordinator calls it through
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
+import socket
 import threading
+import time
 import uuid
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping
+
+import msgspec
 
 from rankwarden.checkpoint._backends import (
     MANIFEST,
@@ -32,18 +46,31 @@ from rankwarden.checkpoint._backends import (
     Payload,
     algorithm_of,
     checksum_bytes,
+    sweep_scratch,
 )
 from rankwarden.checkpoint._faults import fault_point
-from rankwarden.checkpoint._manifest import FileEntry, Manifest, Writer, parse_step_dir
-from rankwarden.errors import CheckpointError, CorruptCheckpoint
+from rankwarden.checkpoint._manifest import FileEntry, Manifest, Writer, parse_step_dir, step_dir_name
+from rankwarden.errors import CheckpointError, CorruptCheckpoint, StepAlreadyCommitted
 
 __all__ = ["CheckpointStore", "rank_file_name"]
 
 log = logging.getLogger(__name__)
 
 
+_LEASE = re.compile(r"^step_(\d{9,})\.[0-9a-f]{8,}$")
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
 def rank_file_name(rank: int, suffix: str = ".pt") -> str:
     return f"rank_{rank:05d}{suffix}"
+
+
+def _commit_order(manifest: Manifest | None) -> tuple:
+    # Commit sequence first; manifests from before sequences (0) by their
+    # commit time; an unreadable manifest is the oldest of all.
+    if manifest is None:
+        return (-1, 0.0, 0)
+    return (manifest.commit_seq, manifest.created_at, manifest.step)
 
 
 def _open_backend(url: str, job: str, storage_options: Mapping[str, Any] | None):
@@ -63,11 +90,21 @@ def _open_backend(url: str, job: str, storage_options: Mapping[str, Any] | None)
 class CheckpointStore:
     """Checkpoints of one job under an fsspec URL (a plain path, ``file://``, ``s3://``, ``memory://``)."""
 
-    def __init__(self, url: str, job: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        job: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        lease_ttl: float = 300.0,
+    ) -> None:
         if not job or "/" in job or job in (".", ".."):
             raise CheckpointError(f"invalid job name for a checkpoint store: {job!r}")
+        if lease_ttl <= 0:
+            raise ValueError(f"lease_ttl must be positive, got {lease_ttl}")
         self.url = url
         self.job = job
+        self.lease_ttl = lease_ttl
         self.backend = _open_backend(url, job, storage_options)
         self._reading: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -85,6 +122,8 @@ class CheckpointStore:
         """Write one payload of ``step`` durably into the ``tag`` staging area; returns its size and checksum."""
         if not name or "/" in name or name in (".", "..", MANIFEST):
             raise CheckpointError(f"invalid checkpoint file name {name!r}")
+        if not _TAG.match(tag) or tag == MANIFEST:
+            raise CheckpointError(f"invalid checkpoint staging tag {tag!r}")
         if not self.backend.atomic_rename:
             self._claim_object_step(step)
         try:
@@ -93,20 +132,26 @@ class CheckpointStore:
             raise CheckpointError(f"{self.job}: writing {name} of step {step} failed: {exc}") from exc
 
     def _claim_object_step(self, step: int) -> None:
-        # On an object store payloads go to their final keys: never overwrite
-        # the files of a committed step. A committed step that fails
-        # verification is decommitted (its manifest removed) so a good save can
-        # replace it; a step without a manifest is in progress: write along.
+        # Refuse early to write a step that is already committed (the commit
+        # would lose anyway). A committed step that fails verification is
+        # decommitted (its manifest removed) so a good save can replace it;
+        # its files are then garbage. The manifest is read again just before
+        # the removal: one that changed meanwhile is another writer's, kept.
         path = self.backend.step_dirs().get(step)
         if path is None or self.backend.size(f"{path}/{MANIFEST}") is None:
             return
         try:
-            self._verify(step, path, checksums=True)
+            manifest = self._verify(step, path, checksums=True)
         except CorruptCheckpoint as exc:
-            log.warning("job=%s: step %d is committed but damaged (%s); replacing it", self.job, step, exc)
-            self.backend.remove(f"{path}/{MANIFEST}")
+            with contextlib.suppress(FileNotFoundError):
+                damaged = self.backend.read(f"{path}/{MANIFEST}")
+                log.warning("job=%s: step %d is committed but damaged (%s); replacing it", self.job, step, exc)
+                if self.backend.read(f"{path}/{MANIFEST}") == damaged:
+                    self.backend.remove(f"{path}/{MANIFEST}")
             return
-        raise CheckpointError(f"{self.job}: step {step} is already committed; refusing to overwrite its files")
+        raise StepAlreadyCommitted(
+            f"{self.job}: step {step} was already committed by another writer; refusing to write it again", manifest
+        )
 
     def commit(
         self,
@@ -122,29 +167,62 @@ class CheckpointStore:
 
         The files must be there with the sizes given; anything else is refused,
         so a rank's claim is never committed on trust. ``writer`` is the
-        fingerprint a later resume compares against its own."""
+        fingerprint a later resume compares against its own. If another writer
+        committed ``step`` first, its step is kept and this raises
+        ``StepAlreadyCommitted`` (carrying that step's manifest); this writer's
+        files are removed."""
         staging = self.staging_dir(step, tag)
         manifest = Manifest(job=self.job, step=step, world_size=world_size, files=list(files),
-                            metadata=dict(metadata or {}), writer=writer)
+                            metadata=dict(metadata or {}), writer=writer, payload_dir=self.backend.payload_dir(tag))
         for entry in manifest.files:
             size = self.backend.size(f"{staging.rstrip('/')}/{entry.name}")
             if size != entry.size:
+                if self._committed_manifest(step, self.backend.join(step_dir_name(step))):
+                    self._lost(step, tag, staging)  # e.g. this very staging was committed already
                 raise CheckpointError(
                     f"{self.job}: cannot commit step {step}: {entry.name} is "
                     f"{'missing' if size is None else f'{size} bytes'}, expected {entry.size}"
                 )
         try:
             fault_point("after_payloads")
-            if self.backend.atomic_rename:
-                self._replace_if_damaged(step)
-            fresh = self.backend.commit(staging, step, manifest.encode())
+            # Under the commit lock (POSIX), the damaged-check, the sequence and
+            # the rename are one step for every other committer: nobody can
+            # commit between our check and our rename, so nothing we remove
+            # can be a step someone else was just told is committed.
+            with self.backend.commit_lock():
+                if self.backend.atomic_rename:
+                    self._replace_if_damaged(step)
+                manifest = msgspec.structs.replace(manifest, commit_seq=self._next_commit_seq(), created_at=time.time())
+                fresh = self.backend.commit(staging, step, manifest.encode())
             if not fresh:
-                log.warning("job=%s: step %d was already committed; kept the existing one", self.job, step)
-                return self._verify(step, self.backend.step_dirs()[step])
+                self._lost(step, tag, staging)
             self._move_latest(step)
         except OSError as exc:
             raise CheckpointError(f"{self.job}: committing step {step} failed: {exc}") from exc
         return manifest
+
+    def _lost(self, step: int, tag: str, staging: str) -> None:
+        path = self.backend.step_dirs().get(step, self.backend.join(step_dir_name(step)))
+        existing = self._committed_manifest(step, path)
+        if self.backend.atomic_rename or not existing or existing.payload_dir != self.backend.payload_dir(tag):
+            # Never referenced by any manifest. (On an object store, the same
+            # tag committed twice: those files are the committed step's, and stay.)
+            with contextlib.suppress(OSError):
+                self.backend.remove(staging)
+        try:
+            existing = self._verify(step, path)
+        except CorruptCheckpoint as exc:
+            raise CheckpointError(
+                f"{self.job}: step {step} was committed by another writer meanwhile, and that step does not verify "
+                f"({exc}); save it again"
+            ) from None
+        log.warning("job=%s: step %d was already committed by another writer; kept it, discarded this one",
+                    self.job, step)
+        raise StepAlreadyCommitted(
+            f"{self.job}: step {step} was already committed by another writer (commit {existing.commit_seq}); "
+            f"kept it, this writer's files were discarded",
+            existing,
+        )
 
     def _replace_if_damaged(self, step: int) -> None:
         path = self.backend.step_dirs().get(step)
@@ -155,6 +233,33 @@ class CheckpointStore:
         except CorruptCheckpoint as exc:
             log.warning("job=%s: step %d is committed but damaged (%s); replacing it", self.job, step, exc)
             self.backend.remove_step(path)
+
+    def _committed(self) -> dict[int, Manifest | None]:
+        """Every step that has a manifest: its manifest, or None where it does not parse."""
+        found: dict[int, Manifest | None] = {}
+        for step, path in self.backend.step_dirs().items():
+            manifest = self._committed_manifest(step, path)
+            if manifest is not False:
+                found[step] = manifest
+        return found
+
+    def _committed_manifest(self, step: int, path: str) -> Manifest | None | bool:
+        """The manifest of ``step``; None if it does not parse or is another step's; False if there is none."""
+        try:
+            raw = self.backend.read(f"{path}/{MANIFEST}")
+        except FileNotFoundError:
+            return False
+        try:
+            manifest = Manifest.decode(raw, where=f"{self.job} step {step}")
+        except CorruptCheckpoint:
+            return None
+        return manifest if manifest.step == step and manifest.job == self.job else None
+
+    def _next_commit_seq(self) -> int:
+        # One more than any commit so far. Under the POSIX commit lock this is
+        # exact; two object-store commits at the same moment may share a number,
+        # and then commit time orders them.
+        return 1 + max((m.commit_seq for m in self._committed().values() if m is not None), default=0)
 
     def save(
         self,
@@ -199,6 +304,11 @@ class CheckpointStore:
             log.warning("job=%s: LATEST holds %r, not a step name; ignoring it", self.job, raw[:64])
         return step
 
+    @staticmethod
+    def _file_path(step_path: str, manifest: Manifest, name: str) -> str:
+        """Where a file of a committed step is: in the step directory, or under the winner's tag in it."""
+        return "/".join([step_path, manifest.payload_dir, name] if manifest.payload_dir else [step_path, name])
+
     def _verify(self, step: int, path: str, *, checksums: bool = False) -> Manifest:
         where = f"{self.job} step {step}"
         try:
@@ -210,12 +320,13 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"{where}: manifest is for job {manifest.job!r} step {manifest.step}")
         for entry in manifest.files:
             whose = entry.name if entry.rank is None else f"rank {entry.rank}'s file {entry.name}"
-            size = self.backend.size(f"{path}/{entry.name}")
+            file_path = self._file_path(path, manifest, entry.name)
+            size = self.backend.size(file_path)
             if size is None:
                 raise CorruptCheckpoint(f"{where}: {whose} is missing")
             if size != entry.size:
                 raise CorruptCheckpoint(f"{where}: {whose} is {size} bytes, manifest says {entry.size}")
-            if checksums and self.backend.checksum(f"{path}/{entry.name}", algorithm_of(entry.checksum)) != entry.checksum:
+            if checksums and self.backend.checksum(file_path, algorithm_of(entry.checksum)) != entry.checksum:
                 raise CorruptCheckpoint(f"{where}: {whose} failed its checksum")
         return manifest
 
@@ -252,7 +363,7 @@ class CheckpointStore:
     def read(self, manifest: Manifest, name: str) -> bytes:
         """One file of a committed step, checked against the manifest's size and checksum."""
         entry = manifest.file(name)
-        path = f"{self.backend.step_dirs().get(manifest.step, '')}/{name}"
+        path = self._file_path(self.backend.step_dirs().get(manifest.step, ""), manifest, name)
         try:
             data = self.backend.read(path)
         except FileNotFoundError:
@@ -275,53 +386,173 @@ class CheckpointStore:
         return None
 
     @contextlib.contextmanager
-    def reading(self, step: int) -> Iterator[None]:
-        """While inside, retention in this process will not delete ``step``."""
+    def reading(self, step: int, *, ttl: float | None = None) -> Iterator[None]:
+        """While inside, retention (in any process) will not delete ``step``.
+
+        Writes a lease ``leases/step_N.<id>`` that expires ``ttl`` seconds
+        (default: the store's ``lease_ttl``) from now and is renewed every
+        third of that while the read goes on, then removed. A reader killed
+        meanwhile leaves a lease that retention ignores once it expires. A
+        reader that may not write (read-only credentials) is protected in
+        this process only, with a warning."""
+        ttl = self.lease_ttl if ttl is None else ttl
+        if ttl <= 0:
+            raise ValueError(f"ttl must be positive, got {ttl}")
         with self._lock:
             self._reading[step] = self._reading.get(step, 0) + 1
+        name = f"{step_dir_name(step)}.{uuid.uuid4().hex[:16]}"
+        stop = threading.Event()
+        renewer = None
+        if self._put_lease(name, step, ttl):
+            renewer = threading.Thread(target=self._renew_lease, args=(name, step, ttl, stop),
+                                       name=f"rankwarden-lease-{step}", daemon=True)
+            renewer.start()
         try:
             yield
         finally:
+            stop.set()
+            if renewer is not None:
+                renewer.join()
+                with contextlib.suppress(OSError):
+                    self.backend.remove_lease(name)
             with self._lock:
                 self._reading[step] -= 1
                 if not self._reading[step]:
                     del self._reading[step]
 
+    def _put_lease(self, name: str, step: int, ttl: float) -> bool:
+        lease = {"step": step, "expires": time.time() + ttl, "host": socket.gethostname(), "pid": os.getpid()}
+        try:
+            self.backend.put_lease(name, json.dumps(lease).encode())
+        except OSError as exc:
+            log.warning("job=%s: could not write a reading lease for step %d (%s); only this process will "
+                        "keep retention off it", self.job, step, exc)
+            return False
+        return True
+
+    def _renew_lease(self, name: str, step: int, ttl: float, stop: threading.Event) -> None:
+        while not stop.wait(ttl / 3):
+            self._put_lease(name, step, ttl)
+
+    def _leased_steps(self, *, step: int | None = None) -> set[int]:
+        """Steps (all, or just ``step``) with an unexpired reading lease; expired ones are removed."""
+        now, leased = time.time(), set()
+        for name in self.backend.leases():
+            match = _LEASE.match(name)
+            if match is None or (step is not None and int(match.group(1)) != step):
+                continue
+            try:
+                expires = float(json.loads(self.backend.read_lease(name))["expires"])
+            except FileNotFoundError:
+                continue  # its read just ended
+            except (ValueError, KeyError, TypeError):
+                expires = 0.0  # not a lease we can honour
+            if expires > now:
+                leased.add(int(match.group(1)))
+            else:
+                log.info("job=%s: removing the expired reading lease %s", self.job, name)
+                with contextlib.suppress(OSError):
+                    self.backend.remove_lease(name)
+        return leased
+
     # -- housekeeping ------------------------------------------------------------------
 
-    def cleanup(self) -> list[str]:
-        """Remove what failed saves left behind. Call only while no save is being written."""
+    def cleanup(self, *, keep_tags: Collection[str] = ()) -> list[str]:
+        """Remove everything that failed or finished saves and reads left behind; return what was removed.
+
+        That is: staging areas (``step_N.tmp-<tag>/``; on object stores, tag
+        prefixes no manifest names), ``LATEST`` temp files, half-deleted
+        steps, incomplete multipart uploads, expired reading leases, and on
+        this host the scratch copies of writers that are gone. Never a
+        committed step, and never the staging area of an attempt in
+        ``keep_tags``: pass the tags of attempts that may still be writing
+        (with none, no save may be in progress)."""
         removed = []
-        for path in self.backend.garbage():
+        for path in self.backend.garbage(keep_tags):
             log.info("job=%s: removing uncommitted checkpoint data %s", self.job, path)
             self.backend.remove(path)
             removed.append(path)
+        for path, upload_id in getattr(self.backend, "incomplete_uploads", list)():
+            if self.backend.tag_of(path) in keep_tags:
+                continue
+            log.info("job=%s: aborting the incomplete upload of %s", self.job, path)
+            with contextlib.suppress(OSError):
+                self.backend.abort_upload(path, upload_id)
+                removed.append(f"{path} (incomplete upload)")
+        for name in self.backend.leases():
+            if _LEASE.match(name) is None:  # a lease write that never finished
+                self.backend.remove_lease(name)
+                removed.append(self.backend.join("leases", name))
+        self._leased_steps()  # removes the expired ones
+        sweep_scratch()
         return removed
 
-    def retain(self, keep_last: int, *, keep_every: int = 0, protect: Iterable[int] = ()) -> list[int]:
-        """Delete committed steps beyond the newest ``keep_last`` (and every ``keep_every``-th).
+    def destroy(self) -> None:
+        """Delete every file of this job's store: steps, LATEST, leases, staging, uploads.
 
-        Never deletes the step LATEST names, the newest step that verifies
-        (so a damaged newer step cannot cost the last good one), a step in
-        ``protect``, or one being read in this process. Returns the deleted steps."""
+        For a job that is being deleted: readers and writers of it must be
+        gone (a reading lease does not stop this)."""
+        try:
+            self.backend.destroy()
+        except OSError as exc:
+            raise CheckpointError(f"{self.job}: deleting the checkpoint store failed: {exc}") from exc
+        log.info("job=%s: deleted the checkpoint store %s", self.job, self.url)
+
+    def retain(self, keep_last: int, *, keep_every: int = 0, protect: Iterable[int] = ()) -> list[int]:
+        """Delete committed steps beyond the last ``keep_last`` commits (and every ``keep_every``-th step).
+
+        "Last" is commit order, not step number: after a resume from an older
+        step, the steps of the abandoned timeline go first. Never deletes the
+        step LATEST names, the newest step that verifies by checksum (in
+        commit order, and in step order, which resume uses), a step in
+        ``protect``, or one that any process holds a reading lease on.
+        Steps without a manifest are in progress or garbage: ``cleanup``'s.
+        Returns the deleted steps."""
         if keep_last < 1:
             raise ValueError(f"keep_last must be at least 1, got {keep_last}")
         dirs = self.backend.step_dirs()
-        keep = set(sorted(dirs, reverse=True)[:keep_last]) | set(protect)
+        committed = {step: m for step, m in self._committed().items() if step in dirs}
+        by_commit = sorted(committed, key=lambda step: _commit_order(committed[step]), reverse=True)
+        readable = [step for step in by_commit if committed[step] is not None]
+        keep = set(readable[:keep_last]) | set(protect)
+        if keep_every:
+            keep |= {step for step in committed if step % keep_every == 0}
         hint = self._latest_hint()
         if hint is not None:
             keep.add(hint)
-        good = self.latest()
-        if good is not None:
-            keep.add(good.step)
         with self._lock:
             keep |= set(self._reading)
+        if not set(committed) - keep:
+            return []
+        verified: dict[int, bool] = {}
+        keep |= self._newest_good(readable, dirs, verified) | self._newest_good(sorted(readable, reverse=True), dirs, verified)
+        keep |= self._leased_steps()
         deleted = []
-        for step in sorted(dirs):
-            if step in keep or (keep_every and step % keep_every == 0):
+        for step in sorted(set(committed) - keep, key=lambda step: _commit_order(committed[step])):
+            # A reader may have taken a lease since: look again just before.
+            # One taken after this look finds the step gone (and says so);
+            # it never reads a wrong state.
+            if self._leased_steps(step=step):
                 continue
-            self.backend.remove_step(dirs[step])
+            with self.backend.commit_lock():
+                if self._committed_manifest(step, dirs[step]) != committed[step]:
+                    continue  # replaced meanwhile by a new commit of that step: not what we decided on
+                self.backend.remove_step(dirs[step])
             deleted.append(step)
         if deleted:
             log.info("job=%s: retention deleted steps %s", self.job, deleted)
         return deleted
+
+    def _newest_good(self, steps: list[int], dirs: Mapping[int, str], verified: dict[int, bool]) -> set[int]:
+        """The first of ``steps`` that verifies by checksum (``verified`` remembers each answer)."""
+        for step in steps:
+            if step not in verified:
+                try:
+                    self._verify(step, dirs[step], checksums=True)
+                    verified[step] = True
+                except CorruptCheckpoint as exc:
+                    log.info("job=%s: retention: step %d does not verify (%s)", self.job, step, exc)
+                    verified[step] = False
+            if verified[step]:
+                return {step}
+        return set()

@@ -112,9 +112,16 @@ class RankCheckpointer:
             )
         entries: list = [None] * self.world_size
         dist.all_gather_object(entries, entry)
+        outcome: list = [None]
         if self.rank == 0:
-            self.store.commit(step, entries, tag=self.tag, world_size=self.world_size, writer=self._writer())
-        dist.barrier()
+            try:
+                self.store.commit(step, entries, tag=self.tag, world_size=self.world_size, writer=self._writer())
+            except CheckpointError as exc:  # every rank must hear of it, or they wait in the broadcast forever
+                outcome = [f"{type(exc).__name__}: {exc}"]
+        # A broadcast rather than a barrier: it also carries rank 0's verdict.
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise CheckpointError(f"step {step} was not committed: {outcome[0]}")
 
     def save_state(self, step: int, state: Any) -> FileEntry:
         return self.save(step, torch_payload(state))
