@@ -102,3 +102,35 @@ def test_demo_train_runs_under_plain_torchrun(tmp_path, dataset):
     # A second run resumes from the final checkpoint and has nothing left to do.
     again = subprocess.run([*torchrun, *args], capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "step 128 of 128" in again.stdout
+
+
+def test_the_weight_comparison_can_say_not_identical(tmp_path):
+    import torch
+
+    from rankwarden.chaos import _compare_weights
+
+    weights = {"fc.weight": torch.randn(4, 4, generator=torch.Generator().manual_seed(0)), "fc.bias": torch.zeros(4)}
+    torch.save(weights, tmp_path / "clean.pt")
+    torch.save(weights, tmp_path / "same.pt")
+    assert _compare_weights(str(tmp_path / "same.pt"), str(tmp_path / "clean.pt")) == (True, "")
+    perturbed = {k: v.clone() for k, v in weights.items()}
+    perturbed["fc.weight"][2, 3] = torch.nextafter(perturbed["fc.weight"][2, 3], torch.tensor(1e9))  # one ulp
+    torch.save(perturbed, tmp_path / "faults.pt")
+    identical, why = _compare_weights(str(tmp_path / "faults.pt"), str(tmp_path / "clean.pt"))
+    assert not identical and why.startswith("(fc.weight differs by up to")
+    assert _compare_weights(str(tmp_path / "missing.pt"), str(tmp_path / "clean.pt")) == (
+        False, "(a run wrote no final weights)")
+
+
+def test_the_chaos_verdict_says_when_commits_went_backwards():
+    from rankwarden.chaos import ChaosReport, FaultRecord
+
+    faults = [FaultRecord(kind="kill", rank=0, attempt=1, step=20, cause="signaled", detect=0.01, recover=1.0,
+                          resumed_from=16)]
+    forward = ChaosReport(faults=faults, planned=1, state="succeeded", attempts=2, committed=[16, 32, 48], identical=True)
+    assert forward.monotonic and forward.ok
+    backwards = ChaosReport(faults=faults, planned=1, state="succeeded", attempts=2, committed=[16, 32, 16, 48],
+                            identical=True)
+    assert not backwards.monotonic and not backwards.ok
+    assert "committed steps never went backwards: NO" in backwards.render()
+    assert backwards.render().endswith("RESULT: FAILED")
