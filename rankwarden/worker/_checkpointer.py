@@ -55,10 +55,11 @@ class RankCheckpointer:
         if self._client is not None and url and url != managed_url:
             # The coordinator commits into its own store only: files written
             # elsewhere would be reported and never committed.
+            where = f"whose checkpoint store is {managed_url!r}" if managed_url else "and this job has no checkpoint store"
             raise CheckpointError(
-                f"this rank runs under rankwarden, whose checkpoint store is {managed_url!r}, but was given "
-                f"url={url!r}; pass the location to the coordinator (`rankwarden run --checkpoint URL`) "
-                "and call save/restore without url"
+                f"this rank runs under rankwarden {where}, but was given url={url!r}: the coordinator commits "
+                "only into its own store. Pass the location to it (`rankwarden run --checkpoint URL`, "
+                "JobSpec.checkpoint_url) and call save/restore without url"
             )
         url = url or managed_url
         if not url:
