@@ -24,7 +24,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 import rankwarden
-from rankwarden.api._manager import ACTIVE, ApiError, JobManager
+from rankwarden.api._admission import check_job_id
+from rankwarden.api._manager import ACTIVE, JobManager
 from rankwarden.api._schema import (
     API_STATES,
     ErrorBody,
@@ -35,13 +36,13 @@ from rankwarden.api._schema import (
     PurgeRequest,
     PurgeResult,
 )
-from rankwarden.spec import JOB_ID_PATTERN
+from rankwarden.errors import ApiError
 
 __all__ = ["create_app"]
 
 MAX_BODY = 64 * 1024
 KEEPALIVE = 15.0
-_JOB_ID = re.compile(JOB_ID_PATTERN)
+_EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() accepts '²'
 _encoder = msgspec.json.Encoder()
 
 
@@ -54,9 +55,7 @@ def _error(status: int, message: str, detail: str = "") -> Response:
 
 
 def _job_id(job_id: str) -> str:
-    if not _JOB_ID.match(job_id):
-        raise ApiError(400, f"invalid job id {job_id!r}", "job ids are 1-63 lowercase letters, digits or '-'")
-    return job_id
+    return check_job_id(job_id)
 
 
 async def _body(kind):
@@ -65,7 +64,7 @@ async def _body(kind):
         return msgspec.json.decode(raw or b"{}", type=kind)
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"invalid request body: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
 
 
@@ -88,25 +87,29 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
     expected = f"Bearer {token}".encode()
 
     @app.before_request
-    async def drain_then_authenticate():
-        # Read every request body (bounded) before answering anything: a
-        # response sent over an unread body leaves its bytes on the keep-alive
-        # connection and stalls the client's next request. A body over the
-        # limit is refused and its connection closed.
+    async def authenticate_then_drain():
+        # The token is checked before a byte of the body is read: an
+        # unauthenticated client cannot make the server buffer anything. A
+        # refusal over an unread body closes the connection (after_request),
+        # since the body's bytes would otherwise stall the next request on it.
+        if request.path != "/health":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _error(401, "missing or wrong bearer token", "send `Authorization: Bearer <token>`")
         if (request.content_length or 0) > MAX_BODY:
             return _error(413, "request body too large", f"the limit is {MAX_BODY} bytes")
+        # Read the (bounded) body before answering: see above.
         await request.get_data()
-        if request.path == "/health":
-            return None
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            return _error(401, "missing or wrong bearer token", "send `Authorization: Bearer <token>`")
         return None
 
     @app.after_request
-    async def close_after_refused_bodies(response: Response) -> Response:
-        if response.status_code == 413:
+    async def harden(response: Response) -> Response:
+        if response.status_code in (401, 413):
             response.headers["Connection"] = "close"
+        # Answers are JSON or event streams about private jobs: never sniffed
+        # as something else, never kept by a cache.
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = "no-store"
         return response
 
     @app.errorhandler(ApiError)
@@ -239,13 +242,13 @@ def _tail(path: Path, count: int, wanted: Callable[[dict], bool], block: int = 1
 
 def _last_event_id() -> int:
     raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
-    if not raw.isdigit() or len(raw) > 18:
+    if not _EVENT_ID.fullmatch(raw):
         raise ApiError(400, f"Last-Event-ID must be a line number, got {raw[:32]!r}")
     return int(raw)
 
 
 def _sse(body: AsyncIterator[bytes]) -> Response:
-    response = Response(body, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response = Response(body, mimetype="text/event-stream", headers={"X-Accel-Buffering": "no"})
     response.timeout = None  # a stream lasts as long as its job
     return response
 

@@ -15,10 +15,8 @@ next start treats them the same way.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
-import re
 import secrets
 import shutil
 import time
@@ -29,29 +27,22 @@ from typing import Any
 import msgspec
 import trio
 
+from rankwarden.api._admission import check_allowed
 from rankwarden.api._db import JobDB
 from rankwarden.api._schema import JobInfo, JobRequest, JobSummary
 from rankwarden.coordinator import Coordinator
 from rankwarden.coordinator._jobdir import RankOutputTail
 from rankwarden.events import JobSnapshot, RankFailed
-from rankwarden.errors import SpecError
+from rankwarden.errors import ApiError, SpecError
 from rankwarden.spec import JobSpec
 
-__all__ = ["ApiError", "JobManager", "ServerConfig"]
+__all__ = ["JobManager", "ServerConfig"]
 
 log = logging.getLogger(__name__)
 
 ACTIVE = ("pending", "running", "restarting", "stopping")
 _SAMPLE = 0.5  # seconds between progress samples for summaries
 _LOG_COPY = 0.1  # seconds between copies of rank output into the job's combined log
-
-
-class ApiError(Exception):
-    """An error for the client: HTTP status and a message saying what to do."""
-
-    def __init__(self, status: int, message: str, detail: str = "") -> None:
-        super().__init__(message)
-        self.status, self.message, self.detail = status, message, detail
 
 
 @dataclass
@@ -125,9 +116,18 @@ class JobManager:
         jobs, _ = self.db.list(states=list(ACTIVE), limit=1_000_000)
         for info in jobs:
             if self.config.on_restart == "resume":
+                try:
+                    request = self.check_allowed(info.request)
+                except ApiError as exc:
+                    # The operator may have narrowed --allow since: a job a new
+                    # submit would refuse must not run either.
+                    log.warning("job=%s: not resumed: %s", info.job_id, exc.message)
+                    self.db.update(info.job_id, state="failed",
+                                   reason=f"not resumed after a server restart: no longer allowed: {exc.message}")
+                    continue
                 log.info("job=%s was running when the server stopped; resuming it", info.job_id)
                 self.db.update(info.job_id, reason="resumed after a server restart")
-                self._start(info.job_id, info.request, resumed=True)
+                self._start(info.job_id, request, resumed=True)
             else:
                 self.db.update(info.job_id, state="interrupted", reason="the server stopped while the job was running")
 
@@ -136,29 +136,17 @@ class JobManager:
     def job_dir(self, job_id: str) -> Path:
         return self.state_dir / "jobs" / job_id
 
-    def check_allowed(self, request: JobRequest) -> str:
-        """The entrypoint to run, if an operator pattern allows it; else 403."""
-        for value in (request.entrypoint, *request.args):
-            if any(ord(c) < 32 and c not in "\t" for c in value):
-                raise ApiError(400, "entrypoint and args may not contain control characters or NUL")
-        if request.module:
-            candidate = f"module:{request.entrypoint}"
-            if not re.fullmatch(r"[A-Za-z_][\w.]*", request.entrypoint):
-                raise ApiError(400, f"{request.entrypoint!r} is not a Python module name")
-            resolved = request.entrypoint
-        else:
-            resolved = candidate = os.path.realpath(request.entrypoint)
-        if not any(fnmatch.fnmatchcase(candidate, pattern) for pattern in self.config.allow):
-            raise ApiError(403, f"entrypoint {request.entrypoint!r} is not allowed on this server",
-                           "the operator allows entrypoints with `rankwarden serve --allow PATTERN`")
-        if not request.module and not os.path.isfile(resolved):
-            raise ApiError(400, f"entrypoint {request.entrypoint!r} does not exist on the server")
-        return resolved
+    def check_allowed(self, request: JobRequest) -> JobRequest:
+        """The request with its entrypoint resolved, if the allowlist admits it (else ApiError)."""
+        resolved = check_allowed(request, self.config.allow)
+        return msgspec.structs.replace(request, entrypoint=resolved)
 
     def submit(self, request: JobRequest) -> JobInfo:
         if self._nursery is None:
             raise ApiError(503, "the server is shutting down")
-        self.check_allowed(request)
+        # The record keeps the real path: a symlink re-pointed later, or a
+        # relative path resolved from another cwd, cannot change what runs.
+        request = self.check_allowed(request)
         job_id = request.job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         if self.db.exists(job_id):
             raise ApiError(409, f"job {job_id} already exists", "pick another job_id, or delete the old job")
@@ -171,12 +159,11 @@ class JobManager:
         return info
 
     def _spec(self, job_id: str, request: JobRequest) -> JobSpec:
-        entrypoint = request.entrypoint if request.module else os.path.realpath(request.entrypoint)
         checkpoint_url = None
         if request.checkpoint:
             checkpoint_url = self.config.checkpoint_root or str(self.state_dir / "checkpoints")
         return JobSpec(
-            entrypoint=entrypoint, args=list(request.args), module=request.module, world_size=request.world_size,
+            entrypoint=request.entrypoint, args=list(request.args), module=request.module, world_size=request.world_size,
             job_id=job_id, job_dir=str(self.job_dir(job_id)), checkpoint_url=checkpoint_url,
             heartbeat_timeout=request.heartbeat_timeout, progress_timeout=request.progress_timeout,
             max_restarts=request.max_restarts, restart_scope=request.restart_scope,

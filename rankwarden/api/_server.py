@@ -54,6 +54,9 @@ async def serve_api(
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown`` is set (or cancelled). ``task_status.started(url)`` once listening."""
+    if host in ("0.0.0.0", "::", ""):
+        log.warning("the API listens on every interface (%s): anyone who can reach port %s and holds the token "
+                    "can run allowed entrypoints; put TLS and a firewall in front", host or "0.0.0.0", port)
     manager = JobManager(config)
     app = create_app(manager, token)
     hypercorn_config = HypercornConfig()

@@ -15,17 +15,10 @@ from typing import Any, AsyncIterator, Iterator
 import httpx
 import msgspec
 
+from rankwarden.errors import ApiClientError
 from rankwarden.api._schema import JobInfo, JobList, JobRequest, JobSummary, PurgeResult
 
 __all__ = ["ApiClientError", "AsyncClient", "Client"]
-
-
-class ApiClientError(Exception):
-    """The server answered with an error: ``status`` and its message."""
-
-    def __init__(self, status: int, message: str, detail: str = "") -> None:
-        super().__init__(f"{status}: {message}" + (f" ({detail})" if detail else ""))
-        self.status, self.message, self.detail = status, message, detail
 
 
 def _check(response: httpx.Response) -> httpx.Response:

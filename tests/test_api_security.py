@@ -1,0 +1,149 @@
+"""Issue 12: the API server is safe to expose. Each test runs a real server on loopback (port 0)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+
+import httpx
+import pytest
+import trio
+
+from rankwarden.api import ServerConfig, serve_api
+
+from .conftest import JOB_PREFIX, SCRIPTS
+
+WORKER = os.path.join(SCRIPTS, "worker.py")
+TOKEN = "test-token-0123456789abcdef"
+LIMIT = 60
+
+
+@contextlib.asynccontextmanager
+async def server(config: ServerConfig, **kwargs):
+    """A running server and an authenticated client; a graceful stop at the end."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(functools.partial(serve_api, config, port=0, token=TOKEN, shutdown=stop, **kwargs))
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
+            yield client
+        stop.set()
+
+
+def job(name, *args, entrypoint=WORKER, **fields):
+    body = {"entrypoint": entrypoint, "args": list(args), "world_size": 1, "job_id": f"{JOB_PREFIX}{name}",
+            "heartbeat_timeout": 3.0, "checkpoint": False}
+    body.update(fields)
+    return body
+
+
+async def wait_state(client, job_id, *states):
+    with trio.fail_after(LIMIT):
+        while (info := (await client.get(f"/jobs/{job_id}")).json())["state"] not in states:
+            await trio.sleep(0.05)
+    return info
+
+
+# -- 1. the allowlist matches path segments of the real path ---------------------------------
+
+
+@pytest.fixture
+def training(tmp_path):
+    """/…/srv/train.py, /…/srv/venv/lib/run.py (below the allowed directory) and a symlink to it."""
+    srv = tmp_path / "srv"
+    (srv / "venv" / "lib").mkdir(parents=True)
+    shutil.copy(WORKER, srv / "train.py")
+    shutil.copy(WORKER, srv / "venv" / "lib" / "run.py")
+    os.symlink(srv / "venv" / "lib" / "run.py", srv / "link.py")
+    return srv
+
+
+@pytest.mark.parametrize("entrypoint, status", [
+    ("train.py", 201),
+    ("venv/lib/run.py", 403),  # fnmatch's * crossed the '/' here
+    ("link.py", 403),  # allowed by name, but its real path is below
+])
+async def test_a_star_never_crosses_a_directory(tmp_path, training, entrypoint, status):
+    config = ServerConfig(state_dir=str(tmp_path / "state"), allow=[str(training / "*.py")])
+    async with server(config) as api:
+        body = job("glob", "--steps", "1", entrypoint=str(training / entrypoint))
+        response = await api.post("/jobs", json=body)
+        assert response.status_code == status, response.text
+        if status == 201:
+            await wait_state(api, body["job_id"], "succeeded")
+
+
+async def test_a_double_star_crosses_directories_where_written(tmp_path, training):
+    config = ServerConfig(state_dir=str(tmp_path / "state"), allow=[str(training / "**" / "run.py")])
+    async with server(config) as api:
+        body = job("dstar", "--steps", "1", entrypoint=str(training / "venv" / "lib" / "run.py"))
+        assert (await api.post("/jobs", json=body)).status_code == 201
+        await wait_state(api, body["job_id"], "succeeded")
+        assert (await api.post("/jobs", json=job("dstar2", entrypoint=str(training / "train.py")))).status_code == 403
+
+
+def test_segment_matching():
+    from rankwarden.api._admission import path_matches
+
+    assert path_matches("/srv/*.py", "/srv/a.py")
+    assert not path_matches("/srv/*.py", "/srv/x/a.py")
+    assert path_matches("/srv/**/a.py", "/srv/a.py")
+    assert path_matches("/srv/**/a.py", "/srv/x/y/a.py")
+    assert not path_matches("/srv/**/a.py", "/srv/x/y/b.py")
+    assert path_matches("/srv/**", "/srv/x/y/b.py")
+    assert not path_matches("/srv/x*", "/srv/x/y")
+    assert path_matches("module:demo.*", "module:demo.train")
+    assert not path_matches("module:demo.*", "module:demo.sub.train")
+
+
+# -- 2. a restarted server checks every job again --------------------------------------------
+
+
+async def test_a_resumed_job_that_is_no_longer_allowed_fails_with_a_reason(tmp_path, training):
+    state = str(tmp_path / "state")
+    body = job("recheck", "--steps", "100000", "--step-time", "0.05", entrypoint=str(training / "link.py"))
+    config = ServerConfig(state_dir=state, allow=[str(training / "**" / "*.py")])
+    async with server(config) as api:
+        created = (await api.post("/jobs", json=body)).json()
+        # The record holds the real path, so re-pointing the link later changes nothing.
+        assert created["request"]["entrypoint"] == os.path.realpath(training / "venv" / "lib" / "run.py")
+        await wait_state(api, body["job_id"], "running")
+    # The operator narrows the allowlist and restarts the server.
+    config = ServerConfig(state_dir=state, allow=[str(training / "*.py")])
+    async with server(config) as api:
+        info = await wait_state(api, body["job_id"], "failed", "succeeded", "running")
+        assert info["state"] == "failed"
+        assert "no longer allowed" in info["reason"]
+
+
+# -- 9. lows ---------------------------------------------------------------------------------
+
+
+async def test_lows_are_4xx_not_500_and_headers_are_safe(tmp_path):
+    config = ServerConfig(state_dir=str(tmp_path / "state"), allow=[os.path.join(SCRIPTS, "*.py")])
+    async with server(config) as api:
+        bad_utf8 = await api.post("/jobs", content=b'{"entrypoint": "\xff\xfe"}', headers={"Content-Type": "application/json"})
+        assert bad_utf8.status_code == 400, bad_utf8.text
+        body = job("lows", "--steps", "1")
+        assert (await api.post("/jobs", json=body)).status_code == 201
+        await wait_state(api, body["job_id"], "succeeded")
+        for value in ("²", "1\u0663", "1.5"):
+            path = f"/jobs/{body['job_id']}/events/stream"
+            by_header = await api.get(path, headers={"Last-Event-ID": value.encode()})
+            by_query = await api.get(path, params={"last_event_id": value})
+            assert by_header.status_code == by_query.status_code == 400, (value, by_header.text, by_query.text)
+        newline = await api.post("/jobs", json=job("lows\n"))
+        assert newline.status_code == 400, newline.text
+        assert (await api.get("/jobs/x%0A")).status_code == 400
+        assert (await api.get("/metrics")).status_code == 200
+        for response in (await api.get("/jobs"), await api.get("/health"), await api.get("/nowhere")):
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert "no-store" in response.headers["cache-control"]
+
+
+async def test_a_wildcard_bind_is_warned_about(tmp_path, caplog):
+    config = ServerConfig(state_dir=str(tmp_path / "state"))
+    async with server(config, host="0.0.0.0"):
+        pass
+    assert any("0.0.0.0" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
