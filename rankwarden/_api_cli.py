@@ -28,6 +28,9 @@ def add_api_commands(sub) -> None:
     serve.add_argument("--state-dir", default=DEFAULT_STATE, help="jobs database, job logs, token file")
     serve.add_argument("--allow", action="append", default=[], metavar="PATTERN",
                        help="entrypoints jobs may run: a glob over the script's real path, or module:NAME; repeatable")
+    serve.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                       help="a server-wide limit: max_ranks, max_jobs, min_heartbeat_timeout, min_progress_timeout, "
+                            "max_restarts (defaults from this host's CPUs and memory); repeatable")
     serve.add_argument("--on-restart", choices=["resume", "interrupt"], default="resume",
                        help="what to do with jobs that were running when the server last stopped")
     serve.add_argument("--checkpoint-root", default=None, help="checkpoint store URL for jobs (default: STATE_DIR/checkpoints)")
@@ -78,7 +81,9 @@ def run_api_command(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from rankwarden.api import ServerConfig, load_or_create_token, serve_api
+    from rankwarden.api import Limits, ServerConfig, load_or_create_token, serve_api
+    from rankwarden.api._server import is_loopback, weak_token
+    from rankwarden.errors import RankwardenError
 
     if not args.allow:
         print("rankwarden serve: warning: no --allow pattern: every job submission will be refused (403)", file=sys.stderr)
@@ -97,9 +102,34 @@ def _serve(args: argparse.Namespace) -> int:
     if bad:
         print(f"rankwarden serve: --rank-node-selector {bad[0]!r}: expected KEY=VALUE", file=sys.stderr)
         return 2
-    token, created = load_or_create_token(args.state_dir)
+    limits = Limits()
+    for item in args.limit:
+        name, _, value = item.partition("=")
+        if name not in Limits.__dataclass_fields__ or not value:
+            print(f"rankwarden serve: --limit {item!r}: expected NAME=VALUE with NAME one of "
+                  f"{', '.join(Limits.__dataclass_fields__)}", file=sys.stderr)
+            return 2
+        kind = type(getattr(limits, name))
+        try:
+            setattr(limits, name, kind(value))
+        except ValueError:
+            print(f"rankwarden serve: --limit {item!r}: {value!r} is not a {kind.__name__}", file=sys.stderr)
+            return 2
+    # Files the server and its ranks create (database, logs, checkpoints)
+    # are the owner's only.
+    os.umask(0o077)
+    try:
+        token, created = load_or_create_token(args.state_dir)
+    except RankwardenError as exc:
+        print(f"rankwarden serve: {exc}", file=sys.stderr)
+        return 2
+    if not is_loopback(args.host) and (reason := weak_token(token)):
+        print(f"rankwarden serve: refusing to listen on {args.host} with a weak API token: {reason}. Unset "
+              "RANKWARDEN_API_TOKEN to have one generated in the state directory, or set a long random one.",
+              file=sys.stderr)
+        return 2
     config = ServerConfig(state_dir=args.state_dir, allow=args.allow, on_restart=args.on_restart,
-                          checkpoint_root=args.checkpoint_root)
+                          checkpoint_root=args.checkpoint_root, limits=limits)
 
     async def main() -> None:
         async with contextlib.AsyncExitStack() as stack:

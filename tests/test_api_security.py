@@ -147,3 +147,110 @@ async def test_a_wildcard_bind_is_warned_about(tmp_path, caplog):
     async with server(config, host="0.0.0.0"):
         pass
     assert any("0.0.0.0" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+# -- 5. nothing blocks the event loop --------------------------------------------------------
+
+
+def finished_jobs(state_dir, count):
+    """``count`` finished job records, each with a small job directory, written directly."""
+    import sqlite3
+    import time
+
+    import msgspec
+
+    from rankwarden.api._db import JobDB
+    from rankwarden.api._schema import JobRequest
+
+    JobDB(os.path.join(state_dir, "jobs.sqlite3")).close()  # the schema
+    request = msgspec.json.encode(JobRequest(entrypoint=WORKER)).decode()
+    now = time.time() - 3600
+    rows = [(f"old-{i}", request, "succeeded", now, now) for i in range(count)]
+    with contextlib.closing(sqlite3.connect(os.path.join(state_dir, "jobs.sqlite3"))) as conn, conn:
+        conn.executemany("INSERT INTO jobs (job_id, request, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?)", rows)
+    for job_id, *_ in rows:
+        os.makedirs(os.path.join(state_dir, "jobs", job_id))
+        with open(os.path.join(state_dir, "jobs", job_id, "logs.jsonl"), "w") as f:
+            f.write('{"id": 1}\n')
+
+
+def info_done(metrics):
+    return 'rankwarden_jobs{state="succeeded"} 1' in metrics
+
+
+async def test_purging_many_thousands_of_jobs_never_stalls_a_running_job(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    count = 10_000
+    finished_jobs(str(state), count)
+    config = ServerConfig(state_dir=str(state), allow=[os.path.join(SCRIPTS, "*.py")])
+    async with server(config) as api:
+        body = job("purge-live", "--steps", "150", "--step-time", "0.05", heartbeat_timeout=2.0, max_restarts=0)
+        assert (await api.post("/jobs", json=body)).status_code == 201
+        await wait_state(api, body["job_id"], "running")
+        worst = 0.0
+        purged = {}
+
+        async def purge():
+            purged.update((await api.post("/jobs/purge", json={"states": ["succeeded"], "older_than_seconds": 60})).json())
+            nursery.cancel_scope.cancel()
+
+        async def probe():
+            # The server shares this test's event loop, the one that also
+            # serves heartbeats: a tick that comes late means it was blocked.
+            nonlocal worst
+            while True:
+                started = trio.current_time()
+                await trio.sleep(0.05)
+                worst = max(worst, trio.current_time() - started - 0.05)
+                assert (await api.get("/health")).status_code == 200
+
+        with trio.fail_after(LIMIT * 2):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(purge)
+                nursery.start_soon(probe)
+            assert len(purged["purged"]) == count
+            assert worst < 0.5, f"the event loop was blocked for {worst:.2f} s during the purge"
+            metrics = await api.get("/metrics")
+            # Only the live job may have finished (and be counted) meanwhile.
+            assert 'rankwarden_jobs{state="succeeded"} 0' in metrics.text or info_done(metrics.text)
+        info = await wait_state(api, body["job_id"], "succeeded", "failed")
+        assert (info["state"], info["restarts_used"]) == ("succeeded", 0), info["reason"]
+        assert not any(name.startswith("old-") for name in os.listdir(state / "jobs"))
+
+
+# -- 4. server-wide limits -------------------------------------------------------------------
+
+
+async def test_limits_are_refused_with_a_status_naming_the_limit(tmp_path):
+    from rankwarden.api import Limits
+
+    limits = Limits(max_ranks=2, max_jobs=1, min_heartbeat_timeout=1.0, min_progress_timeout=10.0, max_restarts=5)
+    config = ServerConfig(state_dir=str(tmp_path / "state"), allow=[os.path.join(SCRIPTS, "*.py")], limits=limits)
+    async with server(config) as api:
+        for fields, status, name in [
+            ({"heartbeat_timeout": 1e-300}, 422, "min_heartbeat_timeout=1.0"),
+            ({"progress_timeout": 0.5}, 422, "min_progress_timeout=10.0"),
+            ({"max_restarts": 1000}, 422, "max_restarts=5"),
+            ({"world_size": 3}, 422, "max_ranks=2"),
+        ]:
+            response = await api.post("/jobs", json=job("limit", **fields))
+            assert response.status_code == status, response.text
+            assert name in response.json()["error"]
+        body = job("limit-live", "--steps", "100000", "--step-time", "0.05", progress_timeout=0)
+        assert (await api.post("/jobs", json=body)).status_code == 201
+        second = await api.post("/jobs", json=job("limit-second"))
+        assert second.status_code == 429 and "max_jobs=1" in second.json()["error"]
+        await api.post(f"/jobs/{body['job_id']}/stop")
+        await wait_state(api, body["job_id"], "stopped")
+        assert (await api.post("/jobs", json=job("limit-second", "--steps", "1"))).status_code == 201
+        await wait_state(api, "t-limit-second", "succeeded")
+
+
+async def test_default_limits_refuse_the_absurd(tmp_path):
+    config = ServerConfig(state_dir=str(tmp_path / "state"), allow=[os.path.join(SCRIPTS, "*.py")])
+    async with server(config) as api:
+        response = await api.post("/jobs", json=job("absurd", heartbeat_timeout=1e-300, max_restarts=1000))
+        assert response.status_code == 422 and "min_heartbeat_timeout" in response.json()["error"]
+        response = await api.post("/jobs", json=job("absurd", max_restarts=1000))
+        assert response.status_code == 422 and "max_restarts" in response.json()["error"]

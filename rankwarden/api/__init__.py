@@ -4,6 +4,7 @@ Import ``rankwarden.api.Client`` to talk to a server; the server itself is
 started by ``rankwarden serve`` (or ``serve_api`` in your own Trio nursery).
 """
 
+from rankwarden.api._admission import Limits
 from rankwarden.api._manager import ServerConfig
 from rankwarden.api._schema import JobInfo, JobList, JobRequest, JobSummary
 from rankwarden.api._server import load_or_create_token, serve_api
@@ -17,6 +18,7 @@ __all__ = [
     "JobList",
     "JobRequest",
     "JobSummary",
+    "Limits",
     "ServerConfig",
     "load_or_create_token",
     "serve_api",

@@ -27,7 +27,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rankwarden.api._schema import JobRequest
 from rankwarden.errors import ApiError
@@ -102,3 +102,56 @@ def check_allowed(request: JobRequest, allow: list[str]) -> str:
     if not request.module and not os.path.isfile(resolved):
         raise ApiError(400, f"entrypoint {request.entrypoint!r} does not exist on the server")
     return resolved
+
+
+def _host_ranks() -> int:
+    # A local rank is a Python process with torch loaded: about a CPU and a
+    # few hundred MiB each. Four per CPU, bounded by memory at 512 MiB each.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 8 << 30
+    return max(2, min(4 * cpus, memory // (512 << 20)))
+
+
+@dataclass
+class Limits:
+    """Server-wide limits. Defaults are derived from this host's CPUs and memory."""
+
+    #: Ranks of all running jobs together (429 beyond it).
+    max_ranks: int = field(default_factory=_host_ranks)
+    #: Jobs running at once (429 beyond it).
+    max_jobs: int = field(default_factory=_host_ranks)
+    #: The smallest heartbeat timeout a job may ask for (422 below it).
+    min_heartbeat_timeout: float = 1.0
+    #: The smallest progress timeout a job may ask for; 0 (no progress
+    #: timeout) is always allowed.
+    min_progress_timeout: float = 10.0
+    #: The largest restart budget a job may ask for (422 above it).
+    max_restarts: int = 100
+
+
+def check_limits(request: JobRequest, limits: Limits, *, running_jobs: int, running_ranks: int) -> None:
+    """422 if the request asks for more than any job may have; 429 if the server is full now."""
+    def refuse(status: int, what: str, limit: str, value: object) -> None:
+        raise ApiError(status, f"{what} (server limit {limit}={value})",
+                       "ask the operator to raise it with `rankwarden serve --limit NAME=VALUE`"
+                       if status == 422 else "retry when a running job has finished")
+
+    if request.heartbeat_timeout < limits.min_heartbeat_timeout:
+        refuse(422, f"heartbeat_timeout {request.heartbeat_timeout} is too small", "min_heartbeat_timeout",
+               limits.min_heartbeat_timeout)
+    if 0 < request.progress_timeout < limits.min_progress_timeout:
+        refuse(422, f"progress_timeout {request.progress_timeout} is too small", "min_progress_timeout",
+               limits.min_progress_timeout)
+    if request.max_restarts > limits.max_restarts:
+        refuse(422, f"max_restarts {request.max_restarts} is too large", "max_restarts", limits.max_restarts)
+    if request.world_size > limits.max_ranks:
+        refuse(422, f"world_size {request.world_size} is more than the server runs at once", "max_ranks",
+               limits.max_ranks)
+    if running_jobs + 1 > limits.max_jobs:
+        refuse(429, f"the server already runs {running_jobs} jobs", "max_jobs", limits.max_jobs)
+    if running_ranks + request.world_size > limits.max_ranks:
+        refuse(429, f"the server already runs {running_ranks} ranks; this job needs {request.world_size} more",
+               "max_ranks", limits.max_ranks)

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import msgspec
 import trio
@@ -25,7 +24,9 @@ from quart_trio import QuartTrio
 
 import rankwarden
 from rankwarden.api._admission import check_job_id
-from rankwarden.api._manager import ACTIVE, JobManager
+from rankwarden.api._logs import read_tail, stream_file
+from rankwarden.api._manager import JobManager
+from rankwarden.api._metrics import render_metrics
 from rankwarden.api._schema import (
     API_STATES,
     ErrorBody,
@@ -41,7 +42,6 @@ from rankwarden.errors import ApiError
 __all__ = ["create_app"]
 
 MAX_BODY = 64 * 1024
-KEEPALIVE = 15.0
 _EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() accepts '²'
 _encoder = msgspec.json.Encoder()
 
@@ -129,12 +129,11 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
 
     @app.get("/health")
     async def health():
-        running = sum(1 for job_id in manager.live if manager.is_active(job_id))
-        return _json(Health(version=rankwarden.__version__, jobs_running=running))
+        return _json(Health(version=rankwarden.__version__, jobs_running=manager.running()))
 
     @app.post("/jobs")
     async def submit():
-        info = manager.submit(await _body(JobRequest))
+        info = await manager.submit(await _body(JobRequest))
         return _json(info, 201)
 
     @app.get("/jobs")
@@ -144,67 +143,63 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
         if bad:
             raise ApiError(400, f"unknown state {bad[0]!r}", f"states: {', '.join(API_STATES)}")
         offset, limit = _int_arg("offset", 0, 0, 10**9), _int_arg("limit", 100, 1, 1000)
-        jobs, total = manager.db.list(states=states or None, offset=offset, limit=limit)
+        jobs, total = await manager.list(states or None, offset, limit)
         return _json(JobList(jobs=jobs, total=total, offset=offset, limit=limit))
 
     @app.get("/jobs/summaries")
     async def summaries():
-        jobs, _ = manager.db.list(states=list(ACTIVE), limit=1000)
-        return _json([manager.summary(j.job_id) for j in jobs])
+        return _json(await manager.active_summaries())
 
     @app.get("/jobs/<job_id>")
     async def show(job_id: str):
-        return _json(manager.get(_job_id(job_id)))
+        return _json(await manager.get(_job_id(job_id)))
 
     @app.get("/jobs/<job_id>/summary")
     async def summary(job_id: str):
-        return _json(manager.summary(_job_id(job_id)))
+        return _json(await manager.summary(_job_id(job_id)))
 
     @app.get("/jobs/<job_id>/logs")
     async def logs(job_id: str):
-        manager.get(_job_id(job_id))
+        await manager.get(_job_id(job_id))
         count = _int_arg("lines", 100, 1, 100000)
         rank = _int_arg("rank", -1, 0, 65535) if "rank" in request.args else None
         attempt = _int_arg("attempt", -1, 1, 10**6) if "attempt" in request.args else None
         def wanted(line: dict) -> bool:
             return (rank is None or line["rank"] == rank) and (attempt is None or line["attempt"] == attempt)
 
-        lines = _tail(manager.combined_log(job_id), count, wanted)
+        lines = await trio.to_thread.run_sync(read_tail, manager.combined_log(job_id), count, wanted)
         return _json(LogLines(job_id=job_id, lines=lines))
 
     @app.get("/jobs/<job_id>/logs/stream")
     async def log_stream(job_id: str):
-        manager.get(_job_id(job_id))
-        return _sse(_stream(manager.combined_log(job_id), _last_event_id(), lambda: manager.wakeup(job_id),
-                            lambda: manager.is_active(job_id)))
+        await manager.get(_job_id(job_id))
+        return _sse(stream_file(manager.combined_log(job_id), _last_event_id(), lambda: manager.log_wakeup(job_id),
+                                lambda: manager.is_active(job_id)))
 
     @app.get("/jobs/<job_id>/events/stream")
     async def event_stream(job_id: str):
-        manager.get(_job_id(job_id))
-
-        def wake():
-            live = manager.live.get(job_id)
-            return live.coordinator.next_event_signal() if live else None
-
-        return _sse(_stream(manager.events_path(job_id), _last_event_id(), wake, lambda: manager.is_active(job_id)))
+        await manager.get(_job_id(job_id))
+        return _sse(stream_file(manager.events_path(job_id), _last_event_id(), lambda: manager.event_wakeup(job_id),
+                                lambda: manager.is_active(job_id)))
 
     @app.post("/jobs/<job_id>/stop")
     async def stop(job_id: str):
-        return _json(manager.stop(_job_id(job_id)), 202)
+        return _json(await manager.stop(_job_id(job_id)), 202)
 
     @app.delete("/jobs/<job_id>")
     async def delete(job_id: str):
-        manager.delete(_job_id(job_id))
+        await manager.delete(_job_id(job_id))
         return Response(b"", status=204)
 
     @app.post("/jobs/purge")
     async def purge():
         body = await _body(PurgeRequest)
-        return _json(PurgeResult(purged=manager.purge(list(body.states), body.older_than_seconds)))
+        return _json(PurgeResult(purged=await manager.purge(list(body.states), body.older_than_seconds)))
 
     @app.get("/metrics")
     async def metrics():
-        return Response(_metrics(manager), mimetype="text/plain", headers={"Content-Type": "text/plain; version=0.0.4"})
+        text = render_metrics(await manager.counts(), manager.live_metrics())
+        return Response(text, mimetype="text/plain", headers={"Content-Type": "text/plain; version=0.0.4"})
 
     @app.get("/openapi.json")
     async def openapi():
@@ -213,31 +208,6 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
         return _json(openapi_document())
 
     return app
-
-
-def _tail(path: Path, count: int, wanted: Callable[[dict], bool], block: int = 1 << 16) -> list[dict]:
-    """The last ``count`` wanted lines of a JSON-lines file, reading backwards only as far as needed."""
-    if not path.exists():
-        return []
-    found: list[dict] = []
-    with open(path, "rb") as f:
-        end = f.seek(0, 2)
-        rest = b""
-        while end > 0 and len(found) < count:
-            start = max(0, end - block)
-            f.seek(start)
-            chunk = f.read(end - start) + rest
-            end = start
-            lines = chunk.split(b"\n")
-            rest = lines.pop(0) if start > 0 else b""  # may be cut: finish it with the next block
-            for raw in reversed(lines):
-                if raw:
-                    line = msgspec.json.decode(raw)
-                    if wanted(line):
-                        found.append(line)
-                        if len(found) == count:
-                            break
-    return found[::-1]
 
 
 def _last_event_id() -> int:
@@ -251,67 +221,3 @@ def _sse(body: AsyncIterator[bytes]) -> Response:
     response = Response(body, mimetype="text/event-stream", headers={"X-Accel-Buffering": "no"})
     response.timeout = None  # a stream lasts as long as its job
     return response
-
-
-async def _stream(path: Path, after: int, wake: Callable[[], trio.Event | None], active: Callable[[], bool]) -> AsyncIterator[bytes]:
-    yield b": rankwarden stream\n\n"
-    position, line_no = 0, 0
-    while True:
-        signal = wake()  # take it before reading, so nothing written after the read is missed
-        still_active = active()
-        data = b""
-        if path.exists():
-            with open(path, "rb") as f:
-                f.seek(position)
-                data = f.read(1 << 20)
-        complete = data.rfind(b"\n") + 1
-        position += complete
-        batch = []
-        for line in data[:complete].splitlines():
-            line_no += 1
-            if line_no > after:
-                batch.append(b"id: %d\ndata: %s\n\n" % (line_no, line))
-        if batch:
-            yield b"".join(batch)  # one send per read, not per line: 100 clients x 2,000 lines/s
-        if complete < len(data) or len(data) == 1 << 20:
-            continue  # more to read right away
-        if not still_active:
-            yield b"event: end\ndata: {}\n\n"
-            return
-        with trio.move_on_after(KEEPALIVE) as scope:
-            if signal is not None:
-                await signal.wait()
-            else:
-                await trio.sleep(KEEPALIVE)
-        if scope.cancelled_caught:
-            yield b": keep-alive\n\n"
-
-
-def _metrics(manager: JobManager) -> str:
-    lines = ["# HELP rankwarden_jobs Jobs by state.", "# TYPE rankwarden_jobs gauge"]
-    counts = {state: 0 for state in API_STATES}
-    jobs, _ = manager.db.list(limit=1_000_000)
-    for job in jobs:
-        counts[job.state] = counts.get(job.state, 0) + 1
-    lines += [f'rankwarden_jobs{{state="{s}"}} {n}' for s, n in counts.items()]
-    lines += ["# HELP rankwarden_restarts_total Restarts used, per job.", "# TYPE rankwarden_restarts_total counter"]
-    lines += [f'rankwarden_restarts_total{{job="{j.job_id}"}} {j.restarts_used}' for j in jobs]
-    failures: dict[tuple[str, str], int] = {}
-    ages, rates = [], []
-    for job_id, live in manager.live.items():
-        snap = live.coordinator.snapshot()
-        for f in snap.failures:
-            failures[(job_id, f.cause.value)] = failures.get((job_id, f.cause.value), 0) + 1
-        for r in snap.ranks:
-            if r.heartbeat_age is not None:
-                ages.append(f'rankwarden_heartbeat_age_seconds{{job="{job_id}",rank="{r.rank}"}} {r.heartbeat_age:.3f}')
-        summary = manager.summary(job_id)
-        if summary.steps_per_second is not None:
-            rates.append(f'rankwarden_steps_per_second{{job="{job_id}"}} {summary.steps_per_second:.4f}')
-    lines += ["# HELP rankwarden_failures_total Rank failures by cause.", "# TYPE rankwarden_failures_total counter"]
-    lines += [f'rankwarden_failures_total{{job="{j}",cause="{c}"}} {n}' for (j, c), n in sorted(failures.items())]
-    lines += ["# HELP rankwarden_heartbeat_age_seconds Seconds since each rank's last heartbeat.",
-              "# TYPE rankwarden_heartbeat_age_seconds gauge", *ages]
-    lines += ["# HELP rankwarden_steps_per_second Training steps per second over the last 10 s.",
-              "# TYPE rankwarden_steps_per_second gauge", *rates]
-    return "\n".join(lines) + "\n"

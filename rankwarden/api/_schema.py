@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from rankwarden.events import Failure, RankSnapshot
+from rankwarden.events import Failure, JobState, RankSnapshot
 from rankwarden.spec import JOB_ID_PATTERN, Resources
 
 __all__ = [
@@ -25,13 +25,20 @@ __all__ = [
     "LogLines",
     "PurgeRequest",
     "PurgeResult",
+    "ACTIVE",
     "API_STATES",
+    "FINISHED",
 ]
 
-#: A job's state as the API reports it: the coordinator's states plus
-#: ``interrupted`` (the server stopped while the job ran and did not resume it).
-API_STATES = ("pending", "running", "restarting", "stopping", "succeeded", "failed", "stopped", "interrupted")
-ApiState = Literal["pending", "running", "restarting", "stopping", "succeeded", "failed", "stopped", "interrupted"]
+#: A job's state as the API reports it: the coordinator's states (``JobState``)
+#: plus ``interrupted`` (the server stopped while the job ran and did not resume it).
+API_STATES: tuple[str, ...] = (*(s.value for s in JobState), "interrupted")
+#: States of a job that has not ended yet.
+ACTIVE: tuple[str, ...] = tuple(s.value for s in JobState if not s.finished)
+#: States of a job that has ended (what a purge may delete).
+FINISHED: tuple[str, ...] = tuple(s for s in API_STATES if s not in ACTIVE)
+ApiState = Literal[API_STATES]  # type: ignore[valid-type]
+FinishedState = Literal[FINISHED]  # type: ignore[valid-type]
 JobId = Annotated[str, Meta(pattern=JOB_ID_PATTERN, max_length=63)]
 Seconds = Annotated[float, Meta(gt=0, le=86400)]
 
@@ -104,9 +111,10 @@ class LogLines(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PurgeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    states: list[Literal["succeeded", "failed", "stopped", "interrupted"]] = msgspec.field(
-        default_factory=lambda: ["succeeded", "failed", "stopped", "interrupted"]
-    )
+    """Which finished jobs to delete. ``states`` is required and not empty: an
+    empty body deletes nothing (it is a 400), never everything."""
+
+    states: Annotated[list[FinishedState], Meta(min_length=1)]
     older_than_seconds: Annotated[float, Meta(ge=0)] = 0.0
 
 
