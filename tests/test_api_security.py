@@ -254,3 +254,76 @@ async def test_default_limits_refuse_the_absurd(tmp_path):
         assert response.status_code == 422 and "min_heartbeat_timeout" in response.json()["error"]
         response = await api.post("/jobs", json=job("absurd", max_restarts=1000))
         assert response.status_code == 422 and "max_restarts" in response.json()["error"]
+
+
+# -- 13. a graceful shutdown lets requests in flight finish ----------------------------------
+
+
+async def test_a_request_in_flight_completes_during_shutdown(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    count = 3000
+    finished_jobs(str(state), count)
+    config = ServerConfig(state_dir=str(state))
+    stop = trio.Event()
+    result = {}
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(functools.partial(serve_api, config, port=0, token=TOKEN, shutdown=stop,
+                                                    graceful_timeout=30.0))
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as api:
+
+            async def purge():
+                response = await api.post("/jobs/purge", json={"states": ["succeeded"]})
+                result["status"], result["purged"] = response.status_code, len(response.json()["purged"])
+
+            with trio.fail_after(LIMIT):
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(purge)
+                    # The purge is under way once its first directories are gone.
+                    while len(os.listdir(state / "jobs")) == count:
+                        await trio.sleep(0.01)
+                    stop.set()
+    assert result == {"status": 200, "purged": count}
+
+
+# -- 6. unauthenticated clients cannot hold resources ----------------------------------------
+
+
+async def test_the_token_is_checked_before_a_body_is_read(tmp_path):
+    config = ServerConfig(state_dir=str(tmp_path / "state"))
+    async with server(config) as api:
+        host, port = api.base_url.host, api.base_url.port
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                # Headers promise a body that never comes: the 401 must not wait for it.
+                await stream.send_all(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                      b"Content-Length: 60000\r\n\r\n")
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    chunk = await stream.receive_some(4096)
+                    assert chunk, answer
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401") and b"connection: close" in answer.lower()
+
+
+async def test_one_client_cannot_hold_every_request_slot(tmp_path):
+    from rankwarden.api import Limits
+
+    config = ServerConfig(state_dir=str(tmp_path / "state"), allow=[os.path.join(SCRIPTS, "*.py")],
+                          limits=Limits(max_client_requests=3))
+    async with server(config) as api:
+        body = job("slots", "--steps", "100000", "--step-time", "0.05", progress_timeout=0)
+        assert (await api.post("/jobs", json=body)).status_code == 201
+        await wait_state(api, body["job_id"], "running")
+        async with contextlib.AsyncExitStack() as streams:
+            for _ in range(3):
+                response = await streams.enter_async_context(api.stream("GET", f"/jobs/{body['job_id']}/logs/stream"))
+                assert response.status_code == 200
+            refused = await api.get("/health")
+            assert refused.status_code == 429 and "max_client_requests=3" in refused.json()["error"]
+        with trio.fail_after(LIMIT):
+            while (await api.get("/health")).status_code != 200:  # the streams' slots are freed
+                await trio.sleep(0.01)
+        await api.post(f"/jobs/{body['job_id']}/stop")
+        await wait_state(api, body["job_id"], "stopped")

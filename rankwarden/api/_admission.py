@@ -130,6 +130,8 @@ class Limits:
     min_progress_timeout: float = 10.0
     #: The largest restart budget a job may ask for (422 above it).
     max_restarts: int = 100
+    #: Requests in flight from one client address, SSE streams included (429 beyond it).
+    max_client_requests: int = 64
 
 
 def check_limits(request: JobRequest, limits: Limits, *, running_jobs: int, running_ranks: int) -> None:

@@ -42,6 +42,7 @@ from rankwarden.errors import ApiError
 __all__ = ["create_app"]
 
 MAX_BODY = 64 * 1024
+BODY_TIMEOUT = 10.0  # seconds to receive a whole body
 _EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() accepts '²'
 _encoder = msgspec.json.Encoder()
 
@@ -81,9 +82,45 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+class _PerClient:
+    """ASGI middleware: at most ``limit`` requests in flight per client address (429 beyond).
+
+    One client cannot hold every connection slot (many SSE streams, slow
+    bodies) and starve the others; an unauthenticated one is answered
+    before its body is read (see ``authenticate_then_drain``)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+        self.in_flight: dict[str, int] = {}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        client = (scope.get("client") or ("?", 0))[0]
+        if self.in_flight.get(client, 0) >= self.limit:
+            body = _encoder.encode(ErrorBody(error=f"too many requests in flight from {client} "
+                                                  f"(server limit max_client_requests={self.limit})", status=429,
+                                             detail="close some streams, or retry later"))
+            await send({"type": "http.response.start", "status": 429,
+                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                    (b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight[client] = self.in_flight.get(client, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight[client] -= 1
+            if not self.in_flight[client]:
+                del self.in_flight[client]
+
+
 def create_app(manager: JobManager, token: str) -> QuartTrio:
     app = QuartTrio("rankwarden")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    # A body must arrive promptly: a client trickling bytes cannot hold a request open.
+    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT
+    app.asgi_app = _PerClient(app.asgi_app, manager.config.limits.max_client_requests)  # type: ignore[method-assign]
     expected = f"Bearer {token}".encode()
 
     @app.before_request

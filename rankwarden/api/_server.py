@@ -81,9 +81,13 @@ async def serve_api(
     port: int = 0,
     token: str,
     shutdown: trio.Event | None = None,
+    graceful_timeout: float = 3.0,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``shutdown`` is set (or cancelled). ``task_status.started(url)`` once listening."""
+    """Serve until ``shutdown`` is set (or cancelled). ``task_status.started(url)`` once listening.
+
+    After ``shutdown`` is set, requests in flight have ``graceful_timeout``
+    seconds to finish; then the jobs' coordinators are cancelled."""
     # The token travels no further: local ranks inherit this process's
     # environment, and a rank holding the API token could submit jobs.
     os.environ.pop("RANKWARDEN_API_TOKEN", None)
@@ -99,19 +103,31 @@ async def serve_api(
     hypercorn_config = HypercornConfig()
     hypercorn_config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hypercorn_config.accesslog = None
-    hypercorn_config.graceful_timeout = 3.0
+    hypercorn_config.graceful_timeout = graceful_timeout
+    # Unauthenticated or slow clients cannot hold the server: a connection
+    # must send its request headers promptly and may idle only briefly.
+    hypercorn_config.read_timeout = 30
+    hypercorn_config.keep_alive_timeout = 15
     stop = shutdown if shutdown is not None else trio.Event()
+    # hypercorn's own pattern (trio/run.py::worker_serve): a lifespan nursery
+    # (the jobs) around a server nursery; the shutdown trigger stops new
+    # connections, requests in flight get graceful_timeout to finish, a
+    # deadline on the server's cancel scope bounds the whole phase, and only
+    # then are the jobs cancelled (their rows stay "running": the next start
+    # resumes them or marks them interrupted).
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(manager.run)
-            binds = await nursery.start(
-                functools.partial(hypercorn_serve, app, hypercorn_config, shutdown_trigger=stop.wait)
-            )
-            task_status.started(binds[0])
-            await stop.wait()
-            # Jobs keep their "running" rows: the next start resumes them (or
-            # marks them interrupted). Cancelling stops their ranks (shielded).
-            manager.shutdown()
-            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as lifespan:
+            await lifespan.start(manager.run)
+            async with trio.open_nursery() as server:
+
+                async def trigger() -> None:
+                    await stop.wait()
+                    manager.shutdown()  # new submissions get 503 from now on
+                    server.cancel_scope.deadline = trio.current_time() + graceful_timeout + 1.0
+
+                binds = await server.start(functools.partial(hypercorn_serve, app, hypercorn_config,
+                                                             shutdown_trigger=trigger))
+                task_status.started(binds[0])
+            lifespan.cancel_scope.cancel()
     finally:
         manager.db.close()
