@@ -68,6 +68,8 @@ class _Live:
     sampler: Sampler
     logs: LogCopier
     user_stopped: bool = False
+    #: Set once the job's final state is in the database (after its coordinator ended).
+    recorded: trio.Event = field(default_factory=trio.Event)
 
     def ranks(self) -> list[tuple[int, int]]:
         return [(r.rank, r.attempt) for r in self.coordinator.snapshot().ranks]
@@ -222,16 +224,19 @@ class JobManager:
                 await self.db.update(job_id, state="failed", reason=f"coordinator error: {exc}")
         finally:
             snapshot = coordinator.snapshot()
-            with trio.CancelScope(shield=True):
-                if self._shutting_down and not live.user_stopped:
-                    await self.db.update(job_id, reason="the server shut down while the job was running")
-                elif snapshot.state.finished:
-                    reason = {"failed": coordinator.failure_report() if snapshot.failures else "",
-                              "stopped": "stopped through the API" if live.user_stopped else ""
-                              }.get(snapshot.state.value, "")
-                    await self.db.update(job_id, state=snapshot.state.value, attempt=snapshot.attempt,
-                                         restarts=snapshot.restarts_used, reason=reason)
-            live.logs.wake_all()
+            try:
+                with trio.CancelScope(shield=True):
+                    if self._shutting_down and not live.user_stopped:
+                        await self.db.update(job_id, reason="the server shut down while the job was running")
+                    elif snapshot.state.finished:
+                        reason = {"failed": coordinator.failure_report() if snapshot.failures else "",
+                                  "stopped": "stopped through the API" if live.user_stopped else ""
+                                  }.get(snapshot.state.value, "")
+                        await self.db.update(job_id, state=snapshot.state.value, attempt=snapshot.attempt,
+                                             restarts=snapshot.restarts_used, reason=reason)
+            finally:
+                live.recorded.set()
+                live.logs.wake_all()
 
     async def _mirror_events(self, job_id: str, live: _Live) -> None:
         async for event in live.coordinator.events():
@@ -278,6 +283,10 @@ class JobManager:
         return self.job_dir(job_id) / "events.jsonl"
 
     async def get(self, job_id: str) -> JobInfo:
+        live = self.live.get(job_id)
+        if live is not None and live.coordinator.state.finished:
+            # Its streams have ended: whoever saw that reads the final record.
+            await live.recorded.wait()
         info = await self.db.get(job_id)
         if info is None:
             raise ApiError(404, f"no job {job_id}")
