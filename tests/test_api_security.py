@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 
@@ -327,3 +328,74 @@ async def test_one_client_cannot_hold_every_request_slot(tmp_path):
                 await trio.sleep(0.01)
         await api.post(f"/jobs/{body['job_id']}/stop")
         await wait_state(api, body["job_id"], "stopped")
+
+
+# -- 3. job templates ------------------------------------------------------------------------
+
+WRITER = '''
+import argparse, os, sys
+import rankwarden.worker as rw
+p = argparse.ArgumentParser()
+p.add_argument("--out"); p.add_argument("--url"); p.add_argument("--epochs", type=int); p.add_argument("--fast", action="store_true")
+a = p.parse_args()
+if os.environ["RANK"] == "0" and a.out:
+    with open(a.out, "w") as f:
+        f.write(f"epochs={a.epochs} fast={a.fast} url={a.url}")
+print("argv", sys.argv[1:], flush=True)
+'''
+
+
+@pytest.fixture
+def templated(tmp_path):
+    from rankwarden.api._templates import load_templates
+
+    script = tmp_path / "srv" / "writer.py"
+    script.parent.mkdir()
+    script.write_text(WRITER)
+    spec = {"writer": {"entrypoint": str(script), "args": ["--epochs", "1"], "max_world_size": 2, "params": {
+        "epochs": {"flag": "--epochs", "type": "int", "min": 1, "max": 10},
+        "fast": {"flag": "--fast", "type": "bool"},
+        "out": {"flag": "--out", "type": "output"},
+        "url": {"flag": "--url", "type": "url", "schemes": ["s3"], "hosts": ["checkpoints"]},
+    }}}
+    path = tmp_path / "templates.json"
+    path.write_text(json.dumps(spec))
+    return ServerConfig(state_dir=str(tmp_path / "state"), templates=load_templates(path))
+
+
+async def test_a_template_runs_with_checked_params_and_writes_only_in_its_job_dir(tmp_path, templated):
+    async with server(templated) as api:
+        body = {"template": "writer", "job_id": "t-tpl", "checkpoint": False,
+                "params": {"epochs": 3, "fast": True, "out": "weights.pt", "url": "s3://checkpoints/run-1"}}
+        created = await api.post("/jobs", json=body)
+        assert created.status_code == 201, created.text
+        assert created.json()["request"]["template"] == "writer" and created.json()["request"]["args"] == []
+        await wait_state(api, "t-tpl", "succeeded")
+        written = tmp_path / "state" / "jobs" / "t-tpl" / "outputs" / "weights.pt"
+        assert written.read_text() == "epochs=3 fast=True url=s3://checkpoints/run-1"
+
+
+@pytest.mark.parametrize("fields, status, text", [
+    ({"params": {"out": "../../jobs.sqlite3"}}, 422, "not a plain file name"),
+    ({"params": {"out": "/work/state/jobs.sqlite3"}}, 422, "not a plain file name"),
+    ({"params": {"url": "http://169.254.169.254/latest"}}, 422, "scheme 'http' is not allowed"),
+    ({"params": {"url": "s3://evil.example/x"}}, 422, "host 'evil.example' is not allowed"),
+    ({"params": {"epochs": 11}}, 422, "above the maximum 10"),
+    ({"params": {"epochs": "3; id"}}, 422, "expected an integer"),
+    ({"params": {"trace": "/etc/passwd"}}, 422, "has no parameter 'trace'"),
+    ({"args": ["--out", "/tmp/x"]}, 400, "params only"),
+    ({"world_size": 3}, 422, "at most 2 ranks"),
+    ({"template": "other"}, 403, "no job template 'other'"),
+])
+async def test_template_params_are_typed_and_ranged(templated, fields, status, text):
+    async with server(templated) as api:
+        body = {"template": "writer", "checkpoint": False, **fields}
+        response = await api.post("/jobs", json=body)
+        assert response.status_code == status, response.text
+        assert text in response.json()["error"]
+
+
+async def test_a_template_entrypoint_is_not_an_allowed_raw_entrypoint(tmp_path, templated):
+    async with server(templated) as api:
+        raw = {"entrypoint": templated.templates["writer"].entrypoint, "args": ["--out", "/tmp/anything"]}
+        assert (await api.post("/jobs", json=raw)).status_code == 403

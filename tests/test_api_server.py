@@ -240,3 +240,43 @@ async def test_a_weak_token_is_refused_on_a_public_bind(tmp_path):
             [sys.executable, "-m", "rankwarden", "serve", "--host", "0.0.0.0", "--port", "0",
              "--state-dir", str(tmp_path)], capture_stdout=True, capture_stderr=True, env=env, check=False)
     assert result.returncode == 2 and b"weak API token" in result.stderr
+
+
+async def test_the_jobs_cli_is_pleasant(tmp_path):
+    jobs = [sys.executable, "-m", "rankwarden", "jobs"]
+    # Nothing listens on this port: one line, no traceback.
+    down = dict(os.environ, RANKWARDEN_URL="http://127.0.0.1:9", RANKWARDEN_API_TOKEN=TOKEN)
+    with trio.fail_after(LIMIT):
+        result = await trio.run_process([*jobs, "list"], capture_stderr=True, env=down, check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == "rankwarden jobs list: cannot reach http://127.0.0.1:9: connection refused"
+
+    server, url = await start_server(tmp_path / "state")
+    env = dict(os.environ, RANKWARDEN_URL=url, RANKWARDEN_API_TOKEN=TOKEN)
+    job_id = f"{JOB_PREFIX}cli-nice"
+    try:
+        with trio.fail_after(LIMIT):
+            # A relative entrypoint means the caller's directory, not the server's.
+            submitted = await trio.run_process(
+                [*jobs, "submit", "--job-id", job_id, "--max-restarts", "1", "--heartbeat-timeout", "4",
+                 "--total-steps", "30", "--no-checkpoint", "worker.py", "--steps", "30", "--step-time", "0.02",
+                 "--fail-rank", "0", "--fail-step", "5"], capture_stdout=True, env=env, cwd=SCRIPTS)
+            request = json.loads(submitted.stdout)["request"]
+            assert request["entrypoint"] == os.path.realpath(WORKER)
+            assert (request["heartbeat_timeout"], request["total_steps"], request["checkpoint"]) == (4.0, 30, False)
+            followed = await trio.run_process([*jobs, "logs", "-f", job_id], capture_stdout=True, env=env)
+            out = followed.stdout.decode()
+            assert "-- restarting:" in out and "[rank0]: rank 0 done after 30 steps" in out
+            assert out.rstrip().endswith(f"-- job {job_id}: succeeded")
+            shown = await trio.run_process([*jobs, "show", job_id], capture_stdout=True, env=env)
+            assert shown.stdout.decode().startswith(f"{job_id}: succeeded, attempt 2, restarts 1/1")
+            as_json = await trio.run_process([*jobs, "show", "--json", job_id], capture_stdout=True, env=env)
+            assert json.loads(as_json.stdout)["state"] == "succeeded"
+            piped = await trio.run_process(
+                ["sh", "-c", f"'{sys.executable}' -m rankwarden jobs logs --lines 1000 {job_id} | head -1"],
+                capture_stdout=True, capture_stderr=True, env=env)
+            assert piped.stderr == b"" and piped.stdout.startswith(b"[rank")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        with trio.fail_after(LIMIT):
+            await server.wait()

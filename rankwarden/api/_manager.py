@@ -28,11 +28,12 @@ from typing import Any
 import msgspec
 import trio
 
-from rankwarden.api._admission import Limits, check_allowed, check_limits
+from rankwarden.api._admission import Limits, check_allowed, check_job_id, check_limits
 from rankwarden.api._db import JobDB
 from rankwarden.api._logs import LogCopier, ensure_private_dir
 from rankwarden.api._schema import ACTIVE, JobInfo, JobRequest, JobSummary
 from rankwarden.api._summaries import Sampler, build_summary
+from rankwarden.api._templates import Template, expand
 from rankwarden.coordinator import Coordinator
 from rankwarden.events import JobSnapshot, RankFailed
 from rankwarden.errors import ApiError, SpecError
@@ -59,6 +60,8 @@ class ServerConfig:
     advertise_host: str | None = None
     #: Server-wide limits (ranks, jobs, timeouts, restarts).
     limits: Limits = field(default_factory=Limits)
+    #: Job templates by name (``load_templates``): what submitters may run without --allow.
+    templates: dict[str, Template] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,7 +127,7 @@ class JobManager:
                                      reason="stopped through the API (the server restarted while it was stopping)")
             elif self.config.on_restart == "resume":
                 try:
-                    request = self.check_allowed(info.request)
+                    request = await trio.to_thread.run_sync(self.admit, info.job_id, info.request)
                 except ApiError as exc:
                     # The operator may have narrowed --allow since: a job a new
                     # submit would refuse must not run either.
@@ -144,29 +147,54 @@ class JobManager:
     def job_dir(self, job_id: str) -> Path:
         return self.state_dir / "jobs" / job_id
 
-    def check_allowed(self, request: JobRequest) -> JobRequest:
-        """The request with its entrypoint resolved, if the allowlist admits it (else ApiError)."""
-        resolved = check_allowed(request, self.config.allow)
-        return msgspec.structs.replace(request, entrypoint=resolved)
+    def admit(self, job_id: str, request: JobRequest) -> JobRequest:
+        """The request to run (entrypoint resolved, template expanded) if it is admitted; else ApiError.
+
+        Called at submit and again when a restarted server resumes the job, so
+        a narrowed --allow or a changed template applies to recorded jobs too.
+        Blocking (it resolves paths): call it in a worker thread."""
+        if request.template is None:
+            if not request.entrypoint:
+                raise ApiError(400, "name an entrypoint or a template")
+            if request.params:
+                raise ApiError(400, "params are for templates; an entrypoint takes args")
+            resolved = check_allowed(request, self.config.allow)
+            return msgspec.structs.replace(request, entrypoint=resolved)
+        if request.job_id is not None:
+            check_job_id(request.job_id)
+        template = self.config.templates.get(request.template)
+        if template is None:
+            raise ApiError(403, f"no job template {request.template!r} on this server",
+                           f"templates: {', '.join(sorted(self.config.templates)) or 'none'}")
+        if request.entrypoint or request.args or request.module:
+            raise ApiError(400, "a templated job takes params only (no entrypoint, args or module)")
+        if request.world_size > template.max_world_size:
+            raise ApiError(422, f"template {request.template!r} runs at most {template.max_world_size} ranks, "
+                                f"asked for {request.world_size}")
+        args = expand(template, request.template, dict(request.params), self.job_dir(job_id))
+        entrypoint = template.entrypoint if template.module else os.path.realpath(template.entrypoint)
+        return msgspec.structs.replace(request, entrypoint=entrypoint, args=args, module=template.module)
 
     async def submit(self, request: JobRequest) -> JobInfo:
         if self._nursery is None or self._shutting_down:
             raise ApiError(503, "the server is shutting down")
+        job_id = request.job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        run = await trio.to_thread.run_sync(self.admit, job_id, request)
         # The record keeps the real path: a symlink re-pointed later, or a
         # relative path resolved from another cwd, cannot change what runs.
-        request = await trio.to_thread.run_sync(self.check_allowed, request)
+        # A templated job keeps its template and params (expanded again on resume).
+        record = request if request.template is not None else run
         active = [live for live in self.live.values() if not live.coordinator.state.finished]
-        check_limits(request, self.config.limits, running_jobs=len(active),
+        check_limits(run, self.config.limits, running_jobs=len(active),
                      running_ranks=sum(live.request.world_size for live in active))
-        job_id = request.job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         if job_id in self.live or await self.db.exists(job_id):
             raise ApiError(409, f"job {job_id} already exists", "pick another job_id, or delete the old job")
         try:
-            JobSpec.from_dict(msgspec.to_builtins(self._spec(job_id, request)))
+            JobSpec.from_dict(msgspec.to_builtins(self._spec(job_id, run)))
         except SpecError as exc:
             raise ApiError(400, str(exc), f"at {exc.path}") from None
-        info = await self.db.insert(job_id, request, "pending")
-        self._start(job_id, request)
+        info = await self.db.insert(job_id, record, "pending")
+        self._start(job_id, run)
         return info
 
     def _spec(self, job_id: str, request: JobRequest) -> JobSpec:
@@ -190,7 +218,7 @@ class JobManager:
             # reconnect with the token and port the job had before.
             token, port = self._identity(job_id)
             kwargs = {"token": token, "heartbeat_port": port, "adopt": resumed}
-        ensure_private_dir(self.job_dir(job_id))
+        ensure_private_dir(self.job_dir(job_id) / "outputs")  # where templated jobs write their files
         # A resumed job goes on counting attempts and restarts where the
         # previous server stopped: a server restart grants no fresh budget,
         # and new attempts never reuse the old ones' log files.

@@ -45,11 +45,18 @@ Seconds = Annotated[float, Meta(gt=0, le=86400)]
 
 class JobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """What a client may ask for. No interpreter, no environment, no working
-    directory, no arbitrary command: the entrypoint must match one of the
+    directory, no arbitrary command: either a template the operator defined
+    (with typed, ranged params), or an entrypoint that matches one of the
     patterns the operator allowed when starting the server."""
 
-    entrypoint: Annotated[str, Meta(min_length=1, max_length=4096)]
+    #: An absolute path (or a module name with ``module``) that an ``--allow``
+    #: pattern admits; or leave it empty and name a ``template``.
+    entrypoint: Annotated[str, Meta(max_length=4096)] = ""
     args: Annotated[list[Annotated[str, Meta(max_length=4096)]], Meta(max_length=256)] = []
+    #: An operator-defined job template (``rankwarden serve --templates``):
+    #: its entrypoint and fixed arguments, plus the ``params`` it lets you set.
+    template: Annotated[str, Meta(max_length=63)] | None = None
+    params: Annotated[dict[Annotated[str, Meta(max_length=63)], int | float | str | bool], Meta(max_length=64)] = {}
     module: bool = False
     world_size: Annotated[int, Meta(ge=1, le=256)] = 1
     job_id: JobId | None = None
