@@ -399,3 +399,58 @@ async def test_a_template_entrypoint_is_not_an_allowed_raw_entrypoint(tmp_path, 
     async with server(templated) as api:
         raw = {"entrypoint": templated.templates["writer"].entrypoint, "args": ["--out", "/tmp/anything"]}
         assert (await api.post("/jobs", json=raw)).status_code == 403
+
+
+# -- 10. logs lose nothing -------------------------------------------------------------------
+
+FLOOD = '''
+import sys
+out = sys.stdout
+for i in range(int(sys.argv[1])):
+    out.write(f"line {i}\\n")
+out.write("x" * (2 * 1024 * 1024 + 10) + "\\n")
+out.write("last line without a newline")
+out.flush()
+'''
+
+
+async def test_every_byte_a_fast_rank_prints_reaches_the_log_in_order(tmp_path):
+    script = tmp_path / "srv" / "flood.py"
+    script.parent.mkdir()
+    script.write_text(FLOOD)
+    config = ServerConfig(state_dir=str(tmp_path / "state"), allow=[str(tmp_path / "srv" / "*.py")])
+    count = 100_000
+    async with server(config) as api:
+        body = job("flood", str(count), entrypoint=str(script))
+        assert (await api.post("/jobs", json=body)).status_code == 201
+        await wait_state(api, body["job_id"], "succeeded")
+        lines = (await api.get(f"/jobs/{body['job_id']}/logs", params={"lines": 100000})).json()["lines"]
+    records = [json.loads(l) for l in (tmp_path / "state" / "jobs" / "t-flood" / "logs.jsonl").read_text().splitlines()]
+    stdout = [r for r in records if r["stream"] == "stdout"]
+    assert [r["line"] for r in stdout[:count]] == [f"line {i}" for i in range(count)]
+    long = stdout[count:-1]
+    assert "".join(r["line"] for r in long) == "x" * (2 * 1024 * 1024 + 10)
+    assert all(r.get("split") for r in long[:-1]) and not long[-1].get("split")
+    assert stdout[-1]["line"] == "last line without a newline"
+    assert [r["id"] for r in records] == list(range(1, len(records) + 1))
+    assert lines[-1]["line"] == "last line without a newline"
+
+
+async def test_a_torn_last_record_is_cut_and_copied_again(tmp_path):
+    from rankwarden.api._logs import LogCopier
+    from rankwarden.coordinator._jobdir import JobDir
+
+    job_dir = JobDir(tmp_path / "job")
+    stdout, _ = job_dir.log_paths(0, 1)
+    stdout.parent.mkdir(parents=True, exist_ok=True)
+    stdout.write_bytes(b"one\ntwo\nthree\n")
+    combined = tmp_path / "job" / "logs.jsonl"
+    first = LogCopier(job_dir, combined)
+    assert await first.copy([(0, 1)]) == 3
+    with open(combined, "ab") as f:  # a crash in the middle of the next write
+        f.write(b'{"id": 4, "attempt": 1, "ra')
+    stdout.write_bytes(b"one\ntwo\nthree\nfour\n")
+    second = LogCopier(job_dir, combined)
+    assert await second.copy([(0, 1)]) == 1
+    records = [json.loads(l) for l in combined.read_text().splitlines()]
+    assert [(r["id"], r["line"]) for r in records] == [(1, "one"), (2, "two"), (3, "three"), (4, "four")]

@@ -211,7 +211,7 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
     async def log_stream(job_id: str):
         await manager.get(_job_id(job_id))
         return _sse(stream_file(manager.combined_log(job_id), _last_event_id(), lambda: manager.log_wakeup(job_id),
-                                lambda: manager.is_active(job_id)))
+                                lambda: manager.is_active(job_id), lambda: manager.log_copier(job_id)))
 
     @app.get("/jobs/<job_id>/events/stream")
     async def event_stream(job_id: str):

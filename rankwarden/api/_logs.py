@@ -22,6 +22,7 @@ files ten times a second for an idle job.
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -35,6 +36,7 @@ __all__ = ["LogCopier", "read_tail", "stream_file"]
 
 MAX_LINE = 64 * 1024
 FAST, SLOW = 0.005, 0.1
+RECENT = 20_000  # records kept in memory for SSE subscribers that keep up
 _READ = 1 << 20
 KEEPALIVE = 15.0
 
@@ -48,6 +50,11 @@ class LogCopier:
         self.new_line = trio.Event()  # set (and replaced) after every copy that added lines
         self._lock = trio.Lock()  # the loop and the final copy must not interleave
         self._resumed = False
+        self._size = 0  # bytes in the combined log
+        # The newest records as (line number, end offset in the file, bytes):
+        # subscribers that keep up are served from here without touching the
+        # file (100 subscribers, one read); one that falls behind reads the file.
+        self.recent: collections.deque[tuple[int, int, bytes]] = collections.deque(maxlen=RECENT)
 
     async def run(self, ranks: Callable[[], list[tuple[int, int]]]) -> None:
         """Copy until cancelled, faster while lines flow."""
@@ -59,7 +66,12 @@ class LogCopier:
 
     async def copy(self, ranks: list[tuple[int, int]], *, final: bool = False) -> int:
         async with self._lock:
-            added = await trio.to_thread.run_sync(self._copy_now, ranks, final)
+            records = await trio.to_thread.run_sync(self._copy_now, ranks, final)
+            first = self.seq - len(records) + 1
+            for i, record in enumerate(records):
+                self._size += len(record)
+                self.recent.append((first + i, self._size, record.rstrip(b"\n")))
+        added = len(records)
         if added:
             self.new_line.set()
             self.new_line = trio.Event()
@@ -70,7 +82,16 @@ class LogCopier:
 
     # -- on the worker thread ------------------------------------------------------------
 
-    def _copy_now(self, ranks: list[tuple[int, int]], final: bool) -> int:
+    def cached(self, after: int) -> tuple[list[tuple[int, int, bytes]], bool]:
+        """Records after line ``after`` from memory, and whether memory reaches back that far."""
+        if not self.recent:
+            return [], self._resumed and self.seq == after
+        first = self.recent[0][0]
+        if after + 1 < first:
+            return [], False
+        return list(self.recent)[after + 1 - first:], True
+
+    def _copy_now(self, ranks: list[tuple[int, int]], final: bool) -> list[bytes]:
         if not self._resumed:
             self._resume()
             self._resumed = True
@@ -81,9 +102,10 @@ class LogCopier:
                 for stream, path in (("stdout", stdout), ("stderr", stderr)):
                     self._read_file(path, rank, attempt, stream, final, records)
         if records:
-            with open(self.combined, "ab") as f:
+            fd = os.open(self.combined, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "ab") as f:
                 f.write(b"".join(records))
-        return len(records)
+        return records
 
     def _read_file(self, path: Path, rank: int, attempt: int, stream: str, final: bool, out: list[bytes]) -> None:
         key = (rank, attempt, stream)
@@ -149,6 +171,7 @@ class LogCopier:
                 else:  # written before records carried their offset
                     self.offsets[key] = self.offsets.get(key, 0) + len(record["line"].encode()) + 1
             f.truncate(good)
+            self._size = good
 
 
 def read_tail(path: Path, count: int, wanted: Callable[[dict], bool], block: int = 1 << 16) -> list[dict]:
@@ -190,14 +213,31 @@ def _read_from(path: Path, position: int) -> bytes:
         return b""
 
 
-async def stream_file(path: Path, after: int, wake: Callable[[], trio.Event | None],
-                      active: Callable[[], bool]) -> AsyncIterator[bytes]:
-    """SSE frames for the lines of a JSON-lines file after line ``after``; ends after the job does."""
+async def stream_file(path: Path, after: int, wake: Callable[[], trio.Event | None], active: Callable[[], bool],
+                      copier: Callable[[], LogCopier | None] = lambda: None) -> AsyncIterator[bytes]:
+    """SSE frames for the lines of a JSON-lines file after line ``after``; ends after the job does.
+
+    With a ``copier`` (the job's, while it runs) lines it still holds in
+    memory are sent from there; anything older is read from the file."""
     yield b": rankwarden stream\n\n"
     position, line_no = 0, 0
     while True:
         signal = wake()  # take it before reading, so nothing written after the read is missed
         still_active = active()
+        live = copier()
+        if live is not None:
+            records, covered = live.cached(max(line_no, after))
+            if covered:
+                if records:
+                    line_no, position = records[-1][0], records[-1][1]
+                    yield b"".join(b"id: %d\ndata: %s\n\n" % (n, raw) for n, _, raw in records)
+                    continue
+                if not still_active:
+                    yield b"event: end\ndata: {}\n\n"
+                    return
+                if not await _wait(signal):
+                    yield b": keep-alive\n\n"
+                continue
         data = await trio.to_thread.run_sync(_read_from, path, position)
         complete = data.rfind(b"\n") + 1
         position += complete
@@ -213,13 +253,18 @@ async def stream_file(path: Path, after: int, wake: Callable[[], trio.Event | No
         if not still_active:
             yield b"event: end\ndata: {}\n\n"
             return
-        with trio.move_on_after(KEEPALIVE) as scope:
-            if signal is not None:
-                await signal.wait()
-            else:
-                await trio.sleep(KEEPALIVE)
-        if scope.cancelled_caught:
+        if not await _wait(signal):
             yield b": keep-alive\n\n"
+
+
+async def _wait(signal: trio.Event | None) -> bool:
+    """Wait for the signal (or KEEPALIVE seconds); False on the timeout."""
+    with trio.move_on_after(KEEPALIVE) as scope:
+        if signal is not None:
+            await signal.wait()
+        else:
+            await trio.sleep(KEEPALIVE)
+    return not scope.cancelled_caught
 
 
 def ensure_private_dir(path: Path) -> None:

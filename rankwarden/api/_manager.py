@@ -359,6 +359,10 @@ class JobManager:
         live = self.live.get(job_id)
         return live.logs.new_line if live is not None else None
 
+    def log_copier(self, job_id: str) -> LogCopier | None:
+        live = self.live.get(job_id)
+        return live.logs if live is not None else None
+
     def event_wakeup(self, job_id: str) -> trio.Event | None:
         live = self.live.get(job_id)
         return live.coordinator.next_event_signal() if live is not None else None

@@ -13,7 +13,7 @@ import msgspec
 from msgspec import Meta
 
 from rankwarden.events import Failure, JobState, RankSnapshot
-from rankwarden.spec import JOB_ID_PATTERN, Resources
+from rankwarden.spec import JOB_ID_PATTERN, JobSpec, Resources
 
 __all__ = [
     "ErrorBody",
@@ -38,6 +38,8 @@ ACTIVE: tuple[str, ...] = tuple(s.value for s in JobState if not s.finished)
 #: States of a job that has ended (what a purge may delete).
 FINISHED: tuple[str, ...] = tuple(s for s in API_STATES if s not in ACTIVE)
 ApiState = Literal[API_STATES]  # type: ignore[valid-type]
+#: The API's defaults are JobSpec's: one place to change them.
+_SPEC = {f.name: f.default for f in msgspec.structs.fields(JobSpec)}
 FinishedState = Literal[FINISHED]  # type: ignore[valid-type]
 JobId = Annotated[str, Meta(pattern=JOB_ID_PATTERN, max_length=63)]
 Seconds = Annotated[float, Meta(gt=0, le=86400)]
@@ -58,19 +60,19 @@ class JobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     template: Annotated[str, Meta(max_length=63)] | None = None
     params: Annotated[dict[Annotated[str, Meta(max_length=63)], int | float | str | bool], Meta(max_length=64)] = {}
     module: bool = False
-    world_size: Annotated[int, Meta(ge=1, le=256)] = 1
+    world_size: Annotated[int, Meta(ge=1, le=256)] = _SPEC["world_size"]
     job_id: JobId | None = None
-    heartbeat_timeout: Seconds = 5.0
-    progress_timeout: Annotated[float, Meta(ge=0, le=86400)] = 300.0
-    max_restarts: Annotated[int, Meta(ge=0, le=1000)] = 3
-    restart_scope: Literal["group", "rank"] = "group"
+    heartbeat_timeout: Seconds = _SPEC["heartbeat_timeout"]
+    progress_timeout: Annotated[float, Meta(ge=0, le=86400)] = _SPEC["progress_timeout"]
+    max_restarts: Annotated[int, Meta(ge=0, le=1000)] = _SPEC["max_restarts"]
+    restart_scope: Literal["group", "rank"] = _SPEC["restart_scope"].value
     #: Give the job a checkpoint store under the server's checkpoint root.
     checkpoint: bool = True
-    keep_checkpoints: Annotated[int, Meta(ge=0, le=100000)] = 0
+    keep_checkpoints: Annotated[int, Meta(ge=0, le=100000)] = _SPEC["keep_checkpoints"]
     #: Steps the job will run, when known: the summary then has an ETA.
     total_steps: Annotated[int, Meta(ge=1)] | None = None
     #: Per-rank CPU, memory and GPUs, when the server runs ranks as pods.
-    resources: Resources = Resources()
+    resources: Resources = _SPEC["resources"]
 
 
 class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
