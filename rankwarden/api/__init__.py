@@ -8,6 +8,7 @@ from rankwarden.api._admission import Limits
 from rankwarden.api._manager import ServerConfig
 from rankwarden.api._schema import JobInfo, JobList, JobRequest, JobSummary
 from rankwarden.api._server import load_or_create_token, serve_api
+from rankwarden.api._templates import Param, Template, load_templates
 from rankwarden.api.client import ApiClientError, AsyncClient, Client
 
 __all__ = [
@@ -19,7 +20,10 @@ __all__ = [
     "JobRequest",
     "JobSummary",
     "Limits",
+    "Param",
     "ServerConfig",
+    "Template",
     "load_or_create_token",
+    "load_templates",
     "serve_api",
 ]
