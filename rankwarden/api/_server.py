@@ -104,9 +104,10 @@ async def serve_api(
     hypercorn_config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hypercorn_config.accesslog = None
     hypercorn_config.graceful_timeout = graceful_timeout
-    # Unauthenticated or slow clients cannot hold the server: a connection
-    # must send its request headers promptly and may idle only briefly.
-    hypercorn_config.read_timeout = 30
+    # A connection that has not sent a whole request head within this time
+    # (idle, or trickling headers) is closed. Not read_timeout: hypercorn
+    # applies that to every read, which would cut SSE streams whose clients
+    # are silent by design.
     hypercorn_config.keep_alive_timeout = 15
     stop = shutdown if shutdown is not None else trio.Event()
     # hypercorn's own pattern (trio/run.py::worker_serve): a lifespan nursery
