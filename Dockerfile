@@ -43,4 +43,7 @@ WORKDIR /app
 USER 1000:1000
 EXPOSE 8000
 ENTRYPOINT ["rankwarden"]
-CMD ["serve", "--host=0.0.0.0", "--port=8000", "--state-dir=/state", "--allow=/app/demo/*.py"]
+# Jobs are described by the templates in demo/templates.json (no allowlist: a
+# submitter sets only the params a template names). The API token is
+# generated at first start in /state/api-token (mode 0600).
+CMD ["serve", "--host=0.0.0.0", "--port=8000", "--state-dir=/state", "--templates=/app/demo/templates.json"]

@@ -34,7 +34,8 @@ async def main_async(args) -> dict:
     state = tempfile.mkdtemp(prefix="rw-api-bench-")
     env = dict(os.environ, RANKWARDEN_API_TOKEN=TOKEN)
     server = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "rankwarden", "serve", "--port", "0", "--state-dir", state, "--allow", os.path.join(HERE, "*")],
+        [sys.executable, "-m", "rankwarden", "serve", "--port", "0", "--state-dir", state, "--allow", os.path.join(HERE, "*"),
+         "--limit", f"max_client_requests={args.subscribers + 20}"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     seen = b""
     while not (match := re.search(rb"on (http://\S+)", seen)):

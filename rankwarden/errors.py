@@ -11,7 +11,9 @@
     │   ├── CheckpointRefused  a committed step is intact but not this job's to resume
     │   │                      (another world size, another run)
     │   └── StepAlreadyCommitted  another writer committed that step first (carries its manifest)
-    └── JobFailed           a job ended failed (carries the failure records)
+    ├── JobFailed           a job ended failed (carries the failure records)
+    ├── ApiError            the API server refuses a request (HTTP status, message, detail)
+    └── ApiClientError      the API server answered a client with an error
 
 Third-party errors (msgspec, OSError from the launcher) are translated into
 these at one boundary each, so callers only ever catch this tree.
@@ -25,6 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from rankwarden.events import Failure
 
 __all__ = [
+    "ApiClientError",
+    "ApiError",
     "AuthError",
     "CheckpointError",
     "CheckpointRefused",
@@ -110,3 +114,23 @@ class JobFailed(RankwardenError):
     def __init__(self, message: str, failures: Sequence["Failure"] = ()) -> None:
         super().__init__(message)
         self.failures = tuple(failures)
+
+
+class ApiError(RankwardenError):
+    """The API server refuses a request: the HTTP ``status``, a message saying
+    what happened, and a ``detail`` saying what to do next."""
+
+    def __init__(self, status: int, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.status, self.message, self.detail = status, message, detail
+
+
+class ApiClientError(RankwardenError):
+    """The API server answered a client with an error: ``status`` and its message.
+
+    ``status`` is 0 when the server could not be reached at all."""
+
+    def __init__(self, status: int, message: str, detail: str = "") -> None:
+        prefix = f"{status}: " if status else ""
+        super().__init__(prefix + message + (f" ({detail})" if detail else ""))
+        self.status, self.message, self.detail = status, message, detail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -133,6 +134,148 @@ async def test_the_jobs_cli_drives_a_server(tmp_path):
             assert b"succeeded" in listed.stdout
             missing = await trio.run_process([*jobs, "stop", "no-such-job"], capture_stderr=True, env=env, check=False)
             assert missing.returncode == 1 and b"404: no job no-such-job" in missing.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        with trio.fail_after(LIMIT):
+            await server.wait()
+
+
+async def sigkill(server):
+    server.kill()
+    with trio.fail_after(LIMIT):
+        await server.wait()
+
+
+async def test_a_crash_during_a_graceful_stop_keeps_the_stop(tmp_path):
+    state = tmp_path / "state"
+    server, url = await start_server(state)
+    job_id = f"{JOB_PREFIX}srv-stop-crash"
+    async with client(url) as api:
+        body = {"entrypoint": WORKER, "args": ["--steps", "100000", "--step-time", "0.05"], "job_id": job_id,
+                "heartbeat_timeout": 3.0, "checkpoint": False}
+        assert (await api.post("/jobs", json=body)).status_code == 201
+        await wait_for(api, job_id, lambda j: j["state"] == "running")
+        assert (await api.post(f"/jobs/{job_id}/stop")).status_code == 202
+    await sigkill(server)  # while the ranks drain
+    server, url = await start_server(state)
+    try:
+        async with client(url) as api:
+            info = await wait_for(api, job_id, lambda j: j["state"] in ("stopped", "running", "succeeded"))
+            assert info["state"] == "stopped" and "stopped through the API" in info["reason"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        with trio.fail_after(LIMIT):
+            await server.wait()
+
+
+async def test_attempts_and_the_restart_budget_survive_a_server_restart(tmp_path):
+    state = tmp_path / "state"
+    server, url = await start_server(state)
+    job_id = f"{JOB_PREFIX}srv-budget"
+    body = {"entrypoint": WORKER, "args": ["--steps", "1000", "--step-time", "0.05", "--fail-rank", "0",
+                                           "--fail-attempt", "0", "--fail-step", "20"],
+            "job_id": job_id, "heartbeat_timeout": 3.0, "checkpoint": False, "max_restarts": 2}
+    async with client(url) as api:
+        assert (await api.post("/jobs", json=body)).status_code == 201
+        await wait_for(api, job_id, lambda j: j["restarts_used"] == 1 and j["state"] == "running")
+    await sigkill(server)  # during attempt 2, with one restart left
+    server, url = await start_server(state)
+    try:
+        async with client(url) as api:
+            info = await wait_for(api, job_id, lambda j: j["state"] in ("failed", "succeeded"))
+            assert (info["state"], info["restarts_used"], info["attempt"]) == ("failed", 2, 4)
+            lines = (await api.get(f"/jobs/{job_id}/logs", params={"lines": 100000})).json()["lines"]
+            # The resumed job went on with attempt 3, not a fresh 1: no attempt
+            # number is used twice (attempt 2 may have died before its first line).
+            ready = [l["attempt"] for l in lines if "ready" in l["line"]]
+            assert len(ready) == len(set(ready)) and {1, 3, 4} <= set(ready) <= {1, 2, 3, 4}, ready
+    finally:
+        server.send_signal(signal.SIGTERM)
+        with trio.fail_after(LIMIT):
+            await server.wait()
+
+
+async def test_state_files_are_private_and_ranks_never_see_the_api_token(tmp_path):
+    state = tmp_path / "state"
+    record = tmp_path / "record"
+    record.mkdir()
+    server, url = await start_server(state)
+    job_id = f"{JOB_PREFIX}srv-private"
+    try:
+        async with client(url) as api:
+            body = {"entrypoint": WORKER, "args": ["--steps", "2", "--record", str(record)], "job_id": job_id,
+                    "checkpoint": False}
+            assert (await api.post("/jobs", json=body)).status_code == 201
+            await wait_for(api, job_id, lambda j: j["state"] == "succeeded")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        with trio.fail_after(LIMIT):
+            await server.wait()
+    env = json.loads((record / "r0_a1.json").read_text())["env"]
+    assert "RANKWARDEN_API_TOKEN" not in env and TOKEN not in json.dumps(env)
+    assert os.stat(state).st_mode & 0o777 == 0o700
+    assert os.stat(state / "jobs.sqlite3").st_mode & 0o777 == 0o600
+    job_dir = state / "jobs" / job_id
+    assert os.stat(job_dir).st_mode & 0o777 == 0o700
+    for path in job_dir.rglob("*"):
+        assert os.stat(path).st_mode & 0o077 == 0, (path, oct(os.stat(path).st_mode))
+
+
+async def test_a_token_file_others_can_read_is_refused(tmp_path):
+    (tmp_path / "api-token").write_text("a-token-someone-else-may-have-read\n")
+    os.chmod(tmp_path / "api-token", 0o644)
+    env = {k: v for k, v in os.environ.items() if k != "RANKWARDEN_API_TOKEN"}
+    with trio.fail_after(LIMIT):
+        result = await trio.run_process(
+            [sys.executable, "-m", "rankwarden", "serve", "--port", "0", "--state-dir", str(tmp_path)],
+            capture_stdout=True, capture_stderr=True, env=env, check=False)
+    assert result.returncode == 2
+    assert b"has mode 0644" in result.stderr and b"chmod 600" in result.stderr
+
+
+async def test_a_weak_token_is_refused_on_a_public_bind(tmp_path):
+    env = dict(os.environ, RANKWARDEN_API_TOKEN="change-me")
+    with trio.fail_after(LIMIT):
+        result = await trio.run_process(
+            [sys.executable, "-m", "rankwarden", "serve", "--host", "0.0.0.0", "--port", "0",
+             "--state-dir", str(tmp_path)], capture_stdout=True, capture_stderr=True, env=env, check=False)
+    assert result.returncode == 2 and b"weak API token" in result.stderr
+
+
+async def test_the_jobs_cli_is_pleasant(tmp_path):
+    jobs = [sys.executable, "-m", "rankwarden", "jobs"]
+    # Nothing listens on this port: one line, no traceback.
+    down = dict(os.environ, RANKWARDEN_URL="http://127.0.0.1:9", RANKWARDEN_API_TOKEN=TOKEN)
+    with trio.fail_after(LIMIT):
+        result = await trio.run_process([*jobs, "list"], capture_stderr=True, env=down, check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == "rankwarden jobs list: cannot reach http://127.0.0.1:9: connection refused"
+
+    server, url = await start_server(tmp_path / "state")
+    env = dict(os.environ, RANKWARDEN_URL=url, RANKWARDEN_API_TOKEN=TOKEN)
+    job_id = f"{JOB_PREFIX}cli-nice"
+    try:
+        with trio.fail_after(LIMIT):
+            # A relative entrypoint means the caller's directory, not the server's.
+            submitted = await trio.run_process(
+                [*jobs, "submit", "--job-id", job_id, "--max-restarts", "1", "--heartbeat-timeout", "4",
+                 "--total-steps", "30", "--no-checkpoint", "worker.py", "--steps", "30", "--step-time", "0.02",
+                 "--fail-rank", "0", "--fail-step", "5"], capture_stdout=True, env=env, cwd=SCRIPTS)
+            request = json.loads(submitted.stdout)["request"]
+            assert request["entrypoint"] == os.path.realpath(WORKER)
+            assert (request["heartbeat_timeout"], request["total_steps"], request["checkpoint"]) == (4.0, 30, False)
+            followed = await trio.run_process([*jobs, "logs", "-f", job_id], capture_stdout=True, env=env)
+            out = followed.stdout.decode()
+            assert "-- restarting:" in out and "[rank0]: rank 0 done after 30 steps" in out
+            assert out.rstrip().endswith(f"-- job {job_id}: succeeded")
+            shown = await trio.run_process([*jobs, "show", job_id], capture_stdout=True, env=env)
+            assert shown.stdout.decode().startswith(f"{job_id}: succeeded, attempt 2, restarts 1/1")
+            as_json = await trio.run_process([*jobs, "show", "--json", job_id], capture_stdout=True, env=env)
+            assert json.loads(as_json.stdout)["state"] == "succeeded"
+            piped = await trio.run_process(
+                ["sh", "-c", f"'{sys.executable}' -m rankwarden jobs logs --lines 1000 {job_id} | head -1"],
+                capture_stdout=True, capture_stderr=True, env=env)
+            assert piped.stderr == b"" and piped.stdout.startswith(b"[rank")
     finally:
         server.send_signal(signal.SIGTERM)
         with trio.fail_after(LIMIT):

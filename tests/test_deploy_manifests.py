@@ -131,3 +131,44 @@ def test_strict_validation_catches_a_misspelled_field():
            "spec": {"containers": [{"name": "x", "image": "x", "imagePullPolicy": "IfNotPresent", "comand": ["x"]}]}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, VERSIONS[0], strict=True)
+
+
+def test_no_known_token_ships_and_jobs_are_templates(objects):
+    # Issue 12: no token in any shipped file; the server generates one (or a
+    # Secret the operator creates provides it); jobs are templates, not globs.
+    for path in ("docker-compose.yml", "Dockerfile", *map(str, (ROOT / "k8s").rglob("*.yaml"))):
+        text = (ROOT / path).read_text()
+        assert "demo-token" not in text and "change-me" not in text and "--allow=" not in text, path
+    assert by_kind(objects, "Secret") == []
+    (deploy,) = by_kind(objects, "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert "--templates=/app/demo/templates.json" in container["args"]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "--templates=/app/demo/templates.json" in compose["services"]["api"]["command"]
+    assert "RANKWARDEN_API_TOKEN" not in compose["services"]["api"].get("environment", {})
+
+
+def test_a_network_policy_guards_the_api_and_heartbeat_ports(objects):
+    (policy,) = by_kind(objects, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "coordinator"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = policy["spec"]["ingress"]
+    assert all(rule.get("from") for rule in rules)  # no rule admits everyone
+    api, heartbeats = rules
+    assert api["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert heartbeats["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/managed-by": "rankwarden"}}}]
+
+
+def test_the_shipped_template_refuses_what_the_demo_script_could_be_told(tmp_path):
+    from rankwarden.api._templates import expand, load_templates
+    from rankwarden.errors import ApiError
+
+    templates = load_templates(ROOT / "demo" / "templates.json")
+    demo = templates["demo-train"]
+    job_dir = tmp_path / "job"
+    assert expand(demo, "demo-train", {"epochs": 2, "final-weights": "model.pt"}, job_dir) == [
+        "--data", "/app/data", "--epochs", "2", "--final-weights", str(job_dir / "outputs" / "model.pt")]
+    for params in ({"final-weights": "/state/jobs.sqlite3"}, {"final-weights": "../../jobs.sqlite3"},
+                   {"trace": "/etc/passwd"}, {"ckpt-url": "http://169.254.169.254/"}, {"epochs": 10**9}):
+        with pytest.raises(ApiError):
+            expand(demo, "demo-train", params, job_dir)

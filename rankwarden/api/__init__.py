@@ -4,9 +4,11 @@ Import ``rankwarden.api.Client`` to talk to a server; the server itself is
 started by ``rankwarden serve`` (or ``serve_api`` in your own Trio nursery).
 """
 
+from rankwarden.api._admission import Limits
 from rankwarden.api._manager import ServerConfig
 from rankwarden.api._schema import JobInfo, JobList, JobRequest, JobSummary
 from rankwarden.api._server import load_or_create_token, serve_api
+from rankwarden.api._templates import Param, Template, load_templates
 from rankwarden.api.client import ApiClientError, AsyncClient, Client
 
 __all__ = [
@@ -17,7 +19,11 @@ __all__ = [
     "JobList",
     "JobRequest",
     "JobSummary",
+    "Limits",
+    "Param",
     "ServerConfig",
+    "Template",
     "load_or_create_token",
+    "load_templates",
     "serve_api",
 ]

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import msgspec
 import trio
@@ -24,7 +23,10 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 import rankwarden
-from rankwarden.api._manager import ACTIVE, ApiError, JobManager
+from rankwarden.api._admission import check_job_id
+from rankwarden.api._logs import read_tail, stream_file
+from rankwarden.api._manager import JobManager
+from rankwarden.api._metrics import render_metrics
 from rankwarden.api._schema import (
     API_STATES,
     ErrorBody,
@@ -35,13 +37,13 @@ from rankwarden.api._schema import (
     PurgeRequest,
     PurgeResult,
 )
-from rankwarden.spec import JOB_ID_PATTERN
+from rankwarden.errors import ApiError
 
 __all__ = ["create_app"]
 
 MAX_BODY = 64 * 1024
-KEEPALIVE = 15.0
-_JOB_ID = re.compile(JOB_ID_PATTERN)
+BODY_TIMEOUT = 10.0  # seconds to receive a whole body
+_EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() accepts '²'
 _encoder = msgspec.json.Encoder()
 
 
@@ -54,9 +56,7 @@ def _error(status: int, message: str, detail: str = "") -> Response:
 
 
 def _job_id(job_id: str) -> str:
-    if not _JOB_ID.match(job_id):
-        raise ApiError(400, f"invalid job id {job_id!r}", "job ids are 1-63 lowercase letters, digits or '-'")
-    return job_id
+    return check_job_id(job_id)
 
 
 async def _body(kind):
@@ -65,7 +65,7 @@ async def _body(kind):
         return msgspec.json.decode(raw or b"{}", type=kind)
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"invalid request body: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
 
 
@@ -82,31 +82,71 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+class _PerClient:
+    """ASGI middleware: at most ``limit`` requests in flight per client address (429 beyond).
+
+    One client cannot hold every connection slot (many SSE streams, slow
+    bodies) and starve the others; an unauthenticated one is answered
+    before its body is read (see ``authenticate_then_drain``)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+        self.in_flight: dict[str, int] = {}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        client = (scope.get("client") or ("?", 0))[0]
+        if self.in_flight.get(client, 0) >= self.limit:
+            body = _encoder.encode(ErrorBody(error=f"too many requests in flight from {client} "
+                                                  f"(server limit max_client_requests={self.limit})", status=429,
+                                             detail="close some streams, or retry later"))
+            await send({"type": "http.response.start", "status": 429,
+                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                    (b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight[client] = self.in_flight.get(client, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight[client] -= 1
+            if not self.in_flight[client]:
+                del self.in_flight[client]
+
+
 def create_app(manager: JobManager, token: str) -> QuartTrio:
     app = QuartTrio("rankwarden")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    # A body must arrive promptly: a client trickling bytes cannot hold a request open.
+    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT
+    app.asgi_app = _PerClient(app.asgi_app, manager.config.limits.max_client_requests)  # type: ignore[method-assign]
     expected = f"Bearer {token}".encode()
 
     @app.before_request
-    async def drain_then_authenticate():
-        # Read every request body (bounded) before answering anything: a
-        # response sent over an unread body leaves its bytes on the keep-alive
-        # connection and stalls the client's next request. A body over the
-        # limit is refused and its connection closed.
+    async def authenticate_then_drain():
+        # The token is checked before a byte of the body is read: an
+        # unauthenticated client cannot make the server buffer anything. A
+        # refusal over an unread body closes the connection (after_request),
+        # since the body's bytes would otherwise stall the next request on it.
+        if request.path != "/health":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _error(401, "missing or wrong bearer token", "send `Authorization: Bearer <token>`")
         if (request.content_length or 0) > MAX_BODY:
             return _error(413, "request body too large", f"the limit is {MAX_BODY} bytes")
+        # Read the (bounded) body before answering: see above.
         await request.get_data()
-        if request.path == "/health":
-            return None
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            return _error(401, "missing or wrong bearer token", "send `Authorization: Bearer <token>`")
         return None
 
     @app.after_request
-    async def close_after_refused_bodies(response: Response) -> Response:
-        if response.status_code == 413:
+    async def harden(response: Response) -> Response:
+        if response.status_code in (401, 413):
             response.headers["Connection"] = "close"
+        # Answers are JSON or event streams about private jobs: never sniffed
+        # as something else, never kept by a cache.
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = "no-store"
         return response
 
     @app.errorhandler(ApiError)
@@ -126,12 +166,11 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
 
     @app.get("/health")
     async def health():
-        running = sum(1 for job_id in manager.live if manager.is_active(job_id))
-        return _json(Health(version=rankwarden.__version__, jobs_running=running))
+        return _json(Health(version=rankwarden.__version__, jobs_running=manager.running()))
 
     @app.post("/jobs")
     async def submit():
-        info = manager.submit(await _body(JobRequest))
+        info = await manager.submit(await _body(JobRequest))
         return _json(info, 201)
 
     @app.get("/jobs")
@@ -141,67 +180,63 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
         if bad:
             raise ApiError(400, f"unknown state {bad[0]!r}", f"states: {', '.join(API_STATES)}")
         offset, limit = _int_arg("offset", 0, 0, 10**9), _int_arg("limit", 100, 1, 1000)
-        jobs, total = manager.db.list(states=states or None, offset=offset, limit=limit)
+        jobs, total = await manager.list(states or None, offset, limit)
         return _json(JobList(jobs=jobs, total=total, offset=offset, limit=limit))
 
     @app.get("/jobs/summaries")
     async def summaries():
-        jobs, _ = manager.db.list(states=list(ACTIVE), limit=1000)
-        return _json([manager.summary(j.job_id) for j in jobs])
+        return _json(await manager.active_summaries())
 
     @app.get("/jobs/<job_id>")
     async def show(job_id: str):
-        return _json(manager.get(_job_id(job_id)))
+        return _json(await manager.get(_job_id(job_id)))
 
     @app.get("/jobs/<job_id>/summary")
     async def summary(job_id: str):
-        return _json(manager.summary(_job_id(job_id)))
+        return _json(await manager.summary(_job_id(job_id)))
 
     @app.get("/jobs/<job_id>/logs")
     async def logs(job_id: str):
-        manager.get(_job_id(job_id))
+        await manager.get(_job_id(job_id))
         count = _int_arg("lines", 100, 1, 100000)
         rank = _int_arg("rank", -1, 0, 65535) if "rank" in request.args else None
         attempt = _int_arg("attempt", -1, 1, 10**6) if "attempt" in request.args else None
         def wanted(line: dict) -> bool:
             return (rank is None or line["rank"] == rank) and (attempt is None or line["attempt"] == attempt)
 
-        lines = _tail(manager.combined_log(job_id), count, wanted)
+        lines = await trio.to_thread.run_sync(read_tail, manager.combined_log(job_id), count, wanted)
         return _json(LogLines(job_id=job_id, lines=lines))
 
     @app.get("/jobs/<job_id>/logs/stream")
     async def log_stream(job_id: str):
-        manager.get(_job_id(job_id))
-        return _sse(_stream(manager.combined_log(job_id), _last_event_id(), lambda: manager.wakeup(job_id),
-                            lambda: manager.is_active(job_id)))
+        await manager.get(_job_id(job_id))
+        return _sse(stream_file(manager.combined_log(job_id), _last_event_id(), lambda: manager.log_wakeup(job_id),
+                                lambda: manager.is_active(job_id), lambda: manager.log_copier(job_id)))
 
     @app.get("/jobs/<job_id>/events/stream")
     async def event_stream(job_id: str):
-        manager.get(_job_id(job_id))
-
-        def wake():
-            live = manager.live.get(job_id)
-            return live.coordinator.next_event_signal() if live else None
-
-        return _sse(_stream(manager.events_path(job_id), _last_event_id(), wake, lambda: manager.is_active(job_id)))
+        await manager.get(_job_id(job_id))
+        return _sse(stream_file(manager.events_path(job_id), _last_event_id(), lambda: manager.event_wakeup(job_id),
+                                lambda: manager.is_active(job_id)))
 
     @app.post("/jobs/<job_id>/stop")
     async def stop(job_id: str):
-        return _json(manager.stop(_job_id(job_id)), 202)
+        return _json(await manager.stop(_job_id(job_id)), 202)
 
     @app.delete("/jobs/<job_id>")
     async def delete(job_id: str):
-        manager.delete(_job_id(job_id))
+        await manager.delete(_job_id(job_id))
         return Response(b"", status=204)
 
     @app.post("/jobs/purge")
     async def purge():
         body = await _body(PurgeRequest)
-        return _json(PurgeResult(purged=manager.purge(list(body.states), body.older_than_seconds)))
+        return _json(PurgeResult(purged=await manager.purge(list(body.states), body.older_than_seconds)))
 
     @app.get("/metrics")
     async def metrics():
-        return Response(_metrics(manager), mimetype="text/plain", headers={"Content-Type": "text/plain; version=0.0.4"})
+        text = render_metrics(await manager.counts(), manager.live_metrics())
+        return Response(text, mimetype="text/plain", headers={"Content-Type": "text/plain; version=0.0.4"})
 
     @app.get("/openapi.json")
     async def openapi():
@@ -212,103 +247,14 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
     return app
 
 
-def _tail(path: Path, count: int, wanted: Callable[[dict], bool], block: int = 1 << 16) -> list[dict]:
-    """The last ``count`` wanted lines of a JSON-lines file, reading backwards only as far as needed."""
-    if not path.exists():
-        return []
-    found: list[dict] = []
-    with open(path, "rb") as f:
-        end = f.seek(0, 2)
-        rest = b""
-        while end > 0 and len(found) < count:
-            start = max(0, end - block)
-            f.seek(start)
-            chunk = f.read(end - start) + rest
-            end = start
-            lines = chunk.split(b"\n")
-            rest = lines.pop(0) if start > 0 else b""  # may be cut: finish it with the next block
-            for raw in reversed(lines):
-                if raw:
-                    line = msgspec.json.decode(raw)
-                    if wanted(line):
-                        found.append(line)
-                        if len(found) == count:
-                            break
-    return found[::-1]
-
-
 def _last_event_id() -> int:
     raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
-    if not raw.isdigit() or len(raw) > 18:
+    if not _EVENT_ID.fullmatch(raw):
         raise ApiError(400, f"Last-Event-ID must be a line number, got {raw[:32]!r}")
     return int(raw)
 
 
 def _sse(body: AsyncIterator[bytes]) -> Response:
-    response = Response(body, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response = Response(body, mimetype="text/event-stream", headers={"X-Accel-Buffering": "no"})
     response.timeout = None  # a stream lasts as long as its job
     return response
-
-
-async def _stream(path: Path, after: int, wake: Callable[[], trio.Event | None], active: Callable[[], bool]) -> AsyncIterator[bytes]:
-    yield b": rankwarden stream\n\n"
-    position, line_no = 0, 0
-    while True:
-        signal = wake()  # take it before reading, so nothing written after the read is missed
-        still_active = active()
-        data = b""
-        if path.exists():
-            with open(path, "rb") as f:
-                f.seek(position)
-                data = f.read(1 << 20)
-        complete = data.rfind(b"\n") + 1
-        position += complete
-        batch = []
-        for line in data[:complete].splitlines():
-            line_no += 1
-            if line_no > after:
-                batch.append(b"id: %d\ndata: %s\n\n" % (line_no, line))
-        if batch:
-            yield b"".join(batch)  # one send per read, not per line: 100 clients x 2,000 lines/s
-        if complete < len(data) or len(data) == 1 << 20:
-            continue  # more to read right away
-        if not still_active:
-            yield b"event: end\ndata: {}\n\n"
-            return
-        with trio.move_on_after(KEEPALIVE) as scope:
-            if signal is not None:
-                await signal.wait()
-            else:
-                await trio.sleep(KEEPALIVE)
-        if scope.cancelled_caught:
-            yield b": keep-alive\n\n"
-
-
-def _metrics(manager: JobManager) -> str:
-    lines = ["# HELP rankwarden_jobs Jobs by state.", "# TYPE rankwarden_jobs gauge"]
-    counts = {state: 0 for state in API_STATES}
-    jobs, _ = manager.db.list(limit=1_000_000)
-    for job in jobs:
-        counts[job.state] = counts.get(job.state, 0) + 1
-    lines += [f'rankwarden_jobs{{state="{s}"}} {n}' for s, n in counts.items()]
-    lines += ["# HELP rankwarden_restarts_total Restarts used, per job.", "# TYPE rankwarden_restarts_total counter"]
-    lines += [f'rankwarden_restarts_total{{job="{j.job_id}"}} {j.restarts_used}' for j in jobs]
-    failures: dict[tuple[str, str], int] = {}
-    ages, rates = [], []
-    for job_id, live in manager.live.items():
-        snap = live.coordinator.snapshot()
-        for f in snap.failures:
-            failures[(job_id, f.cause.value)] = failures.get((job_id, f.cause.value), 0) + 1
-        for r in snap.ranks:
-            if r.heartbeat_age is not None:
-                ages.append(f'rankwarden_heartbeat_age_seconds{{job="{job_id}",rank="{r.rank}"}} {r.heartbeat_age:.3f}')
-        summary = manager.summary(job_id)
-        if summary.steps_per_second is not None:
-            rates.append(f'rankwarden_steps_per_second{{job="{job_id}"}} {summary.steps_per_second:.4f}')
-    lines += ["# HELP rankwarden_failures_total Rank failures by cause.", "# TYPE rankwarden_failures_total counter"]
-    lines += [f'rankwarden_failures_total{{job="{j}",cause="{c}"}} {n}' for (j, c), n in sorted(failures.items())]
-    lines += ["# HELP rankwarden_heartbeat_age_seconds Seconds since each rank's last heartbeat.",
-              "# TYPE rankwarden_heartbeat_age_seconds gauge", *ages]
-    lines += ["# HELP rankwarden_steps_per_second Training steps per second over the last 10 s.",
-              "# TYPE rankwarden_steps_per_second gauge", *rates]
-    return "\n".join(lines) + "\n"

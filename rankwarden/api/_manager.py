@@ -15,10 +15,9 @@ next start treats them the same way.
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import logging
 import os
-import re
 import secrets
 import shutil
 import time
@@ -29,29 +28,22 @@ from typing import Any
 import msgspec
 import trio
 
+from rankwarden.api._admission import Limits, check_allowed, check_job_id, check_limits
 from rankwarden.api._db import JobDB
-from rankwarden.api._schema import JobInfo, JobRequest, JobSummary
+from rankwarden.api._logs import LogCopier, ensure_private_dir
+from rankwarden.api._schema import ACTIVE, JobInfo, JobRequest, JobSummary
+from rankwarden.api._summaries import Sampler, build_summary
+from rankwarden.api._templates import Template, expand
 from rankwarden.coordinator import Coordinator
-from rankwarden.coordinator._jobdir import RankOutputTail
 from rankwarden.events import JobSnapshot, RankFailed
-from rankwarden.errors import SpecError
+from rankwarden.errors import ApiError, SpecError
 from rankwarden.spec import JobSpec
 
-__all__ = ["ApiError", "JobManager", "ServerConfig"]
+__all__ = ["JobManager", "ServerConfig"]
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("pending", "running", "restarting", "stopping")
-_SAMPLE = 0.5  # seconds between progress samples for summaries
-_LOG_COPY = 0.1  # seconds between copies of rank output into the job's combined log
-
-
-class ApiError(Exception):
-    """An error for the client: HTTP status and a message saying what to do."""
-
-    def __init__(self, status: int, message: str, detail: str = "") -> None:
-        super().__init__(message)
-        self.status, self.message, self.detail = status, message, detail
+_PURGE_BATCH = 500  # jobs per purge batch: one transaction, then the loop runs again
 
 
 @dataclass
@@ -66,26 +58,31 @@ class ServerConfig:
     #: pods, all interfaces and this pod's IP (or a stable DNS name).
     heartbeat_host: str = "127.0.0.1"
     advertise_host: str | None = None
+    #: Server-wide limits (ranks, jobs, timeouts, restarts).
+    limits: Limits = field(default_factory=Limits)
+    #: Job templates by name (``load_templates``): what submitters may run without --allow.
+    templates: dict[str, Template] = field(default_factory=dict)
 
 
 @dataclass
 class _Live:
     coordinator: Coordinator
     request: JobRequest
-    started: float
-    samples: list[tuple[float, int, int]] = field(default_factory=list)  # (time, min step, samples)
-    failures_at: list[float] = field(default_factory=list)
-    recoveries: list[float] = field(default_factory=list)
-    new_log_line: trio.Event = field(default_factory=trio.Event)
+    sampler: Sampler
+    logs: LogCopier
     user_stopped: bool = False
-    tail: RankOutputTail | None = None  # where copying rank output stopped
-    log_seq: int = 0  # lines in the combined log so far
+    #: Set once the job's final state is in the database (after its coordinator ended).
+    recorded: trio.Event = field(default_factory=trio.Event)
+
+    def ranks(self) -> list[tuple[int, int]]:
+        return [(r.rank, r.attempt) for r in self.coordinator.snapshot().ranks]
 
 
 class JobManager:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.state_dir = Path(config.state_dir).absolute()
+        ensure_private_dir(self.state_dir)
         self.db = JobDB(self.state_dir / "jobs.sqlite3")
         self.live: dict[str, _Live] = {}
         self._nursery: trio.Nursery | None = None
@@ -97,7 +94,7 @@ class JobManager:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._recover()
+                await self._recover()
                 if hasattr(self.config.launcher, "release_orphans"):
                     nursery.start_soon(self._release_orphans)
                 task_status.started(self)
@@ -121,82 +118,117 @@ class JobManager:
         for job_id in released:
             log.info("job=%s: deleted its orphaned Service", job_id)
 
-    def _recover(self) -> None:
-        jobs, _ = self.db.list(states=list(ACTIVE), limit=1_000_000)
+    async def _recover(self) -> None:
+        jobs, _ = await self.db.list(states=list(ACTIVE), limit=1_000_000)
         for info in jobs:
-            if self.config.on_restart == "resume":
+            if await self.db.stop_requested(info.job_id):
+                # The server died while the job was stopping: the stop stands.
+                await self.db.update(info.job_id, state="stopped",
+                                     reason="stopped through the API (the server restarted while it was stopping)")
+            elif self.config.on_restart == "resume":
+                try:
+                    request = await trio.to_thread.run_sync(self.admit, info.job_id, info.request)
+                except ApiError as exc:
+                    # The operator may have narrowed --allow since: a job a new
+                    # submit would refuse must not run either.
+                    log.warning("job=%s: not resumed: %s", info.job_id, exc.message)
+                    await self.db.update(info.job_id, state="failed",
+                                         reason=f"not resumed after a server restart: no longer allowed: {exc.message}")
+                    continue
                 log.info("job=%s was running when the server stopped; resuming it", info.job_id)
-                self.db.update(info.job_id, reason="resumed after a server restart")
-                self._start(info.job_id, info.request, resumed=True)
+                await self.db.update(info.job_id, reason="resumed after a server restart")
+                self._start(info.job_id, request, resumed=True, before=(info.attempt, info.restarts_used))
             else:
-                self.db.update(info.job_id, state="interrupted", reason="the server stopped while the job was running")
+                await self.db.update(info.job_id, state="interrupted",
+                                     reason="the server stopped while the job was running")
 
     # -- requests -----------------------------------------------------------------------
 
     def job_dir(self, job_id: str) -> Path:
         return self.state_dir / "jobs" / job_id
 
-    def check_allowed(self, request: JobRequest) -> str:
-        """The entrypoint to run, if an operator pattern allows it; else 403."""
-        for value in (request.entrypoint, *request.args):
-            if any(ord(c) < 32 and c not in "\t" for c in value):
-                raise ApiError(400, "entrypoint and args may not contain control characters or NUL")
-        if request.module:
-            candidate = f"module:{request.entrypoint}"
-            if not re.fullmatch(r"[A-Za-z_][\w.]*", request.entrypoint):
-                raise ApiError(400, f"{request.entrypoint!r} is not a Python module name")
-            resolved = request.entrypoint
-        else:
-            resolved = candidate = os.path.realpath(request.entrypoint)
-        if not any(fnmatch.fnmatchcase(candidate, pattern) for pattern in self.config.allow):
-            raise ApiError(403, f"entrypoint {request.entrypoint!r} is not allowed on this server",
-                           "the operator allows entrypoints with `rankwarden serve --allow PATTERN`")
-        if not request.module and not os.path.isfile(resolved):
-            raise ApiError(400, f"entrypoint {request.entrypoint!r} does not exist on the server")
-        return resolved
+    def admit(self, job_id: str, request: JobRequest) -> JobRequest:
+        """The request to run (entrypoint resolved, template expanded) if it is admitted; else ApiError.
 
-    def submit(self, request: JobRequest) -> JobInfo:
-        if self._nursery is None:
+        Called at submit and again when a restarted server resumes the job, so
+        a narrowed --allow or a changed template applies to recorded jobs too.
+        Blocking (it resolves paths): call it in a worker thread."""
+        if request.template is None:
+            if not request.entrypoint:
+                raise ApiError(400, "name an entrypoint or a template")
+            if request.params:
+                raise ApiError(400, "params are for templates; an entrypoint takes args")
+            resolved = check_allowed(request, self.config.allow)
+            return msgspec.structs.replace(request, entrypoint=resolved)
+        if request.job_id is not None:
+            check_job_id(request.job_id)
+        template = self.config.templates.get(request.template)
+        if template is None:
+            raise ApiError(403, f"no job template {request.template!r} on this server",
+                           f"templates: {', '.join(sorted(self.config.templates)) or 'none'}")
+        if request.entrypoint or request.args or request.module:
+            raise ApiError(400, "a templated job takes params only (no entrypoint, args or module)")
+        if request.world_size > template.max_world_size:
+            raise ApiError(422, f"template {request.template!r} runs at most {template.max_world_size} ranks, "
+                                f"asked for {request.world_size}")
+        args = expand(template, request.template, dict(request.params), self.job_dir(job_id))
+        entrypoint = template.entrypoint if template.module else os.path.realpath(template.entrypoint)
+        return msgspec.structs.replace(request, entrypoint=entrypoint, args=args, module=template.module)
+
+    async def submit(self, request: JobRequest) -> JobInfo:
+        if self._nursery is None or self._shutting_down:
             raise ApiError(503, "the server is shutting down")
-        self.check_allowed(request)
         job_id = request.job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        if self.db.exists(job_id):
+        run = await trio.to_thread.run_sync(self.admit, job_id, request)
+        # The record keeps the real path: a symlink re-pointed later, or a
+        # relative path resolved from another cwd, cannot change what runs.
+        # A templated job keeps its template and params (expanded again on resume).
+        record = request if request.template is not None else run
+        active = [live for live in self.live.values() if not live.coordinator.state.finished]
+        check_limits(run, self.config.limits, running_jobs=len(active),
+                     running_ranks=sum(live.request.world_size for live in active))
+        if job_id in self.live or await self.db.exists(job_id):
             raise ApiError(409, f"job {job_id} already exists", "pick another job_id, or delete the old job")
         try:
-            JobSpec.from_dict(msgspec.to_builtins(self._spec(job_id, request)))
+            JobSpec.from_dict(msgspec.to_builtins(self._spec(job_id, run)))
         except SpecError as exc:
             raise ApiError(400, str(exc), f"at {exc.path}") from None
-        info = self.db.insert(job_id, request, "pending")
-        self._start(job_id, request)
+        info = await self.db.insert(job_id, record, "pending")
+        self._start(job_id, run)
         return info
 
     def _spec(self, job_id: str, request: JobRequest) -> JobSpec:
-        entrypoint = request.entrypoint if request.module else os.path.realpath(request.entrypoint)
         checkpoint_url = None
         if request.checkpoint:
             checkpoint_url = self.config.checkpoint_root or str(self.state_dir / "checkpoints")
         return JobSpec(
-            entrypoint=entrypoint, args=list(request.args), module=request.module, world_size=request.world_size,
-            job_id=job_id, job_dir=str(self.job_dir(job_id)), checkpoint_url=checkpoint_url,
-            heartbeat_timeout=request.heartbeat_timeout, progress_timeout=request.progress_timeout,
-            max_restarts=request.max_restarts, restart_scope=request.restart_scope,
+            entrypoint=request.entrypoint, args=list(request.args), module=request.module,
+            world_size=request.world_size, job_id=job_id, job_dir=str(self.job_dir(job_id)),
+            checkpoint_url=checkpoint_url, heartbeat_timeout=request.heartbeat_timeout,
+            progress_timeout=request.progress_timeout, max_restarts=request.max_restarts,
+            restart_scope=request.restart_scope,
             keep_checkpoints=request.keep_checkpoints, resources=request.resources,
         )
 
-    def _start(self, job_id: str, request: JobRequest, resumed: bool = False) -> None:
+    def _start(self, job_id: str, request: JobRequest, resumed: bool = False, before: tuple[int, int] = (0, 0)) -> None:
         assert self._nursery is not None
-        launcher = self.config.launcher
         kwargs: dict[str, Any] = {}
         if self._ranks_are_remote:
             # Pods outlive this server: a resumed job adopts them, and they
             # reconnect with the token and port the job had before.
             token, port = self._identity(job_id)
             kwargs = {"token": token, "heartbeat_port": port, "adopt": resumed}
+        ensure_private_dir(self.job_dir(job_id) / "outputs")  # where templated jobs write their files
+        # A resumed job goes on counting attempts and restarts where the
+        # previous server stopped: a server restart grants no fresh budget,
+        # and new attempts never reuse the old ones' log files.
         coordinator = Coordinator(
-            self._spec(job_id, request), launcher=launcher, heartbeat_host=self.config.heartbeat_host,
-            advertise_host=self.config.advertise_host, **kwargs,
+            self._spec(job_id, request), launcher=self.config.launcher,
+            heartbeat_host=self.config.heartbeat_host, advertise_host=self.config.advertise_host,
+            attempts_before=before[0], restarts_before=before[1], **kwargs,
         )
-        live = _Live(coordinator=coordinator, request=request, started=time.time())
+        live = _Live(coordinator=coordinator, request=request, sampler=Sampler(coordinator),
+                     logs=LogCopier(coordinator.job_dir, self.combined_log(job_id)))
         self.live[job_id] = live
         self._nursery.start_soon(self._run_job, job_id, live)
 
@@ -206,54 +238,42 @@ class JobManager:
             async with trio.open_nursery() as nursery:
                 await nursery.start(coordinator.run)
                 if self._ranks_are_remote:
-                    self._save_identity(job_id, coordinator)
-                self.db.update(job_id, state="running")
+                    await trio.to_thread.run_sync(self._save_identity, job_id, coordinator)
+                await self.db.update(job_id, state="running")
                 nursery.start_soon(self._mirror_events, job_id, live)
-                nursery.start_soon(self._sample, live)
-                nursery.start_soon(self._collect_logs, job_id, live)
+                nursery.start_soon(live.sampler.run)
+                nursery.start_soon(live.logs.run, live.ranks)
                 await coordinator.wait()
-                self._copy_logs(job_id, live, final=True)
+                await live.logs.copy(live.ranks(), final=True)
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # a job's crash must never take the server down
             log.exception("job=%s: coordinator failed", job_id)
-            self.db.update(job_id, state="failed", reason=f"coordinator error: {exc}")
+            with trio.CancelScope(shield=True):
+                await self.db.update(job_id, state="failed", reason=f"coordinator error: {exc}")
         finally:
             snapshot = coordinator.snapshot()
-            if self._shutting_down and not live.user_stopped:
-                self.db.update(job_id, reason="the server shut down while the job was running")
-            elif snapshot.state.finished:
-                reason = {"failed": coordinator.failure_report() if snapshot.failures else "",
-                          "stopped": "stopped through the API" if live.user_stopped else ""}.get(snapshot.state.value, "")
-                self.db.update(job_id, state=snapshot.state.value, attempt=snapshot.attempt,
-                               restarts=snapshot.restarts_used, reason=reason)
-            live.new_log_line.set()
+            try:
+                with trio.CancelScope(shield=True):
+                    if self._shutting_down and not live.user_stopped:
+                        await self.db.update(job_id, reason="the server shut down while the job was running")
+                    elif snapshot.state.finished:
+                        reason = {"failed": coordinator.failure_report() if snapshot.failures else "",
+                                  "stopped": "stopped through the API" if live.user_stopped else ""
+                                  }.get(snapshot.state.value, "")
+                        await self.db.update(job_id, state=snapshot.state.value, attempt=snapshot.attempt,
+                                             restarts=snapshot.restarts_used, reason=reason)
+            finally:
+                live.recorded.set()
+                live.logs.wake_all()
 
     async def _mirror_events(self, job_id: str, live: _Live) -> None:
         async for event in live.coordinator.events():
             snap = live.coordinator.snapshot()
             if not snap.state.finished:
-                self.db.update(job_id, state=snap.state.value, attempt=snap.attempt, restarts=snap.restarts_used)
+                await self.db.update(job_id, state=snap.state.value, attempt=snap.attempt,
+                                     restarts=snap.restarts_used)
             if isinstance(event, RankFailed):
-                live.failures_at.append(time.time())
-
-    async def _sample(self, live: _Live) -> None:
-        # Summaries need rates and recovery times; the coordinator keeps only
-        # the present. Sampling its snapshot twice a second is enough for both.
-        pending_recovery: float | None = None
-        attempt_seen = 0
-        while True:
-            snap = live.coordinator.snapshot()
-            now = time.time()
-            steps = [r.step for r in snap.ranks]
-            if live.failures_at and pending_recovery is None and len(live.recoveries) < len(live.failures_at):
-                pending_recovery, attempt_seen = live.failures_at[len(live.recoveries)], snap.attempt
-            if all(s is not None for s in steps):
-                samples = sum(r.samples or 0 for r in snap.ranks)
-                live.samples.append((now, min(steps), samples))  # type: ignore[type-var]
-                if pending_recovery is not None and snap.attempt > attempt_seen:
-                    live.recoveries.append(now - pending_recovery)
-                    pending_recovery = None
-            await trio.sleep(_SAMPLE)
+                live.sampler.failures_at.append(time.time())
 
     # -- a job's heartbeat identity (pod launchers) ---------------------------------------
 
@@ -275,151 +295,125 @@ class JobManager:
     def _save_identity(self, job_id: str, coordinator: Coordinator) -> None:
         port = int(coordinator.address.rpartition(":")[2])
         path = self._identity_path(job_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(path.parent)
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the ranks' token
         with os.fdopen(fd, "wb") as f:
             f.write(msgspec.json.encode({"token": coordinator.token, "port": port}))
         os.replace(tmp, path)
 
-    # -- logs ---------------------------------------------------------------------------
+    # -- views ---------------------------------------------------------------------------
 
     def combined_log(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "logs.jsonl"
 
-    async def _collect_logs(self, job_id: str, live: _Live) -> None:
-        # Rank output is in per-rank files (it survives the server); this copies
-        # new lines into one numbered log so SSE clients can resume by id.
-        while True:
-            self._copy_logs(job_id, live)
-            await trio.sleep(_LOG_COPY)
+    def events_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "events.jsonl"
 
-    def _copy_logs(self, job_id: str, live: _Live, *, final: bool = False) -> None:
-        if live.tail is None:
-            live.tail = RankOutputTail(live.coordinator.job_dir)
-            self._resume_numbering(job_id, live)
-        ranks = [(r.rank, r.attempt) for r in live.coordinator.snapshot().ranks]
-        written = []
-        for line in live.tail.read(ranks, final=final):
-            live.log_seq += 1
-            written.append(msgspec.json.encode({"id": live.log_seq, "attempt": line.attempt, "rank": line.rank,
-                                                "stream": line.stream, "line": line.text.decode(errors="replace")}))
-        if written:
-            with open(self.combined_log(job_id), "ab") as f:
-                f.write(b"\n".join(written) + b"\n")
-            live.new_log_line.set()
-            live.new_log_line = trio.Event()
-
-    def _resume_numbering(self, job_id: str, live: _Live) -> None:
-        # A resumed job's combined log already holds what the previous server
-        # copied: continue its numbering and skip those bytes of the rank files.
-        path = self.combined_log(job_id)
-        if not path.exists():
-            return
-        assert live.tail is not None
-        with open(path, "rb") as f:
-            for raw in f:
-                line = msgspec.json.decode(raw)
-                live.log_seq += 1
-                stdout, stderr = live.coordinator.job_dir.log_paths(line["rank"], line["attempt"])
-                key = str(stdout if line["stream"] == "stdout" else stderr)
-                live.tail.offsets[key] = live.tail.offsets.get(key, 0) + len(line["line"].encode()) + 1
-
-    # -- views ---------------------------------------------------------------------------
-
-    def get(self, job_id: str) -> JobInfo:
-        info = self.db.get(job_id)
+    async def get(self, job_id: str) -> JobInfo:
+        live = self.live.get(job_id)
+        if live is not None and live.coordinator.state.finished:
+            # Its streams have ended: whoever saw that reads the final record.
+            await live.recorded.wait()
+        info = await self.db.get(job_id)
         if info is None:
             raise ApiError(404, f"no job {job_id}")
         return info
 
-    def snapshot(self, job_id: str) -> JobSnapshot | None:
+    async def list(self, states: list[str] | None, offset: int, limit: int) -> tuple[list[JobInfo], int]:
+        return await self.db.list(states=states, offset=offset, limit=limit)
+
+    async def snapshot(self, job_id: str) -> JobSnapshot | None:
         live = self.live.get(job_id)
         if live is not None:
             return live.coordinator.snapshot()
         result = self.job_dir(job_id) / "result.json"
-        if result.exists():
-            return msgspec.json.decode(result.read_bytes(), type=JobSnapshot)
-        return None
+        data = await trio.to_thread.run_sync(_read_or_none, result)
+        return msgspec.json.decode(data, type=JobSnapshot) if data is not None else None
 
-    def summary(self, job_id: str) -> JobSummary:
-        info = self.get(job_id)
-        snap = self.snapshot(job_id)
+    async def summary(self, job_id: str) -> JobSummary:
+        info = await self.get(job_id)
         live = self.live.get(job_id)
-        steps_rate = samples_rate = eta = goodput = None
-        recoveries: list[float] = []
-        wall = 0.0
-        if live is not None:
-            wall = (snap.ended_at or time.time()) - live.started if snap else 0.0
-            recent = [s for s in live.samples if s[0] >= live.samples[-1][0] - 10.0] if live.samples else []
-            if len(recent) >= 2 and recent[-1][0] > recent[0][0] and recent[-1][1] >= recent[0][1]:
-                span = recent[-1][0] - recent[0][0]
-                steps_rate = (recent[-1][1] - recent[0][1]) / span
-                samples_rate = max(0, recent[-1][2] - recent[0][2]) / span
-            recoveries = [round(r, 3) for r in live.recoveries]
-            goodput = _goodput(live.samples, wall)
-        step = min((r.step for r in snap.ranks if r.step is not None), default=None) if snap else None
-        total = info.request.total_steps
-        if total and step is not None and steps_rate:
-            eta = max(0.0, (total - step) / steps_rate)
-        return JobSummary(
-            job_id=job_id, state=info.state, attempt=snap.attempt if snap else info.attempt,
-            restarts_used=snap.restarts_used if snap else info.restarts_used,
-            max_restarts=info.request.max_restarts, ranks=list(snap.ranks) if snap else [],
-            steps_per_second=steps_rate, samples_per_second=samples_rate, step=step, total_steps=total,
-            eta_seconds=eta, checkpoint_step=snap.checkpoint_step if snap else None,
-            failures=list(snap.failures) if snap else [], recovery_seconds=recoveries, goodput=goodput,
-            wall_seconds=round(wall, 3),
-        )
+        return build_summary(info, await self.snapshot(job_id), live.sampler if live else None)
 
-    # -- actions -------------------------------------------------------------------------
+    async def active_summaries(self) -> list[JobSummary]:
+        jobs, _ = await self.db.list(states=list(ACTIVE), limit=1000)
+        return [await self.summary(j.job_id) for j in jobs]
 
-    def stop(self, job_id: str) -> JobInfo:
-        info = self.get(job_id)
-        live = self.live.get(job_id)
-        if live is None or live.coordinator.state.finished:
-            raise ApiError(409, f"job {job_id} is {info.state}, not running")
-        live.user_stopped = True
-        live.coordinator.stop("stopped through the API")
-        return self.get(job_id)
+    async def counts(self) -> dict[str, int]:
+        return await self.db.counts()
 
-    def delete(self, job_id: str) -> None:
-        info = self.get(job_id)
-        if info.state in ACTIVE:
-            raise ApiError(409, f"job {job_id} is {info.state}", "stop it first (POST /jobs/{id}/stop), then delete it")
-        self.db.delete(job_id)
-        self.live.pop(job_id, None)
-        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+    def live_metrics(self) -> dict[str, tuple[JobSnapshot, float | None]]:
+        """Per job this server runs: its snapshot and steps per second."""
+        return {job_id: (live.coordinator.snapshot(), live.sampler.steps_per_second()[0])
+                for job_id, live in self.live.items()}
 
-    def purge(self, states: list[str], older_than: float) -> list[str]:
-        jobs, _ = self.db.list(states=states, limit=1_000_000)
-        cutoff = time.time() - older_than
-        purged = [j.job_id for j in jobs if j.updated_at <= cutoff]
-        for job_id in purged:
-            self.delete(job_id)
-        return purged
-
-    def events_path(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "events.jsonl"
+    def running(self) -> int:
+        return sum(1 for job_id in self.live if self.is_active(job_id))
 
     def is_active(self, job_id: str) -> bool:
         live = self.live.get(job_id)
         return live is not None and not live.coordinator.state.finished
 
-    def wakeup(self, job_id: str) -> trio.Event | None:
+    def log_wakeup(self, job_id: str) -> trio.Event | None:
         live = self.live.get(job_id)
-        return live.new_log_line if live is not None else None
+        return live.logs.new_line if live is not None else None
+
+    def log_copier(self, job_id: str) -> LogCopier | None:
+        live = self.live.get(job_id)
+        return live.logs if live is not None else None
+
+    def event_wakeup(self, job_id: str) -> trio.Event | None:
+        live = self.live.get(job_id)
+        return live.coordinator.next_event_signal() if live is not None else None
+
+    # -- actions -------------------------------------------------------------------------
+
+    async def stop(self, job_id: str) -> JobInfo:
+        info = await self.get(job_id)
+        live = self.live.get(job_id)
+        if live is None or live.coordinator.state.finished:
+            raise ApiError(409, f"job {job_id} is {info.state}, not running")
+        live.user_stopped = True
+        # Recorded before the ranks are told: if the server dies while they
+        # drain, the next server finishes the stop instead of resuming the job.
+        await self.db.update(job_id, stop_requested=True)
+        live.coordinator.stop("stopped through the API")
+        return await self.get(job_id)
+
+    async def delete(self, job_id: str) -> None:
+        info = await self.get(job_id)
+        if info.state in ACTIVE:
+            raise ApiError(409, f"job {job_id} is {info.state}", "stop it first (POST /jobs/{id}/stop), then delete it")
+        await self.db.delete_many([job_id])
+        self.live.pop(job_id, None)
+        await trio.to_thread.run_sync(functools.partial(shutil.rmtree, self.job_dir(job_id), ignore_errors=True))
+
+    async def purge(self, states: list[str], older_than: float) -> list[str]:
+        # In batches: each batch is one short transaction and one thread
+        # that removes its directories, so the loop serves heartbeats and
+        # other requests between batches however many jobs there are.
+        cutoff = time.time() - older_than
+        purged: list[str] = []
+        while True:
+            batch = [j for j in await self.db.finished(states, cutoff, _PURGE_BATCH) if j not in self.live
+                     or self.live[j].coordinator.state.finished]
+            if not batch:
+                return purged
+            await self.db.delete_many(batch)
+            for job_id in batch:
+                self.live.pop(job_id, None)
+            await trio.to_thread.run_sync(_remove_dirs, [self.job_dir(j) for j in batch])
+            purged += batch
 
 
-def _goodput(samples: list[tuple[float, int, int]], wall: float) -> float | None:
-    # Time spent moving past the furthest step reached so far counts as
-    # useful; time re-training steps lost to a failure, restarting or waiting does not.
-    if wall <= 0 or len(samples) < 2:
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
         return None
-    best, useful = samples[0][1], 0.0
-    for (t0, _, _), (t1, step, _) in zip(samples, samples[1:]):
-        if step > best:
-            useful += t1 - t0
-            best = step
-    return round(min(1.0, useful / wall), 4)
 
+
+def _remove_dirs(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)

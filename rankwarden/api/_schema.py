@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from rankwarden.events import Failure, RankSnapshot
-from rankwarden.spec import JOB_ID_PATTERN, Resources
+from rankwarden.events import Failure, JobState, RankSnapshot
+from rankwarden.spec import JOB_ID_PATTERN, JobSpec, Resources
 
 __all__ = [
     "ErrorBody",
@@ -25,38 +25,54 @@ __all__ = [
     "LogLines",
     "PurgeRequest",
     "PurgeResult",
+    "ACTIVE",
     "API_STATES",
+    "FINISHED",
 ]
 
-#: A job's state as the API reports it: the coordinator's states plus
-#: ``interrupted`` (the server stopped while the job ran and did not resume it).
-API_STATES = ("pending", "running", "restarting", "stopping", "succeeded", "failed", "stopped", "interrupted")
-ApiState = Literal["pending", "running", "restarting", "stopping", "succeeded", "failed", "stopped", "interrupted"]
+#: A job's state as the API reports it: the coordinator's states (``JobState``)
+#: plus ``interrupted`` (the server stopped while the job ran and did not resume it).
+API_STATES: tuple[str, ...] = (*(s.value for s in JobState), "interrupted")
+#: States of a job that has not ended yet.
+ACTIVE: tuple[str, ...] = tuple(s.value for s in JobState if not s.finished)
+#: States of a job that has ended (what a purge may delete).
+FINISHED: tuple[str, ...] = tuple(s for s in API_STATES if s not in ACTIVE)
+ApiState = Literal[API_STATES]  # type: ignore[valid-type]
+#: The API's defaults are JobSpec's: one place to change them.
+_SPEC = {f.name: f.default for f in msgspec.structs.fields(JobSpec)}
+FinishedState = Literal[FINISHED]  # type: ignore[valid-type]
 JobId = Annotated[str, Meta(pattern=JOB_ID_PATTERN, max_length=63)]
 Seconds = Annotated[float, Meta(gt=0, le=86400)]
 
 
 class JobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """What a client may ask for. No interpreter, no environment, no working
-    directory, no arbitrary command: the entrypoint must match one of the
+    directory, no arbitrary command: either a template the operator defined
+    (with typed, ranged params), or an entrypoint that matches one of the
     patterns the operator allowed when starting the server."""
 
-    entrypoint: Annotated[str, Meta(min_length=1, max_length=4096)]
+    #: An absolute path (or a module name with ``module``) that an ``--allow``
+    #: pattern admits; or leave it empty and name a ``template``.
+    entrypoint: Annotated[str, Meta(max_length=4096)] = ""
     args: Annotated[list[Annotated[str, Meta(max_length=4096)]], Meta(max_length=256)] = []
+    #: An operator-defined job template (``rankwarden serve --templates``):
+    #: its entrypoint and fixed arguments, plus the ``params`` it lets you set.
+    template: Annotated[str, Meta(max_length=63)] | None = None
+    params: Annotated[dict[Annotated[str, Meta(max_length=63)], int | float | str | bool], Meta(max_length=64)] = {}
     module: bool = False
-    world_size: Annotated[int, Meta(ge=1, le=256)] = 1
+    world_size: Annotated[int, Meta(ge=1, le=256)] = _SPEC["world_size"]
     job_id: JobId | None = None
-    heartbeat_timeout: Seconds = 5.0
-    progress_timeout: Annotated[float, Meta(ge=0, le=86400)] = 300.0
-    max_restarts: Annotated[int, Meta(ge=0, le=1000)] = 3
-    restart_scope: Literal["group", "rank"] = "group"
+    heartbeat_timeout: Seconds = _SPEC["heartbeat_timeout"]
+    progress_timeout: Annotated[float, Meta(ge=0, le=86400)] = _SPEC["progress_timeout"]
+    max_restarts: Annotated[int, Meta(ge=0, le=1000)] = _SPEC["max_restarts"]
+    restart_scope: Literal["group", "rank"] = _SPEC["restart_scope"].value
     #: Give the job a checkpoint store under the server's checkpoint root.
     checkpoint: bool = True
-    keep_checkpoints: Annotated[int, Meta(ge=0, le=100000)] = 0
+    keep_checkpoints: Annotated[int, Meta(ge=0, le=100000)] = _SPEC["keep_checkpoints"]
     #: Steps the job will run, when known: the summary then has an ETA.
     total_steps: Annotated[int, Meta(ge=1)] | None = None
     #: Per-rank CPU, memory and GPUs, when the server runs ranks as pods.
-    resources: Resources = Resources()
+    resources: Resources = _SPEC["resources"]
 
 
 class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,9 +120,10 @@ class LogLines(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PurgeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    states: list[Literal["succeeded", "failed", "stopped", "interrupted"]] = msgspec.field(
-        default_factory=lambda: ["succeeded", "failed", "stopped", "interrupted"]
-    )
+    """Which finished jobs to delete. ``states`` is required and not empty: an
+    empty body deletes nothing (it is a 400), never everything."""
+
+    states: Annotated[list[FinishedState], Meta(min_length=1)]
     older_than_seconds: Annotated[float, Meta(ge=0)] = 0.0
 
 

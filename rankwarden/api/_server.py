@@ -7,6 +7,7 @@ bearer token, and jobs may only run entrypoints the operator allowed.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import os
 import secrets
@@ -18,8 +19,9 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from rankwarden.api._app import create_app
 from rankwarden.api._manager import JobManager, ServerConfig
+from rankwarden.errors import RankwardenError
 
-__all__ = ["load_or_create_token", "serve_api"]
+__all__ = ["is_loopback", "load_or_create_token", "serve_api", "weak_token"]
 
 log = logging.getLogger(__name__)
 TOKEN_FILE = "api-token"
@@ -28,20 +30,48 @@ TOKEN_FILE = "api-token"
 def load_or_create_token(state_dir: str | os.PathLike[str]) -> tuple[str, bool]:
     """The API token: $RANKWARDEN_API_TOKEN, else the state dir's token file (created 0600 at first start).
 
+    A token file that others may read (group or world bits set) is refused
+    with a RankwardenError: the token lets its holder run code on the host.
     Returns (token, created)."""
     from_env = os.environ.get("RANKWARDEN_API_TOKEN")
     if from_env:
         return from_env, False
     path = Path(state_dir) / TOKEN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        return path.read_text().strip(), False
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         token = secrets.token_urlsafe(32)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         return token, True
+    with os.fdopen(fd) as f:
+        mode = os.fstat(f.fileno()).st_mode & 0o777
+        if mode & 0o077:
+            raise RankwardenError(
+                f"the API token file {path} has mode {mode:04o}: others may read it. "
+                f"Run `chmod 600 {path}` (and replace the token if it may have leaked), then start again.")
+        return f.read().strip(), False
+
+
+def weak_token(token: str) -> str | None:
+    """Why ``token`` is too weak to guard a server others can reach, or None.
+
+    At least 24 characters with at least 12 distinct ones: a generated token
+    (``secrets.token_urlsafe(32)``, 43 characters) passes, a word does not."""
+    if len(token) < 24:
+        return f"it has {len(token)} characters (at least 24 are needed)"
+    if len(set(token)) < 12:
+        return f"it has only {len(set(token))} distinct characters (at least 12 are needed)"
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def serve_api(
@@ -51,27 +81,54 @@ async def serve_api(
     port: int = 0,
     token: str,
     shutdown: trio.Event | None = None,
+    graceful_timeout: float = 3.0,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``shutdown`` is set (or cancelled). ``task_status.started(url)`` once listening."""
+    """Serve until ``shutdown`` is set (or cancelled). ``task_status.started(url)`` once listening.
+
+    After ``shutdown`` is set, requests in flight have ``graceful_timeout``
+    seconds to finish; then the jobs' coordinators are cancelled."""
+    # The token travels no further: local ranks inherit this process's
+    # environment, and a rank holding the API token could submit jobs.
+    os.environ.pop("RANKWARDEN_API_TOKEN", None)
+    if not is_loopback(host) and (reason := weak_token(token)):
+        raise RankwardenError(f"refusing to listen on {host} with a weak API token: {reason}. "
+                              "Unset RANKWARDEN_API_TOKEN to have one generated, or set a long random one "
+                              "(`python -c 'import secrets; print(secrets.token_urlsafe(32))'`).")
+    if host in ("0.0.0.0", "::", ""):
+        log.warning("the API listens on every interface (%s): anyone who can reach port %s and holds the token "
+                    "can run allowed entrypoints; put TLS and a firewall in front", host or "0.0.0.0", port)
     manager = JobManager(config)
     app = create_app(manager, token)
     hypercorn_config = HypercornConfig()
     hypercorn_config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hypercorn_config.accesslog = None
-    hypercorn_config.graceful_timeout = 3.0
+    hypercorn_config.graceful_timeout = graceful_timeout
+    # A connection that has not sent a whole request head within this time
+    # (idle, or trickling headers) is closed. Not read_timeout: hypercorn
+    # applies that to every read, which would cut SSE streams whose clients
+    # are silent by design.
+    hypercorn_config.keep_alive_timeout = 15
     stop = shutdown if shutdown is not None else trio.Event()
+    # hypercorn's own pattern (trio/run.py::worker_serve): a lifespan nursery
+    # (the jobs) around a server nursery; the shutdown trigger stops new
+    # connections, requests in flight get graceful_timeout to finish, a
+    # deadline on the server's cancel scope bounds the whole phase, and only
+    # then are the jobs cancelled (their rows stay "running": the next start
+    # resumes them or marks them interrupted).
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(manager.run)
-            binds = await nursery.start(
-                functools.partial(hypercorn_serve, app, hypercorn_config, shutdown_trigger=stop.wait)
-            )
-            task_status.started(binds[0])
-            await stop.wait()
-            # Jobs keep their "running" rows: the next start resumes them (or
-            # marks them interrupted). Cancelling stops their ranks (shielded).
-            manager.shutdown()
-            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as lifespan:
+            await lifespan.start(manager.run)
+            async with trio.open_nursery() as server:
+
+                async def trigger() -> None:
+                    await stop.wait()
+                    manager.shutdown()  # new submissions get 503 from now on
+                    server.cancel_scope.deadline = trio.current_time() + graceful_timeout + 1.0
+
+                binds = await server.start(functools.partial(hypercorn_serve, app, hypercorn_config,
+                                                             shutdown_trigger=trigger))
+                task_status.started(binds[0])
+            lifespan.cancel_scope.cancel()
     finally:
         manager.db.close()

@@ -16,16 +16,9 @@ import httpx
 import msgspec
 
 from rankwarden.api._schema import JobInfo, JobList, JobRequest, JobSummary, PurgeResult
+from rankwarden.errors import ApiClientError
 
 __all__ = ["ApiClientError", "AsyncClient", "Client"]
-
-
-class ApiClientError(Exception):
-    """The server answered with an error: ``status`` and its message."""
-
-    def __init__(self, status: int, message: str, detail: str = "") -> None:
-        super().__init__(f"{status}: {message}" + (f" ({detail})" if detail else ""))
-        self.status, self.message, self.detail = status, message, detail
 
 
 def _check(response: httpx.Response) -> httpx.Response:
@@ -68,10 +61,47 @@ class _SSE:
         return None
 
 
+def _unreachable(url: str, exc: httpx.TransportError) -> ApiClientError:
+    reason = str(exc).rpartition("] ")[2] or type(exc).__name__
+    if isinstance(exc, httpx.ConnectError) and "refused" in reason.lower():
+        reason = "connection refused"
+    return ApiClientError(0, f"cannot reach {url}: {reason}")
+
+
+class _Translate(httpx.BaseTransport):
+    """httpx's transport errors become one ApiClientError (status 0) at this one boundary."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self.inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return self.inner.handle_request(request)
+        except httpx.TransportError as exc:
+            raise _unreachable(f"{request.url.scheme}://{request.url.netloc.decode()}", exc) from None
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _AsyncTranslate(httpx.AsyncBaseTransport):
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self.inner.handle_async_request(request)
+        except httpx.TransportError as exc:
+            raise _unreachable(f"{request.url.scheme}://{request.url.netloc.decode()}", exc) from None
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 class Client:
     def __init__(self, url: str, token: str, *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None) -> None:
         self._http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
-                                  transport=transport)
+                                  transport=_Translate(transport or httpx.HTTPTransport()))
 
     def close(self) -> None:
         self._http.close()
@@ -125,8 +155,9 @@ class Client:
     def delete(self, job_id: str) -> None:
         _check(self._http.delete(f"/jobs/{job_id}"))
 
-    def purge(self, states: list[str] | None = None, older_than_seconds: float = 0.0) -> list[str]:
-        body = {"older_than_seconds": older_than_seconds, **({"states": states} if states else {})}
+    def purge(self, states: list[str], older_than_seconds: float = 0.0) -> list[str]:
+        """Delete finished jobs in ``states`` (required: there is no "everything") older than the cutoff."""
+        body = {"states": list(states), "older_than_seconds": older_than_seconds}
         return msgspec.json.decode(_check(self._http.post("/jobs/purge", json=body)).content, type=PurgeResult).purged
 
 
@@ -134,7 +165,8 @@ class AsyncClient:
     """The same calls, awaitable (httpx runs on Trio through anyio)."""
 
     def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
-        self._http = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        self._http = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
+                                       transport=_AsyncTranslate(httpx.AsyncHTTPTransport()))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -161,8 +193,8 @@ class AsyncClient:
         params = {"lines": lines, **({"rank": rank} if rank is not None else {}), **({"attempt": attempt} if attempt else {})}
         return _check(await self._http.get(f"/jobs/{job_id}/logs", params=params)).json()["lines"]
 
-    async def purge(self, states: list[str] | None = None, older_than_seconds: float = 0.0) -> list[str]:
-        body = {"older_than_seconds": older_than_seconds, **({"states": states} if states else {})}
+    async def purge(self, states: list[str], older_than_seconds: float = 0.0) -> list[str]:
+        body = {"states": list(states), "older_than_seconds": older_than_seconds}
         response = _check(await self._http.post("/jobs/purge", json=body))
         return msgspec.json.decode(response.content, type=PurgeResult).purged
 

@@ -103,6 +103,8 @@ class Coordinator:
         token: str | None = None,
         adopt: bool = False,
         rng: random.Random | None = None,
+        attempts_before: int = 0,
+        restarts_before: int = 0,
     ) -> None:
         # Struct __init__ does not validate; a spec built in code is checked here,
         # so a bad one fails now with a SpecError naming the field.
@@ -125,8 +127,11 @@ class Coordinator:
         placement = getattr(self.launcher, "placement", None)
         self._placement: Placement | None = placement(self.job_id) if placement else None
         self._state = JobState.PENDING
-        self._attempt = 0
-        self._restarts_used = 0
+        # A job taken over from an earlier server goes on counting: its next
+        # attempt is attempts_before + 1 and its restart budget is what is left.
+        self._attempts_before = attempts_before
+        self._attempt = attempts_before
+        self._restarts_used = restarts_before
         self._master_port: int | None = None
         self._runners: dict[int, RankRunner] = {}
         self._failures: list[Failure] = []
@@ -396,12 +401,12 @@ class Coordinator:
     async def _run_rank_scope(self) -> JobState:
         exhausted = False
         remaining = self.spec.world_size
-        self._attempt = 1
+        self._attempt = self._attempts_before + 1
         async with trio.open_nursery() as nursery:
 
             async def rank_loop(rank: int) -> None:
                 nonlocal exhausted, remaining
-                attempt, adopted = self._adopted.get(rank, (1, None))
+                attempt, adopted = self._adopted.get(rank, (self._attempts_before + 1, None))
                 attempt -= 1
                 while True:
                     attempt += 1

@@ -1,0 +1,273 @@
+"""A job's combined log: rank output copied into one numbered JSON-lines file, and read back.
+
+Ranks write their output straight to per-rank files (it survives the server).
+``LogCopier`` copies new bytes from them into ``logs.jsonl``, one record per
+line: ``{"id", "attempt", "rank", "stream", "line", "end"}``, where ``id``
+numbers the records (SSE event ids) and ``end`` is the byte offset in the rank
+file just after the line, so a restarted server continues exactly where the
+previous one stopped, whatever the line's bytes were.
+
+Nothing is lost: every file is read to its end on each pass (in 1 MiB
+reads); a line longer than ``MAX_LINE`` is split into pieces marked
+``"split": true``; when the job ends the unterminated rest of each file is
+copied too. A torn last record (the server died mid-write) is cut off when
+the copier starts again.
+
+All file work runs in a worker thread: the event loop also serves the ranks'
+heartbeats. The copy loop is adaptive: it polls every ``FAST`` seconds while
+lines flow and backs off to ``SLOW`` when the job is quiet, so output
+reaches SSE subscribers within milliseconds without reopening every rank's
+files ten times a second for an idle job.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import msgspec
+import trio
+
+from rankwarden.coordinator._jobdir import JobDir
+
+__all__ = ["LogCopier", "read_tail", "stream_file"]
+
+MAX_LINE = 64 * 1024
+FAST, SLOW = 0.005, 0.1
+RECENT = 20_000  # records kept in memory for SSE subscribers that keep up
+_READ = 1 << 20
+KEEPALIVE = 15.0
+
+
+class LogCopier:
+    def __init__(self, job_dir: JobDir, combined: Path) -> None:
+        self.job_dir = job_dir
+        self.combined = combined
+        self.seq = 0  # records in the combined log so far
+        self.offsets: dict[tuple[int, int, str], int] = {}  # (rank, attempt, stream) -> bytes copied
+        self.new_line = trio.Event()  # set (and replaced) after every copy that added lines
+        self._lock = trio.Lock()  # the loop and the final copy must not interleave
+        self._resumed = False
+        self._size = 0  # bytes in the combined log
+        # The newest records as (line number, end offset in the file, bytes):
+        # subscribers that keep up are served from here without touching the
+        # file (100 subscribers, one read); one that falls behind reads the file.
+        self.recent: collections.deque[tuple[int, int, bytes]] = collections.deque(maxlen=RECENT)
+
+    async def run(self, ranks: Callable[[], list[tuple[int, int]]]) -> None:
+        """Copy until cancelled, faster while lines flow."""
+        interval = SLOW
+        while True:
+            added = await self.copy(ranks())
+            interval = FAST if added else min(SLOW, interval * 2)
+            await trio.sleep(interval)
+
+    async def copy(self, ranks: list[tuple[int, int]], *, final: bool = False) -> int:
+        async with self._lock:
+            records = await trio.to_thread.run_sync(self._copy_now, ranks, final)
+            first = self.seq - len(records) + 1
+            for i, record in enumerate(records):
+                self._size += len(record)
+                self.recent.append((first + i, self._size, record.rstrip(b"\n")))
+        added = len(records)
+        if added:
+            self.new_line.set()
+            self.new_line = trio.Event()
+        return added
+
+    def wake_all(self) -> None:
+        self.new_line.set()
+
+    # -- on the worker thread ------------------------------------------------------------
+
+    def cached(self, after: int) -> tuple[list[tuple[int, int, bytes]], bool]:
+        """Records after line ``after`` from memory, and whether memory reaches back that far."""
+        if not self.recent:
+            return [], self._resumed and self.seq == after
+        first = self.recent[0][0]
+        if after + 1 < first:
+            return [], False
+        return list(self.recent)[after + 1 - first:], True
+
+    def _copy_now(self, ranks: list[tuple[int, int]], final: bool) -> list[bytes]:
+        if not self._resumed:
+            self._resume()
+            self._resumed = True
+        records: list[bytes] = []
+        for rank, newest in ranks:
+            for attempt in range(1, max(newest, 1) + 1):
+                stdout, stderr = self.job_dir.log_paths(rank, attempt)
+                for stream, path in (("stdout", stdout), ("stderr", stderr)):
+                    self._read_file(path, rank, attempt, stream, final, records)
+        if records:
+            fd = os.open(self.combined, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "ab") as f:
+                f.write(b"".join(records))
+        return records
+
+    def _read_file(self, path: Path, rank: int, attempt: int, stream: str, final: bool, out: list[bytes]) -> None:
+        key = (rank, attempt, stream)
+        position = self.offsets.get(key, 0)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            return
+        with f:
+            f.seek(position)
+            pending = b""
+            while True:
+                data = f.read(_READ)
+                if not data:
+                    break
+                pending += data
+                # Complete lines, and pieces of any line longer than MAX_LINE.
+                while True:
+                    newline = pending.find(b"\n", 0, MAX_LINE + 1)
+                    if newline >= 0:
+                        line, pending, split = pending[:newline], pending[newline + 1:], False
+                        position += newline + 1
+                    elif len(pending) > MAX_LINE:
+                        line, pending, split = pending[:MAX_LINE], pending[MAX_LINE:], True
+                        position += MAX_LINE
+                    else:
+                        break
+                    out.append(self._record(rank, attempt, stream, line, position, split))
+            if final and pending:
+                position += len(pending)
+                out.append(self._record(rank, attempt, stream, pending, position, False))
+        self.offsets[key] = position
+
+    def _record(self, rank: int, attempt: int, stream: str, line: bytes, end: int, split: bool) -> bytes:
+        self.seq += 1
+        record = {"id": self.seq, "attempt": attempt, "rank": rank, "stream": stream,
+                  "line": line.decode(errors="replace"), "end": end}
+        if split:
+            record["split"] = True  # the line goes on in the next record
+        return msgspec.json.encode(record) + b"\n"
+
+    def _resume(self) -> None:
+        # A resumed job's combined log already holds what the previous server
+        # copied: continue its numbering and its offsets into the rank files.
+        try:
+            f = open(self.combined, "r+b")
+        except FileNotFoundError:
+            return
+        with f:
+            good = 0
+            for raw in f:
+                try:
+                    if not raw.endswith(b"\n"):
+                        raise ValueError("torn")
+                    record = msgspec.json.decode(raw)
+                except (ValueError, msgspec.DecodeError):
+                    break  # torn by a crash mid-write: cut it off, copy it again
+                good += len(raw)
+                self.seq += 1
+                key = (record["rank"], record["attempt"], record["stream"])
+                if "end" in record:
+                    self.offsets[key] = record["end"]
+                else:  # written before records carried their offset
+                    self.offsets[key] = self.offsets.get(key, 0) + len(record["line"].encode()) + 1
+            f.truncate(good)
+            self._size = good
+
+
+def read_tail(path: Path, count: int, wanted: Callable[[dict], bool], block: int = 1 << 16) -> list[dict]:
+    """The last ``count`` wanted lines of a JSON-lines file, reading backwards only as far as needed.
+
+    Blocking: call it in a worker thread. Undecodable lines (a torn last write) are skipped."""
+    if not path.exists():
+        return []
+    found: list[dict] = []
+    with open(path, "rb") as f:
+        end = f.seek(0, 2)
+        rest = b""
+        while end > 0 and len(found) < count:
+            start = max(0, end - block)
+            f.seek(start)
+            chunk = f.read(end - start) + rest
+            end = start
+            lines = chunk.split(b"\n")
+            rest = lines.pop(0) if start > 0 else b""  # may be cut: finish it with the next block
+            for raw in reversed(lines):
+                if raw:
+                    try:
+                        line = msgspec.json.decode(raw)
+                    except msgspec.DecodeError:
+                        continue
+                    if wanted(line):
+                        found.append(line)
+                        if len(found) == count:
+                            break
+    return found[::-1]
+
+
+def _read_from(path: Path, position: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(position)
+            return f.read(_READ)
+    except FileNotFoundError:
+        return b""
+
+
+async def stream_file(path: Path, after: int, wake: Callable[[], trio.Event | None], active: Callable[[], bool],
+                      copier: Callable[[], LogCopier | None] = lambda: None) -> AsyncIterator[bytes]:
+    """SSE frames for the lines of a JSON-lines file after line ``after``; ends after the job does.
+
+    With a ``copier`` (the job's, while it runs) lines it still holds in
+    memory are sent from there; anything older is read from the file."""
+    yield b": rankwarden stream\n\n"
+    position, line_no = 0, 0
+    while True:
+        signal = wake()  # take it before reading, so nothing written after the read is missed
+        still_active = active()
+        live = copier()
+        if live is not None:
+            records, covered = live.cached(max(line_no, after))
+            if covered:
+                if records:
+                    line_no, position = records[-1][0], records[-1][1]
+                    yield b"".join(b"id: %d\ndata: %s\n\n" % (n, raw) for n, _, raw in records)
+                    continue
+                if not still_active:
+                    yield b"event: end\ndata: {}\n\n"
+                    return
+                if not await _wait(signal):
+                    yield b": keep-alive\n\n"
+                continue
+        data = await trio.to_thread.run_sync(_read_from, path, position)
+        complete = data.rfind(b"\n") + 1
+        position += complete
+        batch = []
+        for line in data[:complete].split(b"\n")[:-1]:
+            line_no += 1
+            if line_no > after:
+                batch.append(b"id: %d\ndata: %s\n\n" % (line_no, line))
+        if batch:
+            yield b"".join(batch)  # one send per read, not per line: 100 clients x 2,000 lines/s
+        if len(data) == _READ:
+            continue  # more to read right away
+        if not still_active:
+            yield b"event: end\ndata: {}\n\n"
+            return
+        if not await _wait(signal):
+            yield b": keep-alive\n\n"
+
+
+async def _wait(signal: trio.Event | None) -> bool:
+    """Wait for the signal (or KEEPALIVE seconds); False on the timeout."""
+    with trio.move_on_after(KEEPALIVE) as scope:
+        if signal is not None:
+            await signal.wait()
+        else:
+            await trio.sleep(KEEPALIVE)
+    return not scope.cancelled_caught
+
+
+def ensure_private_dir(path: Path) -> None:
+    """A job's directory: owner-only (0700), like the state directory."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
