@@ -310,7 +310,10 @@ def _verb(client, args: argparse.Namespace) -> int:
     elif args.verb == "stop":
         _show(client.stop(args.job_id))
     elif args.verb == "delete":
-        client.delete(args.job_id)
+        result = client.delete(args.job_id)
+        what = (f"its checkpoints ({result.checkpoint_url}) were deleted too" if result.checkpoints == "deleted"
+                else "it had no checkpoints")
+        print(f"deleted job {result.job_id}; {what}")
     elif args.verb == "logs":
         if args.follow:
             _follow(client, args.job_id, args.rank)

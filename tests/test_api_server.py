@@ -14,9 +14,12 @@ import httpx
 import pytest
 import trio
 
+from rankwarden.checkpoint import CheckpointStore
+
 from .conftest import JOB_PREFIX, SCRIPTS
 
 WORKER = os.path.join(SCRIPTS, "worker.py")
+CKPT_RANK = os.path.join(SCRIPTS, "ckpt_rank.py")
 TOKEN = "server-test-token-abcdef"
 LIMIT = 60
 
@@ -68,7 +71,7 @@ async def test_sigkill_of_the_server_loses_no_job(tmp_path, policy, final):
         async with client(url) as api:
             info = await wait_for(api, job_id, lambda j: j["state"] == final)
             if policy == "resume":
-                assert info["reason"] == "" or "resumed" in info["reason"] or info["state"] == "succeeded"
+                assert info["reason"] == "resumed after a server restart"
                 lines = (await api.get(f"/jobs/{job_id}/logs", params={"lines": 100000})).json()["lines"]
                 assert sum("done after 60 steps" in l["line"] for l in lines) == 2
             else:
@@ -276,6 +279,80 @@ async def test_the_jobs_cli_is_pleasant(tmp_path):
                 ["sh", "-c", f"'{sys.executable}' -m rankwarden jobs logs --lines 1000 {job_id} | head -1"],
                 capture_stdout=True, capture_stderr=True, env=env)
             assert piped.stderr == b"" and piped.stdout.startswith(b"[rank")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        with trio.fail_after(LIMIT):
+            await server.wait()
+
+
+async def sigkill_and_wait(server):
+    server.kill()
+    with trio.fail_after(LIMIT):
+        await server.wait()
+
+
+async def test_a_job_resumed_after_a_server_restart_continues_from_its_checkpoint(tmp_path):
+    state, out = tmp_path / "state", tmp_path / "out"
+    out.mkdir()
+    server, url = await start_server(state)
+    job_id = f"{JOB_PREFIX}srv-ckpt"
+    body = {"entrypoint": CKPT_RANK, "args": ["--steps", "60", "--step-time", "0.05", "--out", str(out)],
+            "world_size": 2, "job_id": job_id, "heartbeat_timeout": 3.0}
+    async with client(url) as api:
+        assert (await api.post("/jobs", json=body)).status_code == 201
+        with trio.fail_after(LIMIT):
+            while ((await api.get(f"/jobs/{job_id}/summary")).json().get("checkpoint_step") or 0) < 5:
+                await trio.sleep(0.05)
+    await sigkill_and_wait(server)  # mid-job: ranks lose their coordinator and exit
+    committed_before = CheckpointStore(str(state / "checkpoints"), job_id).latest().step
+    server, url = await start_server(state)
+    try:
+        async with client(url) as api:
+            info = await wait_for(api, job_id, lambda j: j["state"] in ("succeeded", "failed"))
+            assert (info["state"], info["reason"]) == ("succeeded", "resumed after a server restart")
+        events = [json.loads(line) for line in (state / "jobs" / job_id / "events.jsonl").read_text().splitlines()]
+        chosen = [e for e in events if e["type"] == "resume_chosen"]
+        # First start: nothing to resume. After the restart: the newest commit, for both ranks.
+        assert chosen[0]["step"] is None and chosen[-1]["step"] >= committed_before >= 5
+        last = max(int(p.stem.rsplit("_a", 1)[1]) for p in out.glob("resume_r0_a*.json"))
+        resumed = [json.loads((out / f"resume_r{r}_a{last}.json").read_text())["resumed_from"] for r in (0, 1)]
+        assert resumed == [chosen[-1]["step"]] * 2
+    finally:
+        server.send_signal(signal.SIGTERM)
+        with trio.fail_after(LIMIT):
+            await server.wait()
+
+
+async def test_deleting_a_job_deletes_its_checkpoints_and_a_new_job_with_its_id_starts_fresh(tmp_path):
+    state, out = tmp_path / "state", tmp_path / "out"
+    out.mkdir()
+    server, url = await start_server(state)
+    job_id = f"{JOB_PREFIX}srv-del"
+    body = {"entrypoint": CKPT_RANK, "args": ["--steps", "3", "--out", str(out)], "world_size": 2, "job_id": job_id}
+    try:
+        async with client(url) as api:
+            assert (await api.post("/jobs", json=body)).status_code == 201
+            await wait_for(api, job_id, lambda j: j["state"] == "succeeded")
+            store = CheckpointStore(str(state / "checkpoints"), job_id)
+            assert store.latest().step == 3
+            deleted = await api.delete(f"/jobs/{job_id}")
+            assert deleted.status_code == 200
+            assert deleted.json() == {"job_id": job_id, "checkpoints": "deleted",
+                                      "checkpoint_url": f"{state / 'checkpoints'}/{job_id}"}
+            assert store.steps() == [] and not (state / "checkpoints" / job_id).exists()
+
+            # The same id again: a new job, trained from step 0 (not "resumed at step 3, 0 steps trained").
+            assert (await api.post("/jobs", json=body)).status_code == 201
+            await wait_for(api, job_id, lambda j: j["state"] == "succeeded")
+            events = (state / "jobs" / job_id / "events.jsonl").read_text()
+            assert '"type":"resume_chosen"' in events and '"message":"starting from scratch' in events
+            assert json.loads((out / "resume_r0_a1.json").read_text())["resumed_from"] == 0
+            # A job without checkpoints says so.
+            plain = {**body, "job_id": f"{JOB_PREFIX}srv-del2", "checkpoint": False,
+                     "entrypoint": WORKER, "args": ["--steps", "1"]}
+            assert (await api.post("/jobs", json=plain)).status_code == 201
+            await wait_for(api, plain["job_id"], lambda j: j["state"] == "succeeded")
+            assert (await api.delete(f"/jobs/{plain['job_id']}")).json()["checkpoints"] == "none"
     finally:
         server.send_signal(signal.SIGTERM)
         with trio.fail_after(LIMIT):

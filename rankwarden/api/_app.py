@@ -225,8 +225,7 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
 
     @app.delete("/jobs/<job_id>")
     async def delete(job_id: str):
-        await manager.delete(_job_id(job_id))
-        return Response(b"", status=204)
+        return _json(await manager.delete(_job_id(job_id)))
 
     @app.post("/jobs/purge")
     async def purge():

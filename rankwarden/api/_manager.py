@@ -31,12 +31,13 @@ import trio
 from rankwarden.api._admission import Limits, check_allowed, check_job_id, check_limits
 from rankwarden.api._db import JobDB
 from rankwarden.api._logs import LogCopier, ensure_private_dir
-from rankwarden.api._schema import ACTIVE, JobInfo, JobRequest, JobSummary
+from rankwarden.api._schema import ACTIVE, DeleteResult, JobInfo, JobRequest, JobSummary
+from rankwarden.checkpoint import CheckpointStore
 from rankwarden.api._summaries import Sampler, build_summary
 from rankwarden.api._templates import Template, expand
 from rankwarden.coordinator import Coordinator
 from rankwarden.events import JobSnapshot, RankFailed
-from rankwarden.errors import ApiError, SpecError
+from rankwarden.errors import ApiError, CheckpointError, SpecError
 from rankwarden.spec import JobSpec
 
 __all__ = ["JobManager", "ServerConfig"]
@@ -71,6 +72,8 @@ class _Live:
     sampler: Sampler
     logs: LogCopier
     user_stopped: bool = False
+    #: Started again by a restarted server (its record says so when it ends, too).
+    resumed: bool = False
     #: Set once the job's final state is in the database (after its coordinator ended).
     recorded: trio.Event = field(default_factory=trio.Event)
 
@@ -137,7 +140,8 @@ class JobManager:
                     continue
                 log.info("job=%s was running when the server stopped; resuming it", info.job_id)
                 await self.db.update(info.job_id, reason="resumed after a server restart")
-                self._start(info.job_id, request, resumed=True, before=(info.attempt, info.restarts_used))
+                self._start(info.job_id, request, run_id=_run_id(info), resumed=True,
+                            before=(info.attempt, info.restarts_used))
             else:
                 await self.db.update(info.job_id, state="interrupted",
                                      reason="the server stopped while the job was running")
@@ -194,14 +198,19 @@ class JobManager:
         except SpecError as exc:
             raise ApiError(400, str(exc), f"at {exc.path}") from None
         info = await self.db.insert(job_id, record, "pending")
-        self._start(job_id, run)
+        self._start(job_id, run, run_id=_run_id(info))
         return info
 
-    def _spec(self, job_id: str, request: JobRequest) -> JobSpec:
-        checkpoint_url = None
-        if request.checkpoint:
-            checkpoint_url = self.config.checkpoint_root or str(self.state_dir / "checkpoints")
+    def _checkpoint_url(self, request: JobRequest) -> str | None:
+        # Every job's store is <root>/<job_id>: the server owns it, and deletes it with the job.
+        if not request.checkpoint:
+            return None
+        return self.config.checkpoint_root or str(self.state_dir / "checkpoints")
+
+    def _spec(self, job_id: str, request: JobRequest, run_id: str = "") -> JobSpec:
+        checkpoint_url = self._checkpoint_url(request)
         return JobSpec(
+            run_id=run_id,
             entrypoint=request.entrypoint, args=list(request.args), module=request.module,
             world_size=request.world_size, job_id=job_id, job_dir=str(self.job_dir(job_id)),
             checkpoint_url=checkpoint_url, heartbeat_timeout=request.heartbeat_timeout,
@@ -210,7 +219,8 @@ class JobManager:
             keep_checkpoints=request.keep_checkpoints, resources=request.resources,
         )
 
-    def _start(self, job_id: str, request: JobRequest, resumed: bool = False, before: tuple[int, int] = (0, 0)) -> None:
+    def _start(self, job_id: str, request: JobRequest, *, run_id: str, resumed: bool = False,
+               before: tuple[int, int] = (0, 0)) -> None:
         assert self._nursery is not None
         kwargs: dict[str, Any] = {}
         if self._ranks_are_remote:
@@ -223,11 +233,11 @@ class JobManager:
         # previous server stopped: a server restart grants no fresh budget,
         # and new attempts never reuse the old ones' log files.
         coordinator = Coordinator(
-            self._spec(job_id, request), launcher=self.config.launcher,
+            self._spec(job_id, request, run_id), launcher=self.config.launcher,
             heartbeat_host=self.config.heartbeat_host, advertise_host=self.config.advertise_host,
             attempts_before=before[0], restarts_before=before[1], **kwargs,
         )
-        live = _Live(coordinator=coordinator, request=request, sampler=Sampler(coordinator),
+        live = _Live(coordinator=coordinator, request=request, sampler=Sampler(coordinator), resumed=resumed,
                      logs=LogCopier(coordinator.job_dir, self.combined_log(job_id)))
         self.live[job_id] = live
         self._nursery.start_soon(self._run_job, job_id, live)
@@ -257,8 +267,11 @@ class JobManager:
                     if self._shutting_down and not live.user_stopped:
                         await self.db.update(job_id, reason="the server shut down while the job was running")
                     elif snapshot.state.finished:
-                        reason = {"failed": coordinator.failure_report() if snapshot.failures else "",
-                                  "stopped": "stopped through the API" if live.user_stopped else ""
+                        # failure_report also covers a job that failed before any rank
+                        # did (a checkpoint it must not resume).
+                        reason = {"failed": coordinator.failure_report(),
+                                  "stopped": "stopped through the API" if live.user_stopped else "",
+                                  "succeeded": "resumed after a server restart" if live.resumed else "",
                                   }.get(snapshot.state.value, "")
                         await self.db.update(job_id, state=snapshot.state.value, attempt=snapshot.attempt,
                                              restarts=snapshot.restarts_used, reason=reason)
@@ -381,13 +394,28 @@ class JobManager:
         live.coordinator.stop("stopped through the API")
         return await self.get(job_id)
 
-    async def delete(self, job_id: str) -> None:
+    async def delete(self, job_id: str) -> DeleteResult:
+        """Delete a finished job: its record, its directory and its checkpoints.
+
+        Its checkpoints go too: they are resumable only by this job (its run
+        id is in every manifest), so a new job that reuses the id starts fresh
+        and nothing else could use them. The store is removed first: a delete
+        that fails there leaves the job listed, to be deleted again."""
         info = await self.get(job_id)
         if info.state in ACTIVE:
             raise ApiError(409, f"job {job_id} is {info.state}", "stop it first (POST /jobs/{id}/stop), then delete it")
+        url = self._checkpoint_url(info.request)
+        if url is not None:
+            try:
+                await trio.to_thread.run_sync(_destroy_checkpoints, url, job_id)
+            except (OSError, CheckpointError) as exc:
+                raise ApiError(500, f"job {job_id}: deleting its checkpoints at {url}/{job_id} failed: {exc}",
+                               "the job is still listed; delete it again") from None
         await self.db.delete_many([job_id])
         self.live.pop(job_id, None)
         await trio.to_thread.run_sync(functools.partial(shutil.rmtree, self.job_dir(job_id), ignore_errors=True))
+        return DeleteResult(job_id=job_id, checkpoints="none" if url is None else "deleted",
+                            checkpoint_url=None if url is None else f"{url.rstrip('/')}/{job_id}")
 
     async def purge(self, states: list[str], older_than: float) -> list[str]:
         # In batches: each batch is one short transaction and one thread
@@ -400,6 +428,9 @@ class JobManager:
                      or self.live[j].coordinator.state.finished]
             if not batch:
                 return purged
+            # Every job's store is <root>/<job_id>; one that never checkpointed has none to remove.
+            root = self.config.checkpoint_root or str(self.state_dir / "checkpoints")
+            await trio.to_thread.run_sync(_destroy_all_checkpoints, [(root, j) for j in batch])
             await self.db.delete_many(batch)
             for job_id in batch:
                 self.live.pop(job_id, None)
@@ -412,6 +443,24 @@ def _read_or_none(path: Path) -> bytes | None:
         return path.read_bytes()
     except FileNotFoundError:
         return None
+
+
+def _run_id(info: JobInfo) -> str:
+    # Unique per submitted job and stable across server restarts: a job that
+    # reuses a deleted job's id never resumes the old job's checkpoints.
+    return f"{info.job_id}.{int(info.created_at * 1e6)}"
+
+
+def _destroy_checkpoints(url: str, job_id: str) -> None:
+    CheckpointStore(url, job_id).destroy()
+
+
+def _destroy_all_checkpoints(stores: list[tuple[str, str]]) -> None:
+    for url, job_id in stores:
+        try:
+            _destroy_checkpoints(url, job_id)
+        except (OSError, CheckpointError) as exc:  # purge goes on; the failure is in the server log
+            log.warning("job=%s: deleting its checkpoints at %s failed: %s", job_id, url, exc)
 
 
 def _remove_dirs(paths: list[Path]) -> None:

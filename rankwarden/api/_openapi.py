@@ -18,6 +18,7 @@ from rankwarden.api._schema import (
     LogLines,
     PurgeRequest,
     PurgeResult,
+    DeleteResult,
 )
 from rankwarden.spec import JOB_ID_PATTERN
 
@@ -47,7 +48,7 @@ SSE = {"description": "text/event-stream; `id` is the line number; send Last-Eve
 @functools.lru_cache(maxsize=1)
 def openapi_document() -> dict:
     (components,) = msgspec.json.schema_components(
-        [JobRequest, JobInfo, JobList, JobSummary, LogLines, PurgeRequest, PurgeResult, Health, ErrorBody],
+        [JobRequest, JobInfo, JobList, JobSummary, LogLines, PurgeRequest, PurgeResult, DeleteResult, Health, ErrorBody],
         ref_template="#/components/schemas/{name}",
     )[1:]
     job = {"parameters": [JOB_ID]}
@@ -68,14 +69,15 @@ def openapi_document() -> dict:
         },
         "/jobs/summaries": {"get": {"summary": "summaries of active jobs", "responses": {
             "200": _json_response("summaries", {"type": "array", "items": _ref("JobSummary")}), **_errors(401)}}},
-        "/jobs/purge": {"post": {"summary": "delete finished jobs",
+        "/jobs/purge": {"post": {"summary": "delete finished jobs, their logs and their checkpoints",
                                  "requestBody": {"content": {"application/json": {"schema": _ref("PurgeRequest")}}},
                                  "responses": {"200": _json_response("purged", _ref("PurgeResult")), **_errors(400, 401, 413)}}},
         "/jobs/{job_id}": {
             **job,
             "get": {"summary": "one job", "responses": {"200": _json_response("job", _ref("JobInfo")), **_errors(400, 401, 404)}},
-            "delete": {"summary": "delete a finished job (409 while it runs)",
-                       "responses": {"204": {"description": "deleted"}, **_errors(400, 401, 404, 409)}},
+            "delete": {"summary": "delete a finished job, its logs and its checkpoints (409 while it runs)",
+                       "responses": {"200": _json_response("deleted", _ref("DeleteResult")),
+                                     **_errors(400, 401, 404, 409)}},
         },
         "/jobs/{job_id}/summary": {**job, "get": {"summary": "progress, rates, ETA, failures, recovery, goodput",
                                                   "responses": {"200": _json_response("summary", _ref("JobSummary")), **_errors(400, 401, 404)}}},

@@ -25,6 +25,7 @@ __all__ = [
     "LogLines",
     "PurgeRequest",
     "PurgeResult",
+    "DeleteResult",
     "ACTIVE",
     "API_STATES",
     "FINISHED",
@@ -129,6 +130,17 @@ class PurgeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
 
 class PurgeResult(msgspec.Struct, frozen=True, kw_only=True):
     purged: list[str]
+
+
+class DeleteResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What deleting a job removed. Its checkpoints go with it: a job's
+    checkpoints are resumable only by that job, so nothing could use them."""
+
+    job_id: str
+    #: "deleted": the job's checkpoint store is gone; "none": the job had none.
+    checkpoints: Literal["deleted", "none"]
+    #: Where they were (``<checkpoint root>/<job_id>``), for the record.
+    checkpoint_url: str | None = None
 
 
 class Health(msgspec.Struct, frozen=True, kw_only=True):

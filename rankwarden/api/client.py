@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Iterator
 import httpx
 import msgspec
 
-from rankwarden.api._schema import JobInfo, JobList, JobRequest, JobSummary, PurgeResult
+from rankwarden.api._schema import DeleteResult, JobInfo, JobList, JobRequest, JobSummary, PurgeResult
 from rankwarden.errors import ApiClientError
 
 __all__ = ["ApiClientError", "AsyncClient", "Client"]
@@ -152,8 +152,9 @@ class Client:
     def stop(self, job_id: str) -> JobInfo:
         return msgspec.json.decode(_check(self._http.post(f"/jobs/{job_id}/stop")).content, type=JobInfo)
 
-    def delete(self, job_id: str) -> None:
-        _check(self._http.delete(f"/jobs/{job_id}"))
+    def delete(self, job_id: str) -> DeleteResult:
+        """Delete a finished job with its logs and checkpoints; says what was removed."""
+        return msgspec.json.decode(_check(self._http.delete(f"/jobs/{job_id}")).content, type=DeleteResult)
 
     def purge(self, states: list[str], older_than_seconds: float = 0.0) -> list[str]:
         """Delete finished jobs in ``states`` (required: there is no "everything") older than the cutoff."""
@@ -204,8 +205,9 @@ class AsyncClient:
     async def stop(self, job_id: str) -> JobInfo:
         return msgspec.json.decode(_check(await self._http.post(f"/jobs/{job_id}/stop")).content, type=JobInfo)
 
-    async def delete(self, job_id: str) -> None:
-        _check(await self._http.delete(f"/jobs/{job_id}"))
+    async def delete(self, job_id: str) -> DeleteResult:
+        """Delete a finished job with its logs and checkpoints; says what was removed."""
+        return msgspec.json.decode(_check(await self._http.delete(f"/jobs/{job_id}")).content, type=DeleteResult)
 
     async def stream(self, path: str, last_event_id: int = 0) -> AsyncIterator[tuple[int, dict]]:
         headers = {"Last-Event-ID": str(last_event_id)} if last_event_id else {}

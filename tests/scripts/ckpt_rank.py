@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import signal
+import time
 
 from rankwarden.worker import RankCheckpointer
 
@@ -17,6 +18,7 @@ parser.add_argument("--steps", type=int, default=4)
 parser.add_argument("--die-rank", type=int, default=-1)
 parser.add_argument("--die-step", type=int, default=-1)
 parser.add_argument("--out", required=True)
+parser.add_argument("--step-time", type=float, default=0.0, help="seconds of 'training' per step")
 args = parser.parse_args()
 
 rank = int(os.environ["RANK"])
@@ -31,6 +33,7 @@ with open(os.path.join(args.out, f"resume_r{rank}_a{attempt}.json"), "w") as f:
     json.dump({"resumed_from": start}, f)
 
 for step in range(start + 1, args.steps + 1):
+    time.sleep(args.step_time)
     payload = f"rank {rank} step {step}".encode()
     if attempt == 1 and rank == args.die_rank and step == args.die_step:
         ckpt.store.write_file(step, ckpt.file_name, payload, tag=ckpt.tag, rank=rank)
