@@ -114,7 +114,8 @@ async def test_the_whole_job_lifecycle(api):
     metrics = (await api.get("/metrics")).text
     assert 'rankwarden_jobs{state="stopped"} 1' in metrics
 
-    assert (await api.delete(f"/jobs/{job_id}")).status_code == 204
+    deleted = await api.delete(f"/jobs/{job_id}")
+    assert deleted.status_code == 200 and deleted.json()["job_id"] == job_id
     assert (await api.get(f"/jobs/{job_id}")).status_code == 404
     second = job("api-purge", "--steps", "3")
     await api.post("/jobs", json=second)
