@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from rankwarden.checkpoint import CheckpointStore, load_torch, torch_payload  # noqa: E402
 from rankwarden.checkpoint._tensors import MAGIC, TensorPayload  # noqa: E402
-from rankwarden.errors import CorruptCheckpoint  # noqa: E402
+from rankwarden.errors import CheckpointError, CorruptCheckpoint  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -60,16 +60,17 @@ def test_a_training_state_round_trips_exactly():
     torch.optim.AdamW(model.parameters()).load_state_dict(loaded["optimizer"])
 
 
-def test_states_only_pickle_can_hold_fall_back_to_torch_save(tmp_path):
+def test_states_only_pickle_could_hold_are_refused_at_save_time(tmp_path):
     class Custom:
         pass
 
-    assert not isinstance(torch_payload({"x": Custom()}), TensorPayload)
+    with pytest.raises(CheckpointError, match=r"state\['x'\]: .*Custom .* cannot be saved in a checkpoint"):
+        torch_payload({"x": Custom()})
     store = CheckpointStore(str(tmp_path), "job")
-    state = {"w": torch.ones(3), "note": {1, 2}}  # a set: not in the tensor format
+    state = {"w": torch.ones(3), "note": {1, 2}}  # a set: in the tensor format since it must load back
     manifest = store.save(1, {"rank_00000.pt": torch_payload(state)})
     data = store.read(manifest, "rank_00000.pt")
-    assert not data.startswith(MAGIC)
+    assert data.startswith(MAGIC)
     assert _same(load_torch(data)["w"], state["w"]) and load_torch(data)["note"] == {1, 2}
 
 
