@@ -111,3 +111,24 @@ def test_read_checksummed_handles_short_reads_and_wrong_lengths(monkeypatch, siz
     assert exact is expect_exact
     assert bytes(data) == content[:size]
     assert checksum == checksum_bytes(content[:size])
+
+
+@pytest.mark.parametrize(("size", "expect_exact"), [(100_003, True), (100_004, False), (99_000, False)])
+def test_local_files_are_read_in_two_checksummed_halves(monkeypatch, tmp_path, size, expect_exact):
+    monkeypatch.setattr(_backends, "_SPLIT_CHUNK", 4096)  # 100 kB is then split, as a big file is
+    content = os.urandom(100_003)
+    (tmp_path / "f").write_bytes(content)
+    data, checksum, exact = _backends.read_path_checksummed(str(tmp_path / "f"), size)
+    assert exact is expect_exact
+    if exact:
+        assert data == content and checksum == checksum_bytes(content)
+
+
+def test_crc32_combine_matches_zlib():
+    import random
+    import zlib
+
+    rng = random.Random(0)
+    for length1, length2 in [(0, 0), (0, 5), (5, 0), (1, 1), (1000, 12345), (3, 1 << 20), (rng.randrange(1 << 16), 77)]:
+        a, b = rng.randbytes(length1), rng.randbytes(length2)
+        assert _backends.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)

@@ -148,6 +148,84 @@ def read_checksummed(f, size: int, algorithm: str = "crc32") -> tuple[bytearray,
     return buffer, digest.value(), exact
 
 
+_SPLIT_CHUNK = 1 << 20  # read then CRC 1 MiB at a time: the CRC finds it still in the core's cache
+
+
+def read_path_checksummed(path: str, size: int, algorithm: str = "crc32") -> tuple[bytearray, str, bool]:
+    """``read_checksummed`` for a local file, faster: two threads each read and CRC one half.
+
+    With one reader and one checksummer the reader (page faults and the copy
+    from the page cache) is the long pole; split in halves, both cores do
+    both, each CRCs what it has just read while it is in cache, and the two
+    CRCs are combined. When ``exact`` is False the buffer and checksum mean nothing."""
+    if algorithm != "crc32" or size < 4 * _SPLIT_CHUNK or not hasattr(os, "preadv"):
+        with open(path, "rb", buffering=0) as f:  # unbuffered: the kernel copies straight into the buffer
+            return read_checksummed(f, size, algorithm)
+    buffer = _new_buffer(size)
+    view = memoryview(buffer)
+    middle = size // 2 // _SPLIT_CHUNK * _SPLIT_CHUNK
+    fd = os.open(path, os.O_RDONLY)
+    try:
+
+        def read_part(start: int, end: int) -> tuple[bool, int]:
+            crc, position = 0, start
+            while position < end:
+                got = os.preadv(fd, [view[position : min(position + _SPLIT_CHUNK, end)]], position)
+                if not got:
+                    return False, crc
+                crc = zlib.crc32(view[position : position + got], crc)
+                position += got
+            return True, crc
+
+        (first_full, first), (second_full, second) = _in_parallel(
+            lambda: read_part(0, middle), lambda: read_part(middle, size)
+        )
+        exact = first_full and second_full and not os.pread(fd, 1, size)
+    finally:
+        os.close(fd)
+    return buffer, f"crc32:{crc32_combine(first, second, size - middle):08x}", exact
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32 of A followed by B, from crc32(A), crc32(B) and len(B) (zlib's crc32_combine).
+
+    Appending ``length2`` zero bytes to A is a linear map on its CRC: square
+    the one-zero-bit operator (a 32x32 matrix over GF(2)) up to the bits of
+    the length and apply the ones that are set; then add B's CRC."""
+
+    def times(matrix: list[int], vector: int) -> int:
+        total, row = 0, 0
+        while vector:
+            if vector & 1:
+                total ^= matrix[row]
+            vector >>= 1
+            row += 1
+        return total
+
+    def square(matrix: list[int]) -> list[int]:
+        return [times(matrix, matrix[n]) for n in range(32)]
+
+    if length2 <= 0:
+        return crc1
+    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the operator for one zero bit
+    even = square(odd)  # two zero bits
+    odd = square(even)  # four zero bits
+    while True:
+        even = square(odd)  # first pass: one zero byte
+        if length2 & 1:
+            crc1 = times(even, crc1)
+        length2 >>= 1
+        if not length2:
+            break
+        odd = square(even)
+        if length2 & 1:
+            crc1 = times(odd, crc1)
+        length2 >>= 1
+        if not length2:
+            break
+    return crc1 ^ crc2
+
+
 def _in_parallel(main: Callable[[], Any], side: Callable[[], Any]) -> tuple[Any, Any]:
     """Run ``side`` in a thread while ``main`` runs here; re-raise either's error."""
     box: dict[str, Any] = {}
@@ -277,8 +355,7 @@ class LocalBackend(_Backend):
             return f.read()
 
     def read_checksummed(self, path: str, size: int, algorithm: str) -> tuple[bytearray, str, bool]:
-        with open(path, "rb", buffering=0) as f:  # unbuffered: the kernel copies straight into the buffer
-            return read_checksummed(f, size, algorithm)
+        return read_path_checksummed(path, size, algorithm)
 
     def size(self, path: str) -> int | None:
         try:
