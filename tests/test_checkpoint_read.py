@@ -20,10 +20,12 @@ from rankwarden.errors import CorruptCheckpoint  # noqa: E402
 pytestmark = pytest.mark.torch
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def store(request, tmp_path):
     if request.param == "local":
         return CheckpointStore(str(tmp_path), "job")
+    if request.param == "s3":
+        return CheckpointStore(request.getfixturevalue("s3_bucket"), "job")
     return CheckpointStore(f"memory://rankwarden-read-{uuid.uuid4().hex}", "job")
 
 
