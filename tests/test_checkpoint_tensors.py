@@ -114,3 +114,38 @@ def test_torch_save_payloads_still_load_with_weights_only():
     buffer = io.BytesIO()
     torch.save({"w": torch.ones(2)}, buffer)
     assert torch.equal(load_torch(buffer.getvalue())["w"], torch.ones(2))
+
+
+def _payload_with_tree(tree, tensors=(), body=b""):
+    import struct
+
+    import msgspec
+
+    header = msgspec.msgpack.encode({"tree": tree, "tensors": list(tensors)})
+    prefix = MAGIC + struct.pack("<Q", len(header)) + header
+    return prefix + bytes(-len(prefix) % 64) + body
+
+
+@pytest.mark.parametrize(
+    ("tree", "message"),
+    [
+        ({"t": "dd", "f": "eval", "v": []}, "unknown defaultdict factory 'eval'"),
+        ({"t": "od", "v": [], "a": {"__class__": 1}}, "bad attribute name '__class__'"),
+        ({"t": "N", "i": 0, "d": "O", "s": [1]}, "unsupported numpy dtype 'O'"),
+        ({"t": "ns", "d": "<f8", "v": b"123"}, "numpy scalar of the wrong size"),
+        ({"t": "set", "v": [{"t": "l", "v": []}]}, "unhashable"),
+        ({"t": "T", "i": 0}, "bad tensor entry qint8"),
+    ],
+)
+def test_hostile_headers_of_every_node_kind_raise_corrupt_checkpoint(tree, message):
+    entries = [["qint8", [1], 0, 1]] if tree["t"] == "T" else [["uint8", [8], 0, 8]]
+    with pytest.raises(CorruptCheckpoint, match=message):
+        load_torch(bytearray(_payload_with_tree(tree, entries, bytes(64))))
+
+
+def test_a_hostile_namedtuple_node_never_calls_what_it_names():
+    # os.system is found in sys.modules but is not a namedtuple class: a fresh
+    # namedtuple is made instead, and nothing is called or imported.
+    tree = {"t": "nt", "m": "os", "q": "system", "n": "Evil", "f": ["a"], "v": ["echo owned"]}
+    loaded = load_torch(bytearray(_payload_with_tree(tree)))
+    assert type(loaded).__name__ == "Evil" and loaded.a == "echo owned"
