@@ -252,3 +252,17 @@ def test_async_snapshots_keep_types_and_freeze_generators(tmp_path):
     state["np"][0] = 99.0
     manifest = checkpointer.wait()
     assert _same(expected, load_torch(store.read(manifest, "r.pt")))
+
+
+def test_loaded_tensors_start_their_own_storage(tmp_path):
+    # torch.set_rng_state reads the storage from its start: a tensor at an
+    # offset inside one shared storage crashed the process (segfault).
+    torch.manual_seed(5)
+    state = {"weights": torch.randn(1000), "rng": torch.get_rng_state(), "col": torch.arange(12.0).reshape(3, 4)[:, 1]}
+    expected = torch.rand(3)
+    loaded = _round_trip(tmp_path, state)
+    for tensor in loaded.values():
+        assert tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.nbytes
+    torch.manual_seed(6)
+    torch.set_rng_state(loaded["rng"])
+    assert torch.equal(torch.rand(3), expected)

@@ -308,7 +308,6 @@ class _Decoder:
         self.view, self.base, self.entries, self.torch = view, base, entries, torch
         self.move = map_location not in (None, "cpu") and map_location != torch.device("cpu")
         self.map_location = map_location
-        self.whole = torch.frombuffer(view, dtype=torch.uint8)
         self.namedtuples: dict = {}
 
     def _entry(self, index: int) -> tuple:
@@ -331,8 +330,16 @@ class _Decoder:
         return dtype, shape, self.base + offset, nbytes
 
     def tensor(self, index: int):
+        # Each tensor gets its own storage over its bytes of the buffer (not a
+        # slice of one big storage): some torch code reads a tensor's storage
+        # from its start, ignoring storage_offset (torch.set_rng_state crashes).
         dtype, shape, start, nbytes = self._entry(index)
-        tensor = self.whole[start : start + nbytes].view(dtype).reshape(shape)
+        torch = self.torch
+        if nbytes:
+            raw = torch.frombuffer(self.view, dtype=torch.uint8, count=nbytes, offset=start)
+        else:
+            raw = torch.empty(0, dtype=torch.uint8)
+        tensor = raw.view(dtype).reshape(shape)
         return tensor.to(self.map_location) if self.move else tensor
 
     def array(self, node: dict):
