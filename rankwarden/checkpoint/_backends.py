@@ -19,6 +19,12 @@ bytes, so a save costs what the write+fsync costs. sha256 (about 1 GB/s) was
 slower than the page-cache write itself; manifests that name it still verify.
 A payload written by a function (torch.save) is checksummed by reading it
 back while fsync runs.
+
+A read goes into one new buffer, never zeroed first, with the checksum
+computed as the bytes arrive: a local file by two threads that each read
+(preadv) and CRC one half, joined with ``crc32_combine``; an fsspec file by a
+reader and a checksumming thread. The caller compares size and checksum
+before handing anything out.
 """
 
 from __future__ import annotations
