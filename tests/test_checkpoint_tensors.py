@@ -149,3 +149,11 @@ def test_a_hostile_namedtuple_node_never_calls_what_it_names():
     tree = {"t": "nt", "m": "os", "q": "system", "n": "Evil", "f": ["a"], "v": ["echo owned"]}
     loaded = load_torch(bytearray(_payload_with_tree(tree)))
     assert type(loaded).__name__ == "Evil" and loaded.a == "echo owned"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_generator_for_a_missing_device_is_a_clear_error_not_corruption():
+    tree = {"t": "G", "d": "cuda:3", "v": b"\0" * 16}
+    with pytest.raises(CheckpointError, match="torch.Generator on 'cuda:3', which this process cannot create") as info:
+        load_torch(bytearray(_payload_with_tree(tree)))
+    assert not isinstance(info.value, CorruptCheckpoint)

@@ -434,7 +434,11 @@ class _Decoder:
         if kind == "D":
             return torch.device(str(node["v"]))
         if kind == "G":
-            generator = torch.Generator(device=str(node["d"]))
+            try:
+                generator = torch.Generator(device=str(node["d"]))
+            except RuntimeError as exc:  # not damage: this process lacks that device
+                raise CheckpointError(f"the checkpoint holds a torch.Generator on {node['d']!r}, "
+                                      f"which this process cannot create ({exc})") from None
             return generator.set_state(torch.tensor(list(bytes(node["v"])), dtype=torch.uint8))
         if kind == "dt":
             dtype = getattr(torch, str(node["v"]), None)
