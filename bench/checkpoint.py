@@ -4,22 +4,38 @@ For a ~512 MiB state (8 float32 tensors of 64 MiB) it measures, over
 interleaved trials so that disk noise hits every contender alike:
 
   raw         the tensors' bytes written to one file + fsync (the disk's ceiling)
-  rankwarden  CheckpointStore.save: torch.save + sha256 + fsync + manifest + rename + LATEST
+  rankwarden  CheckpointStore.save: tensor payload + CRC-32 + fsync + manifest + rename + LATEST
   torch.save  torch.save to a temp file + os.replace (what many scripts do; NOT durable: no fsync)
-  resume      CheckpointStore.load_latest (checksum verified) + torch.load
+  resume      CheckpointStore.load_latest (checksum verified) + load_torch
   async       the training thread's stall in AsyncCheckpointer.save vs a bare copy
               of the state into preallocated buffers (the floor for any async save)
 
-    python bench/checkpoint.py [--mib 512] [--trials 3] [--dir DIR]
+and, for a GPT-2-small-shaped training state (embeddings, 12 layers of
+attention + MLP at d_model 768, vocab 50257, plus AdamW exp_avg/exp_avg_sq:
+124M parameters, 1.39 GiB), the load time and peak memory of
+
+  rankwarden  CheckpointStore.latest + read (CRC-32 verified) + load_torch
+  torch.load  of a torch.save of the same state (weights_only=True, no mmap)
+  dcp         torch.distributed.checkpoint.load (single process, no_dist=True)
+              into a state of preallocated empty tensors, as DCP requires
+
+each in a fresh subprocess (peak RSS = VmHWM after the load minus VmRSS
+before it, so methods cannot pollute each other), interleaved over trials,
+page cache warm (the files were just written).
+
+    python bench/checkpoint.py [--mib 512] [--trials 3] [--dir DIR] [--sections save,load]
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,12 +92,134 @@ def drop_caches() -> bool:
         return False
 
 
+# -- load: rankwarden vs torch.load vs torch.distributed.checkpoint -------------------------
+
+GPT = {"vocab": 50257, "context": 1024, "d_model": 768, "layers": 12}
+
+
+def gpt_shapes() -> dict[str, tuple[int, ...]]:
+    d, shapes = GPT["d_model"], {"wte.weight": (GPT["vocab"], GPT["d_model"]), "wpe.weight": (GPT["context"], GPT["d_model"])}
+    for i in range(GPT["layers"]):
+        p = f"h.{i}."
+        shapes |= {p + "ln_1.weight": (d,), p + "ln_1.bias": (d,), p + "attn.c_attn.weight": (d, 3 * d),
+                   p + "attn.c_attn.bias": (3 * d,), p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
+                   p + "ln_2.weight": (d,), p + "ln_2.bias": (d,), p + "mlp.c_fc.weight": (d, 4 * d),
+                   p + "mlp.c_fc.bias": (4 * d,), p + "mlp.c_proj.weight": (4 * d, d), p + "mlp.c_proj.bias": (d,)}
+    return shapes | {"ln_f.weight": (d,), "ln_f.bias": (d,)}
+
+
+def gpt_state(make) -> dict:
+    """A model + AdamW state dict shaped like GPT-2 small; ``make(shape)`` makes each tensor."""
+    shapes = gpt_shapes()
+    model = {name: make(shape) for name, shape in shapes.items()}
+    state = {i: {"step": torch.tensor(1000.0), "exp_avg": make(shape), "exp_avg_sq": make(shape)}
+             for i, shape in enumerate(shapes.values())}
+    groups = [{"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "amsgrad": False,
+               "foreach": None, "maximize": False, "capturable": False, "differentiable": False, "fused": None,
+               "params": list(range(len(shapes)))}]
+    return {"model": model, "optimizer": {"state": state, "param_groups": groups}, "step": 1000}
+
+
+def _memory_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def load_child(method: str, work: str) -> None:
+    """Run in a fresh process: load one way, print seconds and peak RSS growth as JSON."""
+    import torch.distributed.checkpoint as dcp  # imported before the baseline, like torch
+
+    template = gpt_state(lambda shape: torch.empty(shape)) if method == "dcp" else None
+    baseline = _memory_kib("VmRSS")
+    cpu_start = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    if method == "rankwarden":
+        store = CheckpointStore(work, "gpt")
+        manifest = store.latest()
+        state = load_torch(store.read(manifest, "rank_00000.pt"))
+    elif method == "torch.load":
+        state = torch.load(os.path.join(work, "gpt.pt"), map_location="cpu", weights_only=True)
+    else:
+        dcp.load(template, checkpoint_id=os.path.join(work, "gpt.dcp"), no_dist=True)
+        state = template
+    seconds = time.perf_counter() - start
+    cpu_end = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = cpu_end.ru_utime + cpu_end.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime
+    peak = _memory_kib("VmHWM") - baseline
+    check = float(state["optimizer"]["state"][3]["exp_avg_sq"].double().sum() + state["model"]["wte.weight"][7].sum())
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "peak_kib": peak, "check": check}))
+
+
+def bench_load(directory: str, trials: int) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    gen = torch.Generator().manual_seed(0)
+    state = gpt_state(lambda shape: torch.randn(shape, generator=gen))
+    params = sum(t.numel() for t in state["model"].values())
+    size = sum(t.numel() * t.element_size() for part in (state["model"], *state["optimizer"]["state"].values())
+               for t in part.values())
+    work = tempfile.mkdtemp(prefix="rankwarden-bench-load-", dir=directory)
+    try:
+        CheckpointStore(work, "gpt").save(1, {"rank_00000.pt": torch_payload(state)})
+        torch.save(state, os.path.join(work, "gpt.pt"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+            dcp.save(state, checkpoint_id=os.path.join(work, "gpt.dcp"), no_dist=True)
+        del state
+        methods = ["rankwarden", "torch.load", "dcp"]
+        results: dict[str, list[dict]] = {m: [] for m in methods}
+        for trial in range(trials):
+            for method in methods[trial % 3:] + methods[: trial % 3]:  # rotate who goes first
+                out = subprocess.run([sys.executable, "-W", "ignore", __file__, "--child", method, "--dir", work],
+                                     check=True, capture_output=True, text=True).stdout
+                results[method].append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    checks = {m: r[0]["check"] for m, r in results.items()}
+    assert len(set(checks.values())) == 1, f"the methods loaded different states: {checks}"
+    gib = size / (1 << 30)
+    ref = {k: statistics.median(r[k] for r in results["torch.load"]) for k in ("seconds", "peak_kib")}
+    print(f"# load: GPT-2-small-shaped model + AdamW state, {params / 1e6:.0f}M parameters, {gib:.2f} GiB of tensors, "
+          f"{trials} trials, fresh process per load, page cache warm")
+    best = min(r["seconds"] for r in results["torch.load"])
+    print(f"{'method':<11} {'load s min/median/max':>23} {'CPU s':>6} {'peak RSS GiB':>12} {'x state':>7} "
+          f"{'median/torch.load':>17} {'min/torch.load':>14} {'peak/torch.load':>15}")
+    for method, runs in results.items():
+        secs = [r["seconds"] for r in runs]
+        cpu = statistics.median(r["cpu"] for r in runs)
+        peak = statistics.median(r["peak_kib"] for r in runs) * 1024
+        print(f"{method:<11} {min(secs):7.2f} {statistics.median(secs):7.2f} {max(secs):7.2f} {cpu:6.2f} "
+              f"{peak / (1 << 30):12.2f} {peak / size:7.2f} {statistics.median(secs) / ref['seconds']:16.2f}x "
+              f"{min(secs) / best:13.2f}x {peak / (ref['peak_kib'] * 1024):14.2f}x")
+    print("targets: rankwarden load time <= 1.0x torch.load, peak RSS <= 1.1x the state "
+          "(CPU s: user+sys of all threads; on a busy machine the wall time of 2 threads suffers most)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=512)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--dir", default=".", help="a directory on the disk to measure")
+    parser.add_argument("--sections", default="save,load", help="save (512 MiB save/resume/async), load (GPT state)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        load_child(args.child, args.dir)
+        return 0
+    if "save" in args.sections.split(","):
+        bench_save(args)
+    if "load" in args.sections.split(","):
+        bench_load(args.dir, max(args.trials, 5))  # more trials: one load is short and noisy
+    return 0
+
+
+def bench_save(args) -> None:
 
     state = make_state(args.mib)
     size = sum(t.numel() * t.element_size() for t in state.values())
@@ -139,7 +277,6 @@ def main() -> int:
     print(f"async save stall         s      {stats(stalls)}")
     print(f"ratio sync save / raw write+fsync (median bandwidth) = {ratio:.2f}x   (target >= 0.90)")
     print(f"ratio async stall / copy time (median)              = {stall_ratio:.2f}x   (target <= 1.50)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from rankwarden.checkpoint import CheckpointStore, load_torch, torch_payload  # noqa: E402
 from rankwarden.checkpoint._tensors import MAGIC, TensorPayload  # noqa: E402
-from rankwarden.errors import CorruptCheckpoint  # noqa: E402
+from rankwarden.errors import CheckpointError, CorruptCheckpoint  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -60,16 +60,17 @@ def test_a_training_state_round_trips_exactly():
     torch.optim.AdamW(model.parameters()).load_state_dict(loaded["optimizer"])
 
 
-def test_states_only_pickle_can_hold_fall_back_to_torch_save(tmp_path):
+def test_states_only_pickle_could_hold_are_refused_at_save_time(tmp_path):
     class Custom:
         pass
 
-    assert not isinstance(torch_payload({"x": Custom()}), TensorPayload)
+    with pytest.raises(CheckpointError, match=r"state\['x'\]: .*Custom .* cannot be saved in a checkpoint"):
+        torch_payload({"x": Custom()})
     store = CheckpointStore(str(tmp_path), "job")
-    state = {"w": torch.ones(3), "note": {1, 2}}  # a set: not in the tensor format
+    state = {"w": torch.ones(3), "note": {1, 2}}  # a set: in the tensor format since it must load back
     manifest = store.save(1, {"rank_00000.pt": torch_payload(state)})
     data = store.read(manifest, "rank_00000.pt")
-    assert not data.startswith(MAGIC)
+    assert data.startswith(MAGIC)
     assert _same(load_torch(data)["w"], state["w"]) and load_torch(data)["note"] == {1, 2}
 
 
@@ -113,3 +114,46 @@ def test_torch_save_payloads_still_load_with_weights_only():
     buffer = io.BytesIO()
     torch.save({"w": torch.ones(2)}, buffer)
     assert torch.equal(load_torch(buffer.getvalue())["w"], torch.ones(2))
+
+
+def _payload_with_tree(tree, tensors=(), body=b""):
+    import struct
+
+    import msgspec
+
+    header = msgspec.msgpack.encode({"tree": tree, "tensors": list(tensors)})
+    prefix = MAGIC + struct.pack("<Q", len(header)) + header
+    return prefix + bytes(-len(prefix) % 64) + body
+
+
+@pytest.mark.parametrize(
+    ("tree", "message"),
+    [
+        ({"t": "dd", "f": "eval", "v": []}, "unknown defaultdict factory 'eval'"),
+        ({"t": "od", "v": [], "a": {"__class__": 1}}, "bad attribute name '__class__'"),
+        ({"t": "N", "i": 0, "d": "O", "s": [1]}, "unsupported numpy dtype 'O'"),
+        ({"t": "ns", "d": "<f8", "v": b"123"}, "numpy scalar of the wrong size"),
+        ({"t": "set", "v": [{"t": "l", "v": []}]}, "unhashable"),
+        ({"t": "T", "i": 0}, "bad tensor entry qint8"),
+    ],
+)
+def test_hostile_headers_of_every_node_kind_raise_corrupt_checkpoint(tree, message):
+    entries = [["qint8", [1], 0, 1]] if tree["t"] == "T" else [["uint8", [8], 0, 8]]
+    with pytest.raises(CorruptCheckpoint, match=message):
+        load_torch(bytearray(_payload_with_tree(tree, entries, bytes(64))))
+
+
+def test_a_hostile_namedtuple_node_never_calls_what_it_names():
+    # os.system is found in sys.modules but is not a namedtuple class: a fresh
+    # namedtuple is made instead, and nothing is called or imported.
+    tree = {"t": "nt", "m": "os", "q": "system", "n": "Evil", "f": ["a"], "v": ["echo owned"]}
+    loaded = load_torch(bytearray(_payload_with_tree(tree)))
+    assert type(loaded).__name__ == "Evil" and loaded.a == "echo owned"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_generator_for_a_missing_device_is_a_clear_error_not_corruption():
+    tree = {"t": "G", "d": "cuda:3", "v": b"\0" * 16}
+    with pytest.raises(CheckpointError, match="torch.Generator on 'cuda:3', which this process cannot create") as info:
+        load_torch(bytearray(_payload_with_tree(tree)))
+    assert not isinstance(info.value, CorruptCheckpoint)

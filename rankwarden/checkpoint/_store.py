@@ -45,7 +45,6 @@ from rankwarden.checkpoint._backends import (
     ObjectBackend,
     Payload,
     algorithm_of,
-    checksum_bytes,
     sweep_scratch,
 )
 from rankwarden.checkpoint._faults import fault_point
@@ -360,20 +359,24 @@ class CheckpointStore:
         """The newest committed step that verifies, or None (an empty or missing root is not an error)."""
         return next(self.manifests(checksums=checksums), None)
 
-    def read(self, manifest: Manifest, name: str) -> bytes:
-        """One file of a committed step, checked against the manifest's size and checksum."""
+    def read(self, manifest: Manifest, name: str) -> bytearray:
+        """One file of a committed step, checked against the manifest's size and checksum.
+
+        The bytes are read into one new buffer (a bytearray: ``load_torch``
+        makes the tensors views of it, no copy) while a second thread
+        checksums them; nothing is returned before the checksum matches."""
         entry = manifest.file(name)
         path = self._file_path(self.backend.step_dirs().get(manifest.step, ""), manifest, name)
         try:
-            data = self.backend.read(path)
+            data, checksum, exact = self.backend.read_checksummed(path, entry.size, algorithm_of(entry.checksum))
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{self.job} step {manifest.step}: {name} is missing") from None
-        if len(data) != entry.size or checksum_bytes(data, algorithm_of(entry.checksum)) != entry.checksum:
+        if not exact or checksum != entry.checksum:
             whose = name if entry.rank is None else f"rank {entry.rank}'s file {name}"
             raise CorruptCheckpoint(f"{self.job} step {manifest.step}: {whose} failed its checksum")
         return data
 
-    def load_latest(self, names: Iterable[str] | None = None) -> tuple[Manifest, dict[str, bytes]] | None:
+    def load_latest(self, names: Iterable[str] | None = None) -> tuple[Manifest, dict[str, bytearray]] | None:
         """The newest step whose requested files (default: all) all read back intact, with their bytes."""
         wanted = None if names is None else list(names)
         for manifest in self.manifests():
