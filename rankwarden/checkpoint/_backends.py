@@ -318,7 +318,7 @@ class LocalBackend(_Backend):
         # the lock of a writer that dies.
         import fcntl
 
-        self.files.makedirs(self.base)
+        self._make_base()
         fd = os.open(self.join(_COMMIT_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -326,7 +326,22 @@ class LocalBackend(_Backend):
         finally:
             os.close(fd)
 
+    def _make_base(self) -> None:
+        # A step committed in a job directory that a power cut can take away
+        # with it is not committed: each directory made here (the job's, and
+        # any above it) is made durable in its parent before anything in it counts.
+        if os.path.isdir(self.base):
+            return
+        missing, path = [], self.base
+        while not os.path.isdir(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        for path in reversed(missing):
+            self.files.makedirs(path)
+            self.files.fsync_dir(os.path.dirname(path))
+
     def write_payload(self, directory: str, name: str, payload: Payload, rank: int | None) -> FileEntry:
+        self._make_base()
         self.files.makedirs(directory)
         path = os.path.join(directory, name)
         if hasattr(payload, "chunks"):
