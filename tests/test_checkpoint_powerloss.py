@@ -13,7 +13,9 @@ completed PUT or DELETE. Each state is materialised afresh and read by a new
   (on POSIX, every ``step_N/`` has one: the rename is the commit);
 - no step that retention had finished deleting;
 - LATEST, if present, exactly ``step_N`` of a step that verifies, and once a
-  save returned, naming that step or a newer one.
+  save returned, naming that step or a newer one;
+- and the next writer recovers: ``cleanup`` keeps what the reader found, and
+  a new save commits and reads back.
 """
 
 from __future__ import annotations
@@ -92,7 +94,18 @@ def observe(reader: CheckpointStore, *, rename_commits: bool) -> tuple[list[str]
             torn.append(str(exc))
     found = reader.load_latest()
     loaded = None if found is None else (found[0].step, found[1])
-    return torn, loaded, reader.backend.read_latest(), good
+    latest = reader.backend.read_latest()
+    # The next writer after the crash: cleanup keeps what was found, and a new save commits over the debris.
+    reader.cleanup()
+    again = reader.load_latest()
+    if (None if again is None else (again[0].step, again[1])) != loaded:
+        torn.append(f"cleanup after the crash changed what a reader loads, from {loaded and loaded[0]} "
+                    f"to {again and again[0].step}")
+    reader.save(9, payloads(9))
+    after = reader.load_latest()
+    if after is None or after[0].step != 9 or after[1] != expected(9):
+        torn.append("a save after the crash did not commit")
+    return torn, loaded, latest, good
 
 
 def problems(marks: tuple, seen: tuple) -> list[str]:
