@@ -5,9 +5,12 @@ newest committed checkpoint). Each trial waits until rank 1 passes step 40,
 then hits it with kill -9 (or SIGSTOP) and measures from the trace the script
 writes:
 
-  detect    fault -> the launcher noticed (rankwarden: its rank_failed event;
-            torchrun: the first new process of the next restart started, an
-            upper bound)
+  detect    fault -> the launcher announced the failure on its output, timed
+            the same way for both: the harness stamps each line of the
+            launcher's output as it arrives (rankwarden: "rankwarden: attempt
+            N: ... [cause]"; torchrun, run with LOGLEVEL=INFO: "Worker group
+            FAILED"). torchrun notices a dead worker by polling every
+            monitor_interval (0.1 s by default); rankwarden waits on a pidfd.
   recover   fault -> the first step completed after the restart
   redone    steps trained after the resumed checkpoint, trained again
   steps/s   steady state, steps 10..40 of the first attempt
@@ -16,7 +19,10 @@ and breaks rankwarden's recovery into its parts (the restart floor):
 detection, stopping the old ranks, spawning, interpreter start, import torch,
 process-group init, checkpoint load, first step.
 
-    python bench/recovery.py --trials 5 [--sigstop-wait 120]
+Trials alternate between the launchers (rankwarden, torchrun, rankwarden,
+...), so a machine that slows down or warms up over the run weighs on both.
+
+    python bench/recovery.py --trials 5 [--sigstop-wait 120] [--faults kill]
 """
 
 from __future__ import annotations
@@ -24,16 +30,53 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "demo", "train.py")
 KILL_AT = 40
+#: The line each launcher prints when it has noticed a failed rank.
+ANNOUNCES = {"rankwarden": re.compile(r"rankwarden: attempt \d+: .*\[[\w-]+\]\s*$"),
+             "torchrun": re.compile(r"Worker group (FAILED|UNHEALTHY)")}
+
+
+def torchrun_monitor_interval() -> float | None:
+    """torchrun's default polling interval for dead workers, from the installed torch."""
+    try:
+        import dataclasses
+
+        from torch.distributed.elastic.agent.server.api import WorkerSpec
+    except ImportError:
+        return None
+    return next((f.default for f in dataclasses.fields(WorkerSpec) if f.name == "monitor_interval"), None)
+
+
+class Output:
+    """The launcher's output, copied to a file, each line stamped with the time it arrived."""
+
+    def __init__(self, proc: subprocess.Popen, path: str) -> None:
+        self.lines: list[tuple[float, str]] = []
+        self._thread = threading.Thread(target=self._copy, args=(proc.stdout, path), daemon=True)
+        self._thread.start()
+
+    def _copy(self, stream, path: str) -> None:
+        with open(path, "wb") as log:
+            for raw in iter(stream.readline, b""):
+                self.lines.append((time.time(), raw.decode(errors="replace")))
+                log.write(raw)
+
+    def first(self, pattern: re.Pattern, after: float) -> float | None:
+        return next((t for t, line in list(self.lines) if t >= after and pattern.search(line)), None)
+
+    def join(self) -> None:
+        self._thread.join(5)
 
 
 def read_trace(path: str) -> list[dict]:
@@ -43,7 +86,7 @@ def read_trace(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.endswith("\n")]
 
 
-def launch(tool: str, work: str, data: str, trace: str) -> subprocess.Popen:
+def launch(tool: str, work: str, data: str, trace: str) -> tuple[subprocess.Popen, Output]:
     # Without the script's SIGTERM handler: with it, torchrun waits its 30 s SIGTERM
     # timeout for a survivor blocked in a collective (measured: ~36 s recovery).
     script = [TRAIN, "--data", data, "--epochs", "1", "--step-time", "0.02", "--trace", trace, "--no-graceful-stop"]
@@ -55,8 +98,11 @@ def launch(tool: str, work: str, data: str, trace: str) -> subprocess.Popen:
                "--heartbeat-timeout", "3", "--backoff-initial", "0.05", "--kill-grace", "2", "--run-id", "bench-recovery",
                "--job-dir", os.path.join(work, "job"), "--checkpoint", os.path.join(work, "ckpt"), *script]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RANKWARDEN_")}
-    log = open(os.path.join(work, "launcher.log"), "wb")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    env["PYTHONUNBUFFERED"] = "1"
+    if tool == "torchrun":
+        env["LOGLEVEL"] = "INFO"  # torchrun says "Worker group FAILED" at INFO
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, Output(proc, os.path.join(work, "launcher.log"))
 
 
 def wait_until(predicate, limit: float):
@@ -73,7 +119,7 @@ def wait_until(predicate, limit: float):
 def trial(tool: str, fault: int, data: str, limit: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="rw-recovery-") as work:
         trace = os.path.join(work, "trace.jsonl")
-        proc = launch(tool, work, data, trace)
+        proc, output = launch(tool, work, data, trace)
         try:
             def ready():
                 steps = [e for e in read_trace(trace) if e["event"] == "step" and e["rank"] == 1 and e["restart"] == 0]
@@ -101,8 +147,10 @@ def trial(tool: str, fault: int, data: str, limit: float) -> dict:
                 result["recover"] = first_new["t"] - t_fault
                 result["redone"] = max(0, reached - min(e["step"] for e in restored)) if restored else None
                 result["phases"] = _phases(tool, work, events, t_fault)
+                announced = output.first(ANNOUNCES[tool], t_fault)
+                result["detect"] = None if announced is None else announced - t_fault
                 starts = [e["t"] for e in events if e["event"] == "start" and e["restart"] >= 1]
-                result["detect"] = result["phases"].get("_detected", min(starts) - t_fault if starts else None)
+                result["respawned"] = min(starts) - t_fault if starts else None
             return result
         finally:
             for e in read_trace(trace):
@@ -114,6 +162,7 @@ def trial(tool: str, fault: int, data: str, limit: float) -> dict:
                             pass
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            output.join()
 
 
 def _rate(steps: list[dict]) -> float | None:
@@ -178,17 +227,29 @@ def main() -> int:
     parser.add_argument("--sigstop-wait", type=float, default=120.0, help="how long torchrun gets to recover from SIGSTOP")
     parser.add_argument("--data", default=os.path.join(ROOT, "rankwarden-jobs", "data"))
     parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--faults", default="kill,stop", help="which faults to inject: kill, stop, or both")
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.data, "index.json")):
         subprocess.run([sys.executable, os.path.join(ROOT, "demo", "make_dataset.py"), "--out", args.data], check=True,
                        stdout=subprocess.DEVNULL)
+    faults = set(args.faults.split(","))
     results: dict = {}
-    for tool in ("rankwarden", "torchrun"):  # interleave nothing: each tool's trials back to back, same data
-        results[(tool, "kill")] = [trial(tool, signal.SIGKILL, args.data, 120) for _ in range(args.trials)]
-    results[("rankwarden", "stop")] = [trial("rankwarden", signal.SIGSTOP, args.data, 120) for _ in range(args.trials)]
-    results[("torchrun", "stop")] = [trial("torchrun", signal.SIGSTOP, args.data, args.sigstop_wait)]
+    if "kill" in faults:
+        for _ in range(args.trials):  # ABAB: drift in the machine lands on both launchers alike
+            for tool in ("rankwarden", "torchrun"):
+                results.setdefault((tool, "kill"), []).append(trial(tool, signal.SIGKILL, args.data, 120))
+    if "stop" in faults:
+        for i in range(args.trials):  # torchrun gets one SIGSTOP trial (it waits --sigstop-wait), in the middle
+            results.setdefault(("rankwarden", "stop"), []).append(trial("rankwarden", signal.SIGSTOP, args.data, 120))
+            if i == args.trials // 2:
+                results[("torchrun", "stop")] = [trial("torchrun", signal.SIGSTOP, args.data, args.sigstop_wait)]
 
-    print(f"# recovery: 2-rank DDP (gloo, CPU), {args.trials} trials, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+    print(f"# recovery: 2-rank DDP (gloo, CPU), {args.trials} trials per launcher, interleaved, "
+          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+    interval = torchrun_monitor_interval()
+    print("# detect: fault -> the launcher's failure line reached this harness (same clock and method for both); "
+          f"torchrun finds a kill -9 by polling every monitor_interval = {interval if interval is not None else '?'} s "
+          "(its default, torch/distributed/elastic/agent/server/api.py), rankwarden by a pidfd")
     for (tool, fault), rows in results.items():
         ok = [r for r in rows if r.get("recovered")]
         print(f"{fault:4} {tool:10} recovered {len(ok)}/{len(rows)}  detect s {stats([r.get('detect') for r in ok])}  "
@@ -196,17 +257,21 @@ def main() -> int:
         for r in rows:
             if fault == "kill" and not r.get("recovered") and r.get("why"):
                 print(f"     {tool} did not recover: {' | '.join(line.strip()[-160:] for line in r['why'])}")
+        if fault == "kill" and ok:
+            print(f"     {tool} fault -> first new rank process started s {stats([r.get('respawned') for r in ok])}")
     for tool in ("rankwarden", "torchrun"):
-        print(f"steady state {tool:10} steps/s {stats([r.get('steps_per_s') for rows in (results[(tool, 'kill')],) for r in rows])}")
-    ours = [r["recover"] for r in results[("rankwarden", "kill")] if r.get("recovered")]
-    theirs = [r["recover"] for r in results[("torchrun", "kill")] if r.get("recovered")]
+        rows = [r for fault in ("kill", "stop") for r in results.get((tool, fault), [])]
+        print(f"steady state {tool:10} steps/s {stats([r.get('steps_per_s') for r in rows])}")
+    ours = [r["recover"] for r in results.get(("rankwarden", "kill"), []) if r.get("recovered")]
+    theirs = [r["recover"] for r in results.get(("torchrun", "kill"), []) if r.get("recovered")]
     if ours and theirs:
         print(f"ratio kill -9 recovery: torchrun / rankwarden median = {statistics.median(theirs) / statistics.median(ours):.2f}x")
-    stop = results[("torchrun", "stop")][0]
-    print(f"SIGSTOP under torchrun: {'recovered' if stop.get('recovered') else f'no recovery within {args.sigstop_wait:g}s'}")
+    if ("torchrun", "stop") in results:
+        stop = results[("torchrun", "stop")][0]
+        print(f"SIGSTOP under torchrun: {'recovered' if stop.get('recovered') else f'no recovery within {args.sigstop_wait:g}s'}")
     print("restart floor (rankwarden, kill -9, median seconds per part):")
     parts: dict[str, list[float]] = {}
-    for r in results[("rankwarden", "kill")]:
+    for r in results.get(("rankwarden", "kill"), []):
         for name, seconds in (r.get("phases") or {}).items():
             if not name.startswith("_"):
                 parts.setdefault(name, []).append(seconds)

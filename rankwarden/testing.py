@@ -15,6 +15,10 @@ coordinator runs under ``trio.testing.MockClock`` and timing is exact::
     listener = MemoryListener()
     async with open_fake_launcher(rank, listener) as launcher:
         snapshot = await Coordinator(spec, launcher=launcher, listeners=[listener]).run()
+
+``PowerLossFiles`` (for ``LocalBackend``'s file-system seam) and
+``PowerLossObjectStore`` (around an fsspec filesystem) model what a power cut
+or a killed writer leaves of a checkpoint save; see ``rankwarden._powerloss``.
 """
 
 from __future__ import annotations
@@ -29,9 +33,20 @@ import trio
 import trio.testing
 
 from rankwarden import protocol
+from rankwarden._powerloss import CrashState, PowerLossFiles, PowerLossObjectStore
 from rankwarden.launcher import ExitStatus, LaunchRequest
 
-__all__ = ["FakeLauncher", "FakeProcess", "FakeRank", "MemoryListener", "open_fake_launcher", "leftover_processes"]
+__all__ = [
+    "CrashState",
+    "FakeLauncher",
+    "FakeProcess",
+    "FakeRank",
+    "MemoryListener",
+    "PowerLossFiles",
+    "PowerLossObjectStore",
+    "leftover_processes",
+    "open_fake_launcher",
+]
 
 
 class MemoryListener(trio.abc.Listener[trio.abc.Stream]):

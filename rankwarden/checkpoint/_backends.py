@@ -59,7 +59,7 @@ from typing import Any, Callable, Collection, Iterator, Union
 from rankwarden.checkpoint._faults import fault_point
 from rankwarden.checkpoint._manifest import FileEntry, parse_step_dir, step_dir_name
 
-__all__ = ["LocalBackend", "ObjectBackend", "Payload"]
+__all__ = ["LocalBackend", "ObjectBackend", "Payload", "PosixFiles"]
 
 log = logging.getLogger(__name__)
 
@@ -270,27 +270,58 @@ def _in_parallel(main: Callable[[], Any], side: Callable[[], Any]) -> tuple[Any,
     return main_value, box["value"]
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class PosixFiles:
+    """The file-system calls that LocalBackend's write, commit and removal paths make.
+
+    A seam: ``rankwarden.testing.PowerLossFiles`` stands in for it, records
+    each call and works out what a power cut after any of them would leave
+    on disk. Reads and listings do not go through it."""
+
+    def open(self, path: str, mode: str):
+        return open(path, mode)
+
+    def fsync(self, f) -> None:
+        os.fsync(f.fileno())
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def remove(self, path: str) -> None:
+        os.remove(path)
+
+    def rmtree(self, path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_chunks_durably(path: str, chunks: list) -> None:
-    with open(path, "wb") as f:
+_OS = PosixFiles()
+
+
+def _write_chunks_durably(path: str, chunks: list, files: PosixFiles = _OS) -> None:
+    with files.open(path, "wb") as f:
         for i, chunk in enumerate(chunks):
             f.write(chunk)
             if i == len(chunks) // 2:
                 f.flush()
                 fault_point("mid_payload")
         f.flush()
-        os.fsync(f.fileno())
+        files.fsync(f)
 
 
-def _write_durably(path: str, data: bytes, *, crash_midway: str | None = None) -> None:
-    with open(path, "wb") as f:
+def _write_durably(path: str, data: bytes, *, crash_midway: str | None = None, files: PosixFiles = _OS) -> None:
+    with files.open(path, "wb") as f:
         if crash_midway:
             half = len(data) // 2
             f.write(data[:half])
@@ -300,7 +331,7 @@ def _write_durably(path: str, data: bytes, *, crash_midway: str | None = None) -
         else:
             f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        files.fsync(f)
 
 
 # -- local scratch copies (function payloads bound for an object store) -------------
@@ -401,8 +432,10 @@ class LocalBackend(_Backend):
 
     atomic_rename = True
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, files: PosixFiles | None = None) -> None:
         self.base = os.path.abspath(base)
+        #: Every write, fsync, rename and removal goes through this (a test seam).
+        self.files = files or _OS
 
     def join(self, *parts: str) -> str:
         return os.path.join(self.base, *parts)
@@ -420,7 +453,7 @@ class LocalBackend(_Backend):
         # the lock of a writer that dies.
         import fcntl
 
-        os.makedirs(self.base, exist_ok=True)
+        self._make_base()
         fd = os.open(self.join(_COMMIT_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -428,22 +461,37 @@ class LocalBackend(_Backend):
         finally:
             os.close(fd)
 
+    def _make_base(self) -> None:
+        # A step committed in a job directory that a power cut can take away
+        # with it is not committed: each directory made here (the job's, and
+        # any above it) is made durable in its parent before anything in it counts.
+        if os.path.isdir(self.base):
+            return
+        missing, path = [], self.base
+        while not os.path.isdir(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        for path in reversed(missing):
+            self.files.makedirs(path)
+            self.files.fsync_dir(os.path.dirname(path))
+
     def write_payload(self, directory: str, name: str, payload: Payload, rank: int | None) -> FileEntry:
-        os.makedirs(directory, exist_ok=True)
+        self._make_base()
+        self.files.makedirs(directory)
         path = os.path.join(directory, name)
         if hasattr(payload, "chunks"):
             chunks = list(payload.chunks())
-            _, checksum = _in_parallel(lambda: _write_chunks_durably(path, chunks), lambda: checksum_chunks(chunks))
+            _, checksum = _in_parallel(lambda: _write_chunks_durably(path, chunks, self.files), lambda: checksum_chunks(chunks))
             size = sum(len(c) for c in chunks)
         elif callable(payload):
             payload(path)
-            with open(path, "rb") as f:
+            with self.files.open(path, "rb") as f:
                 # fsync (disk) and the checksum (CPU, reading the page cache) overlap.
-                _, checksum = _in_parallel(lambda: os.fsync(f.fileno()), lambda: checksum_file(path))
+                _, checksum = _in_parallel(lambda: self.files.fsync(f), lambda: checksum_file(path))
                 size = os.fstat(f.fileno()).st_size
         else:
             data = memoryview(payload).cast("B")
-            _, checksum = _in_parallel(lambda: _write_durably(path, data, crash_midway="mid_payload"),
+            _, checksum = _in_parallel(lambda: _write_durably(path, data, crash_midway="mid_payload", files=self.files),
                                        lambda: checksum_bytes(data))
             size = len(data)
         return FileEntry(name=name, size=size, checksum=checksum, rank=rank)
@@ -455,32 +503,32 @@ class LocalBackend(_Backend):
         leftover and the rename are then one step for every other committer."""
         final = self.join(step_dir_name(step))
         if os.path.exists(os.path.join(final, MANIFEST)):
-            shutil.rmtree(staging, ignore_errors=True)
+            self.files.rmtree(staging)
             return False
-        _write_durably(os.path.join(staging, MANIFEST), manifest, crash_midway="mid_manifest")
-        _fsync_dir(staging)
+        _write_durably(os.path.join(staging, MANIFEST), manifest, crash_midway="mid_manifest", files=self.files)
+        self.files.fsync_dir(staging)
         fault_point("before_rename")
         if os.path.exists(final) and not os.path.exists(os.path.join(final, MANIFEST)):
             self._discard(final)  # a manifest-less leftover from an older layout or a crash
         try:
             # rename(2) never replaces a non-empty directory: a step committed
             # by a writer that ignored the lock is kept, and this one loses.
-            os.rename(staging, final)
+            self.files.rename(staging, final)
         except OSError as exc:
             if not os.path.exists(os.path.join(final, MANIFEST)):
                 raise
             log.debug("step %d appeared while committing (%s)", step, exc)
-            shutil.rmtree(staging, ignore_errors=True)
+            self.files.rmtree(staging)
             return False
-        _fsync_dir(self.base)
+        self.files.fsync_dir(self.base)
         fault_point("after_rename")
         return True
 
     def write_latest(self, step: int) -> None:
         tmp = self.join(f"{LATEST}.tmp-{uuid.uuid4().hex[:8]}")
-        _write_durably(tmp, (step_dir_name(step) + "\n").encode(), crash_midway="mid_latest")
-        os.replace(tmp, self.join(LATEST))
-        _fsync_dir(self.base)
+        _write_durably(tmp, (step_dir_name(step) + "\n").encode(), crash_midway="mid_latest", files=self.files)
+        self.files.replace(tmp, self.join(LATEST))
+        self.files.fsync_dir(self.base)
 
     def read(self, path: str) -> bytes:
         with open(path, "rb") as f:
@@ -555,7 +603,7 @@ class LocalBackend(_Backend):
             self._discard(path)
         else:
             try:
-                os.remove(path)
+                self.files.remove(path)
             except FileNotFoundError:
                 pass
 
@@ -566,11 +614,11 @@ class LocalBackend(_Backend):
     def _discard(self, path: str) -> None:
         doomed = f"{path}.deleting-{uuid.uuid4().hex[:8]}"
         try:
-            os.rename(path, doomed)
+            self.files.rename(path, doomed)
         except FileNotFoundError:
             return
-        _fsync_dir(os.path.dirname(doomed))
-        shutil.rmtree(doomed, ignore_errors=True)
+        self.files.fsync_dir(os.path.dirname(doomed))
+        self.files.rmtree(doomed)
 
 
 class ObjectBackend(_Backend):
