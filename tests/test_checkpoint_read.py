@@ -72,7 +72,7 @@ def test_reading_and_loading_needs_one_buffer_not_two(tmp_path):
 @pytest.mark.parametrize("damage", ["flip", "truncate", "append"])
 def test_damaged_files_are_never_returned(store, damage):
     manifest = store.save(1, {"r.pt": torch_payload(_state(1))})
-    path = f"{store.backend.step_dirs()[1]}/r.pt"
+    path = store._file_path(store.backend.step_dirs()[1], store.verify(1, checksums=False), "r.pt")
     data = bytearray(store.backend.read(path))
     if damage == "flip":
         data[len(data) // 2] ^= 0x01
