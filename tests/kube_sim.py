@@ -349,6 +349,13 @@ class SimKube:
                 problems.append(f"metadata.labels: Invalid value: {value!r}: must be no more than 63 characters")
         if res == "pods" and obj.get("spec", {}).get("restartPolicy") not in ("Never", "OnFailure", "Always"):
             problems.append("spec.restartPolicy: Unsupported value")
+        if res == "pods" and not problems:
+            violations = _restricted_violations(obj)
+            if violations:  # Pod Security admission, namespace labelled enforce=restricted
+                await self._error(conn, stream, 403, "Forbidden",
+                                  f'pods "{name}" is forbidden: violates PodSecurity "restricted:latest": '
+                                  + "; ".join(violations))
+                return
         if problems:
             await self._error(conn, stream, 422, "Invalid", f'{res[:-1].title()} "{name}" is invalid: {"; ".join(problems)}')
             return
@@ -454,6 +461,26 @@ class SimKube:
                 break
             await trio.sleep(0.05)  # a file has no readiness to await; the sim polls it
         await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+def _restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """What the "restricted" Pod Security Standard finds wrong with a pod (the checks a rank pod meets)."""
+    spec = pod.get("spec", {})
+    pod_ctx = spec.get("securityContext") or {}
+    found = []
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        ctx = c.get("securityContext") or {}
+        where = f'container "{c.get("name")}"'
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            found.append(f"allowPrivilegeEscalation != false ({where} must set securityContext.allowPrivilegeEscalation=false)")
+        if "ALL" not in ((ctx.get("capabilities") or {}).get("drop") or []):
+            found.append(f'unrestricted capabilities ({where} must set securityContext.capabilities.drop=["ALL"])')
+        if not (ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is True):
+            found.append(f"runAsNonRoot != true (pod or {where} must set securityContext.runAsNonRoot=true)")
+        profile = (ctx.get("seccompProfile") or pod_ctx.get("seccompProfile") or {}).get("type")
+        if profile not in ("RuntimeDefault", "Localhost"):
+            found.append(f'seccompProfile (pod or {where} must set securityContext.seccompProfile.type to "RuntimeDefault" or "Localhost")')
+    return found
 
 
 # resourceVersions are opaque strings to clients: these do not look like

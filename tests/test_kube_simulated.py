@@ -307,3 +307,19 @@ async def test_simulated_call_outside_the_role_is_forbidden(sim):
             await api.delete("pods", "x")
     assert info.value.status == 403 and info.value.reason == "Forbidden"
     assert "cannot delete resource" in str(info.value)
+
+
+async def test_simulated_pod_security_admission_rejects_a_pod_without_the_restricted_context(sim, tmp_path):
+    from rankwarden.kube import pod_manifest
+    from rankwarden.launcher import LaunchRequest
+
+    request = LaunchRequest(job_id="t-psa", rank=0, local_rank=0, attempt=1, argv=["true"], env={},
+                            stdout_path=str(tmp_path / "psa.log"), stderr_path=str(tmp_path / "psa.log"),
+                            image="rankwarden:test")
+    manifest = pod_manifest(request, PodOptions(namespace="default"))
+    manifest["spec"]["containers"][0].pop("securityContext")
+    async with KubeApi(config(sim)) as api:
+        with pytest.raises(KubernetesError) as info:
+            await api.create("pods", manifest)
+    assert info.value.status == 403 and 'violates PodSecurity "restricted:latest"' in str(info.value)
+    assert "allowPrivilegeEscalation" in str(info.value) and sim.pods() == {}
