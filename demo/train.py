@@ -112,7 +112,10 @@ def load_shard(i):
     return shard_cache[i]
 
 
-records = ShardedRecords(len(index["shards"]), load_shard, rank=rank, world_size=world, seed=args.seed)
+# Sizes given, so the sharding need not load every shard to count it (equal
+# shards: every rank reads (shards // world) * records_per_shard per epoch).
+records = ShardedRecords(len(index["shards"]), load_shard, rank=rank, world_size=world, seed=args.seed,
+                         shard_sizes=[index["records_per_shard"]] * len(index["shards"]))
 steps_per_epoch = (len(index["shards"]) // world) * index["records_per_shard"] // args.batch
 total_steps = args.epochs * steps_per_epoch
 

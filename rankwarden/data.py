@@ -4,12 +4,25 @@ Shard math (why it is this way): every epoch the list of shards is permuted
 with a generator seeded by (seed, epoch), and rank ``r`` of ``W`` takes
 positions ``r, r+W, r+2W, ...`` of that permutation; within a shard the
 records are permuted with a generator seeded by (seed, epoch, shard). So each
-epoch every record is read exactly once across the ranks, the order depends
+epoch every record is read at most once across the ranks, the order depends
 on nothing but the seed (not on timing, restarts or the number of attempts),
 and a position (epoch, shard, record) names exactly where a rank stands. That
 position goes into every checkpoint; a rank restored from it continues with
 exactly the next record, which is what makes a killed-and-resumed run end
 bit-identical to one that never stopped.
+
+Equal step counts (drop). Under DDP every rank must take the same number of
+steps per epoch, or the rank with more records waits forever in a collective
+at the end of the epoch. Shards may differ in size, and their number need not
+divide by the world size, so the ranks' shares differ. Every rank therefore
+reads the same number of records per epoch: the smallest share any rank has
+that epoch (``epoch_length``). A rank with a larger share stops there and the
+rest of its share is skipped for that epoch (like ``DistributedSampler``'s
+``drop_last``); since shard assignment and record order are permuted anew each
+epoch, a different part is skipped each time. With equal-sized shards whose
+number divides by the world size nothing is skipped and the order is what it
+would be without the cut. Computing the shares needs every shard's size:
+pass ``shard_sizes``, or each shard is loaded once to count it.
 
 ``ShardedRecords`` iterates over records in shard files; ``ResumableSampler``
 has the same contract for map-style datasets (the DistributedSampler use
@@ -51,8 +64,10 @@ class ShardedRecords:
     """Iterates this rank's records of a dataset stored as shard files, resumably.
 
     ``load(shard_index)`` returns the records of one shard (a sequence);
-    ``num_shards`` is how many there are. Iteration is endless across epochs;
-    ``position`` (and ``state_dict``) is where the next record comes from.
+    ``num_shards`` is how many there are; ``shard_sizes`` (optional) how many
+    records each holds. Iteration is endless across epochs; every rank reads
+    ``epoch_length(epoch)`` records per epoch (see the module docstring);
+    ``state_dict`` is where the next record comes from.
     """
 
     def __init__(
@@ -63,6 +78,7 @@ class ShardedRecords:
         rank: int,
         world_size: int,
         seed: int = 0,
+        shard_sizes: Sequence[int] | None = None,
     ) -> None:
         if num_shards < world_size:
             raise ValueError(f"{num_shards} shards cannot feed {world_size} ranks: every rank needs at least one")
@@ -76,6 +92,27 @@ class ShardedRecords:
         self.record = 0  # index into the shard's permuted record order
         self._cache: tuple[int, Sequence[Any], list[int]] | None = None
         self._cache_epoch = -1
+        if shard_sizes is not None and len(shard_sizes) != num_shards:
+            raise ValueError(f"shard_sizes has {len(shard_sizes)} entries for {num_shards} shards")
+        self._sizes: list[int] | None = None if shard_sizes is None else [int(n) for n in shard_sizes]
+        self._lengths: dict[int, int] = {}
+
+    def shard_sizes(self) -> list[int]:
+        """Records per shard (counted by loading each shard once, if not given)."""
+        if self._sizes is None:
+            self._sizes = [len(self._load(i)) for i in range(self.num_shards)]
+        return self._sizes
+
+    def epoch_length(self, epoch: int | None = None) -> int:
+        """Records every rank reads in ``epoch``: the smallest rank's share (the rest is dropped)."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._lengths:
+            sizes = self.shard_sizes()
+            self._lengths = {epoch: min(
+                sum(sizes[s] for s in rank_shards(self.num_shards, r, self.world_size, self.seed, epoch))
+                for r in range(self.world_size)
+            )}
+        return self._lengths[epoch]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "shard": self.shard, "record": self.record, "seed": self.seed,
@@ -92,6 +129,11 @@ class ShardedRecords:
     def _shard_records(self, shard_id: int) -> tuple[Sequence[Any], list[int]]:
         if self._cache is None or self._cache[0] != shard_id or self._cache_epoch != self.epoch:
             records = self._load(shard_id)
+            if self._sizes is not None and len(records) != self._sizes[shard_id]:
+                raise ValueError(
+                    f"shard {shard_id} has {len(records)} records, but shard_sizes says {self._sizes[shard_id]}: "
+                    "the ranks' step counts would differ"
+                )
             order = epoch_permutation(len(records), self.seed, self.epoch, shard_id)
             self._cache = (shard_id, records, order)
             self._cache_epoch = self.epoch
@@ -103,7 +145,11 @@ class ShardedRecords:
     def __next__(self) -> Any:
         while True:
             shards = rank_shards(self.num_shards, self.rank, self.world_size, self.seed, self.epoch)
-            if self.shard >= len(shards):
+            sizes = self.shard_sizes()
+            # Records read so far this epoch, from the position alone (so a
+            # restored position needs nothing more); at the epoch's length, stop.
+            taken = sum(sizes[s] for s in shards[: self.shard]) + self.record
+            if self.shard >= len(shards) or taken >= self.epoch_length():
                 self.epoch, self.shard, self.record = self.epoch + 1, 0, 0
                 continue
             records, order = self._shard_records(shards[self.shard])

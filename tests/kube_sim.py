@@ -67,6 +67,9 @@ class SimKube:
         self.rv = 100
         self.unschedulable = False
         self.bad_images: dict[str, str] = {}  # image -> waiting reason
+        #: 410 Gone for a compacted resourceVersion: as an HTTP status on the
+        #: watch request (True) or as an ERROR event in the stream (False); both happen.
+        self.gone_as_http = False
         self._changed = trio.Event()
         self._procs: dict[str, LocalProcess] = {}
         self._stuck: set[str] = set()
@@ -122,6 +125,17 @@ class SimKube:
         self._changed.set()
         self._changed = trio.Event()
 
+    def vanish_unwatched(self, name: str, namespace: str = "default") -> None:
+        """The pod is deleted while no watch is looking, and the event is compacted away.
+
+        Its process dies and the object goes without an event; every watch
+        ends and resuming gets 410 Gone: only a relist can tell it is gone."""
+        proc = self._procs.get(name)
+        if proc is not None and proc.status is None:
+            proc.signal(signal.SIGKILL)
+        self.objects.pop(("pods", namespace, name), None)
+        self.compact()
+
     def rotate_token(self, token: str) -> None:
         self.token = token
 
@@ -137,7 +151,7 @@ class SimKube:
 
     def _record(self, resource: str, kind: str, obj: dict[str, Any]) -> None:
         self.rv += 1
-        obj["metadata"]["resourceVersion"] = str(self.rv)
+        obj["metadata"]["resourceVersion"] = _rv_text(self.rv)
         self.history.append((self.rv, resource, kind, copy.deepcopy(obj)))
         self._notify()
 
@@ -312,7 +326,7 @@ class SimKube:
             items = [copy.deepcopy(o) for k, o in self.objects.items()
                      if k[0] == res and k[1] == ns and _matches(o, selector)]
             await self._send(conn, stream, 200, {"kind": "PodList" if res == "pods" else "ServiceList",
-                                                 "apiVersion": "v1", "metadata": {"resourceVersion": str(self.rv)},
+                                                 "apiVersion": "v1", "metadata": {"resourceVersion": _rv_text(self.rv)},
                                                  "items": items})
         else:
             obj = self.objects.get((res, ns, name))
@@ -335,6 +349,13 @@ class SimKube:
                 problems.append(f"metadata.labels: Invalid value: {value!r}: must be no more than 63 characters")
         if res == "pods" and obj.get("spec", {}).get("restartPolicy") not in ("Never", "OnFailure", "Always"):
             problems.append("spec.restartPolicy: Unsupported value")
+        if res == "pods" and not problems:
+            violations = _restricted_violations(obj)
+            if violations:  # Pod Security admission, namespace labelled enforce=restricted
+                await self._error(conn, stream, 403, "Forbidden",
+                                  f'pods "{name}" is forbidden: violates PodSecurity "restricted:latest": '
+                                  + "; ".join(violations))
+                return
         if problems:
             await self._error(conn, stream, 422, "Invalid", f'{res[:-1].title()} "{name}" is invalid: {"; ".join(problems)}')
             return
@@ -382,15 +403,32 @@ class SimKube:
             status_code=200, headers=[("content-type", "application/json"), ("transfer-encoding", "chunked")])))
 
     async def _watch(self, conn, stream, ns: str, res: str, query: dict[str, str]) -> None:
-        since = int(query.get("resourceVersion") or self.rv)
         selector = _selector(query.get("labelSelector", ""))
-        await self._start_stream(conn, stream)
-        if since < self.oldest_rv:
+        text = query.get("resourceVersion") or ""
+        since = _rv_number(text) if text else None
+        if text and since is None:
+            await self._error(conn, stream, 400, "BadRequest", f"invalid resource version: {text!r}")
+            return
+        if since is not None and since < self.oldest_rv:
+            message = f"too old resource version: {text} ({_rv_text(self.oldest_rv)})"
+            if self.gone_as_http:  # the API server answers the request itself with 410
+                await self._error(conn, stream, 410, "Expired", message)
+                return
+            await self._start_stream(conn, stream)
             gone = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                    "message": f"too old resource version: {since} ({self.oldest_rv})", "reason": "Expired", "code": 410}
+                    "message": message, "reason": "Expired", "code": 410}
             await stream.send_all(conn.send(h11.Data(data=json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")))
             await stream.send_all(conn.send(h11.EndOfMessage()))
             return
+        await self._start_stream(conn, stream)
+        if since is None:
+            # No resourceVersion: the watch starts with an ADDED event for every
+            # object that exists now, then goes on from the current version.
+            since = self.rv
+            for key, obj in list(self.objects.items()):
+                if key[0] == res and key[1] == ns and _matches(obj, selector):
+                    line = json.dumps({"type": "ADDED", "object": obj}).encode() + b"\n"
+                    await stream.send_all(conn.send(h11.Data(data=line)))
         killed = self._kill_watches
         with trio.move_on_after(float(query.get("timeoutSeconds", 300))):
             while not killed.is_set():
@@ -404,7 +442,7 @@ class SimKube:
                     await self._changed.wait()
                     continue
                 if query.get("allowWatchBookmarks") == "true":
-                    mark = {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": str(self.rv)}}
+                    mark = {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": _rv_text(self.rv)}}
                     await stream.send_all(conn.send(h11.Data(data=json.dumps({"type": "BOOKMARK", "object": mark}).encode() + b"\n")))
         await stream.send_all(conn.send(h11.EndOfMessage()))
 
@@ -423,6 +461,44 @@ class SimKube:
                 break
             await trio.sleep(0.05)  # a file has no readiness to await; the sim polls it
         await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+def _restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """What the "restricted" Pod Security Standard finds wrong with a pod (the checks a rank pod meets)."""
+    spec = pod.get("spec", {})
+    pod_ctx = spec.get("securityContext") or {}
+    found = []
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        ctx = c.get("securityContext") or {}
+        where = f'container "{c.get("name")}"'
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            found.append(f"allowPrivilegeEscalation != false ({where} must set securityContext.allowPrivilegeEscalation=false)")
+        if "ALL" not in ((ctx.get("capabilities") or {}).get("drop") or []):
+            found.append(f'unrestricted capabilities ({where} must set securityContext.capabilities.drop=["ALL"])')
+        if not (ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is True):
+            found.append(f"runAsNonRoot != true (pod or {where} must set securityContext.runAsNonRoot=true)")
+        profile = (ctx.get("seccompProfile") or pod_ctx.get("seccompProfile") or {}).get("type")
+        if profile not in ("RuntimeDefault", "Localhost"):
+            found.append(f'seccompProfile (pod or {where} must set securityContext.seccompProfile.type to "RuntimeDefault" or "Localhost")')
+    return found
+
+
+# resourceVersions are opaque strings to clients: these do not look like
+# numbers, so a client that compares them numerically (or parses them) fails.
+_RV_PREFIX = "rv~"
+
+
+def _rv_text(number: int) -> str:
+    return f"{_RV_PREFIX}{number:x}"
+
+
+def _rv_number(text: str) -> int | None:
+    if not text.startswith(_RV_PREFIX):
+        return None
+    try:
+        return int(text[len(_RV_PREFIX):], 16)
+    except ValueError:
+        return None
 
 
 def _selector(text: str) -> dict[str, str]:

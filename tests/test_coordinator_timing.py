@@ -13,6 +13,10 @@ from rankwarden.events import FailureCause, JobState, PeerRejected, RankFailed, 
 from rankwarden.spec import JobSpec
 from rankwarden.testing import MemoryListener, open_fake_launcher
 
+# Every test here is about noticing a failure: a broken detector must fail it
+# in seconds (real time) and within the virtual-time bound (tests/conftest.py).
+pytestmark = pytest.mark.liveness
+
 HB_TIMEOUT = 3.0
 PROGRESS_TIMEOUT = 10.0
 STARTUP_TIMEOUT = 5.0

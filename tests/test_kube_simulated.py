@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,10 @@ from tests.kube_sim import SimKube, role_rules
 
 pytest.importorskip("httpx")
 pytest.importorskip("yaml")
+
+# Each test here is about noticing a pod's end (or its deletion): a broken
+# detector must fail it in seconds, not at the suite's default timeout.
+pytestmark = pytest.mark.liveness
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLE = ROOT / "k8s" / "base" / "rbac.yaml"
@@ -117,6 +121,7 @@ async def test_simulated_broken_pod_restarts_the_group_with_new_pods(sim, tmp_pa
     assert sim.pods() == {}
 
 
+@pytest.mark.timeout(20)  # about 5 s; a launcher that never forces hangs in its shielded stop
 async def test_simulated_pod_stuck_terminating_is_force_deleted(sim, tmp_path, script):
     spec = job(tmp_path, script, "stuck", "--until-file", str(tmp_path / "never"), "--steps", "3",
                heartbeat_timeout=1.5)
@@ -143,6 +148,12 @@ async def test_simulated_coordinator_restart_adopts_running_pods(sim, tmp_path, 
         first = Coordinator(spec, launcher=launcher, token=token, heartbeat_port=port)
         await nursery.start(first.run)
         await wait_connected(first, 2)
+        # The first coordinator has copied some of each log before it goes, so
+        # "nothing doubles" below is about bytes really copied twice or not.
+        copied = [tmp_path / "job" / "attempt_001" / f"rank_{r}.stdout" for r in (0, 1)]
+        with trio.fail_after(20):
+            while not all(p.exists() and f"rank {r} ready" in p.read_text() for r, p in enumerate(copied)):
+                await trio.sleep(0.05)  # a file has no readiness to await
         launcher.detach()  # the coordinator is going away: leave its pods running
         nursery.cancel_scope.cancel()
     assert len(sim.pods()) == 2 and len(sim.leftover_processes()) == 2  # still running
@@ -162,11 +173,14 @@ async def test_simulated_coordinator_restart_adopts_running_pods(sim, tmp_path, 
     assert [e.adopted for e in started] == [True]
     assert sim.pods() == {} and sim.services() == {}
     # The log of each adopted pod is continued, not repeated from its start.
-    output = (tmp_path / "job" / "attempt_001" / "rank_0.stdout").read_text()
-    assert output.count("rank 0 ready") == 1 and "rank 0 done" in output
+    for rank, path in enumerate(copied):
+        output = path.read_text()
+        assert output.count(f"rank {rank} ready") == 1 and f"rank {rank} done" in output
 
 
-async def test_simulated_watch_relists_after_410_gone(sim, tmp_path, script):
+@pytest.mark.parametrize("as_http", [False, True], ids=["error-event", "http-status"])
+async def test_simulated_watch_relists_after_410_gone(sim, tmp_path, script, as_http):
+    sim.gone_as_http = as_http
     spec = job(tmp_path, script, "gone", "--until-file", str(tmp_path / "never"), "--steps", "3", world_size=1)
     async with launcher_for(sim) as launcher, trio.open_nursery() as nursery:
         coordinator = Coordinator(spec, launcher=launcher)
@@ -179,6 +193,46 @@ async def test_simulated_watch_relists_after_410_gone(sim, tmp_path, script):
         with trio.fail_after(30):
             snapshot = await coordinator.wait()
     assert snapshot.failures[0].reason == "OOMKilled" and snapshot.state == JobState.SUCCEEDED
+
+
+async def test_simulated_pod_missing_from_the_relist_is_treated_as_deleted(sim, tmp_path, script):
+    # Attempt 1 runs until stopped; attempt 2 finishes. Rank 0's pod is deleted
+    # while the watch is down and the DELETED event is compacted away: only the
+    # relist can tell, and the launcher must take its absence as the pod's end
+    # (not wait for the rank's heartbeats to stop, which takes heartbeat_timeout).
+    spec = job(tmp_path, script, "vanish", "--until-file", str(tmp_path / "never"), "--until-attempt", "1",
+               "--steps", "3", world_size=1, heartbeat_timeout=30.0)
+    async with launcher_for(sim) as launcher, trio.open_nursery() as nursery:
+        coordinator = Coordinator(spec, launcher=launcher)
+        await nursery.start(coordinator.run)
+        await wait_connected(coordinator, 1)
+        sim.vanish_unwatched(pod_name("t-vanish", 1, 0))
+        with trio.fail_after(20):
+            snapshot = await coordinator.wait()
+    assert snapshot.state == JobState.SUCCEEDED and snapshot.attempt == 2
+    failure = snapshot.failures[0]
+    assert failure.reason == "Deleted" and "deleted" in failure.message
+    assert failure.cause != FailureCause.HEARTBEAT_TIMEOUT
+
+
+async def test_simulated_watch_without_a_resource_version_starts_with_existing_objects(sim, tmp_path):
+    from rankwarden.kube import service_manifest
+
+    options = PodOptions(namespace="default")
+    async with KubeApi(config(sim)) as api:
+        created = await api.create("services", service_manifest("t-watch", options))
+        listing = await api.list("services", "")
+        # Opaque versions: nothing here looks like a number.
+        for version in (created["metadata"]["resourceVersion"], listing["metadata"]["resourceVersion"]):
+            with pytest.raises(ValueError):
+                int(version)
+        sim.rules = sim.rules | {("watch", "services")}
+        with trio.fail_after(10):
+            events = api.watch("services", label_selector="", resource_version="", timeout_seconds=1)
+            async with aclosing(events):
+                kind, obj = await events.__anext__()
+        await api.delete("services", created["metadata"]["name"])
+    assert (kind, obj["metadata"]["name"]) == ("ADDED", created["metadata"]["name"])
 
 
 @pytest.mark.parametrize("problem", ["Unschedulable", "ErrImagePull", "InvalidImageName"])
@@ -253,3 +307,19 @@ async def test_simulated_call_outside_the_role_is_forbidden(sim):
             await api.delete("pods", "x")
     assert info.value.status == 403 and info.value.reason == "Forbidden"
     assert "cannot delete resource" in str(info.value)
+
+
+async def test_simulated_pod_security_admission_rejects_a_pod_without_the_restricted_context(sim, tmp_path):
+    from rankwarden.kube import pod_manifest
+    from rankwarden.launcher import LaunchRequest
+
+    request = LaunchRequest(job_id="t-psa", rank=0, local_rank=0, attempt=1, argv=["true"], env={},
+                            stdout_path=str(tmp_path / "psa.log"), stderr_path=str(tmp_path / "psa.log"),
+                            image="rankwarden:test")
+    manifest = pod_manifest(request, PodOptions(namespace="default"))
+    manifest["spec"]["containers"][0].pop("securityContext")
+    async with KubeApi(config(sim)) as api:
+        with pytest.raises(KubernetesError) as info:
+            await api.create("pods", manifest)
+    assert info.value.status == 403 and 'violates PodSecurity "restricted:latest"' in str(info.value)
+    assert "allowPrivilegeEscalation" in str(info.value) and sim.pods() == {}

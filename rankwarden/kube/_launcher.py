@@ -147,7 +147,7 @@ class PodLauncher:
                 created = await self.api.create("pods", manifest)
             except KubernetesError as exc2:
                 raise LaunchError(f"cannot create pod {name} for rank {request.rank}: {exc2}") from exc2
-        self._observe(name, created)
+        self._observe(name, created, from_watch=False)
         return self._process(name, request.stdout_path, request.rank, request.attempt)
 
     async def adopt(self, job_id: str) -> dict[int, tuple[int, "PodProcess"]]:
@@ -242,15 +242,19 @@ class PodLauncher:
             event = self._changed[name] = trio.Event()
         return event
 
-    def _observe(self, name: str, pod: dict[str, Any] | None) -> None:
+    def _observe(self, name: str, pod: dict[str, Any] | None, *, from_watch: bool = True) -> None:
+        # resourceVersions are opaque: they are never compared. The watch (and
+        # a relist) deliver a pod's versions in order, so they always win; our
+        # own create's answer only fills in a pod (this uid) the watch has not
+        # shown yet (if the watch saw it first, its copy is as new or newer).
         if pod is None:
             last = self._pods.pop(name, None)
             if last is not None:
                 self._deleted[name] = last
         else:
-            current = self._pods.get(name) or self._deleted.get(name)
-            # An older copy (our own create's answer, after the watch saw more) is ignored.
-            if current is None or _rv(pod) >= _rv(current):
+            uid = pod.get("metadata", {}).get("uid")
+            seen = self._pods.get(name) or self._deleted.get(name)
+            if from_watch or seen is None or (name not in self._pods and seen["metadata"].get("uid") != uid):
                 self._pods[name] = pod
                 self._deleted.pop(name, None)
         event = self._changed.pop(name, None)
@@ -443,13 +447,6 @@ class PodProcess:
 
 
 # -- reading pod status -------------------------------------------------------------------------
-
-
-def _rv(pod: dict[str, Any]) -> int:
-    try:
-        return int(pod["metadata"]["resourceVersion"])
-    except (KeyError, ValueError, TypeError):
-        return 0
 
 
 def _container_status(pod: dict[str, Any]) -> dict[str, Any]:

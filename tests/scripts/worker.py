@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import rankwarden.worker as rw
@@ -52,7 +53,7 @@ while more(step + 1):
     if not args.no_report:
         rw.report(step, samples=step * 8, loss=1.0 / step)
     if rank == args.fail_rank and args.fail_attempt in (0, attempt) and step == args.fail_step:
-        with open(os.path.join(args.record or "/tmp", f"fault_r{rank}_a{attempt}"), "w") as f:
+        with open(os.path.join(args.record or tempfile.gettempdir(), f"fault_r{rank}_a{attempt}"), "w") as f:
             f.write(repr(time.time()))
         if args.fail_mode == "exit1":
             print(f"rank {rank} failing on purpose", file=sys.stderr)
