@@ -24,7 +24,8 @@ the local scratch copies that function payloads are written to before an
 upload, which live in a per-process directory removed at exit and swept when
 their process is gone.
 
-Checksums are CRC-32 (zlib: about 3 GB/s here, and it releases the GIL),
+Checksums are CRC-32 (ISA-L through ``isal`` where it is installed, about
+9.7 GB/s here, else zlib, about 4 GB/s; both release the GIL),
 computed from memory in a second thread while the first writes the same
 bytes, so a save costs what the write+fsync costs. sha256 (about 1 GB/s) was
 slower than the page-cache write itself; manifests that name it still verify.
@@ -46,6 +47,11 @@ import hashlib
 import json
 import logging
 import zlib
+
+try:  # ISA-L's CRC-32: the same polynomial as zlib's, 2-3x faster; loads are bounded by it
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - isal is a dependency; a platform without its wheel falls back
+    _crc32 = zlib.crc32
 import os
 import posixpath
 import queue
@@ -88,7 +94,7 @@ class Checksum:
         if self._sha is not None:
             self._sha.update(data)
         else:
-            self._crc = zlib.crc32(data, self._crc)
+            self._crc = _crc32(data, self._crc)
 
     def value(self) -> str:
         if self._sha is not None:
@@ -196,7 +202,7 @@ def read_path_checksummed(path: str, size: int, algorithm: str = "crc32") -> tup
                 got = os.preadv(fd, [view[position : min(position + _SPLIT_CHUNK, end)]], position)
                 if not got:
                     return False, crc
-                crc = zlib.crc32(view[position : position + got], crc)
+                crc = _crc32(view[position : position + got], crc)
                 position += got
             return True, crc
 
