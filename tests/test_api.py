@@ -238,3 +238,22 @@ def test_log_tail_reads_backwards_across_block_boundaries(tmp_path):
         assert _tail(path, 5, lambda l: l["rank"] == 1, block) == [l for l in everything if l["rank"] == 1][-5:]
         assert _tail(path, 1000, lambda l: True, block) == everything
     assert _tail(tmp_path / "missing", 5, lambda l: True) == []
+
+
+async def test_only_the_exact_bearer_token_is_accepted(api):
+    # Every near miss of the real header: the verdict "allowed" must be able to say no.
+    # (Whitespace around a header value is not part of it in HTTP: "Bearer " arrives as "Bearer".)
+    near_misses = [
+        "Bearer", "Bearer x", f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN[:1]}", f"Bearer {TOKEN}x", f"Bearer  {TOKEN}",
+        f"Basic {TOKEN}", f"Token {TOKEN}", TOKEN, f"Bearer {TOKEN.upper()}", f"Bearer {TOKEN}\tx",
+        f"Bearer {TOKEN}, Bearer {TOKEN}", f"Bearer{TOKEN}",
+    ]
+    for header in near_misses:
+        async with httpx.AsyncClient(base_url=str(api.base_url), headers={"Authorization": header}) as client:
+            response = await client.get("/jobs")
+            assert response.status_code == 401, header
+    # Two Authorization headers: refused, whichever one is right.
+    async with httpx.AsyncClient(base_url=str(api.base_url)) as client:
+        response = await client.get("/jobs", headers=[("Authorization", f"Bearer {TOKEN}"), ("Authorization", "Bearer x")])
+        assert response.status_code == 401
+    assert (await api.get("/jobs")).status_code == 200  # and the real one still works

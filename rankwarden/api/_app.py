@@ -130,8 +130,10 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
         # refusal over an unread body closes the connection (after_request),
         # since the body's bytes would otherwise stall the next request on it.
         if request.path != "/health":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            # Exactly one header, exactly the token: a second Authorization
+            # header is ambiguous (proxies and servers disagree on which wins).
+            given = request.headers.getlist("Authorization")
+            if len(given) != 1 or not hmac.compare_digest(given[0].encode(), expected):
                 return _error(401, "missing or wrong bearer token", "send `Authorization: Bearer <token>`")
         if (request.content_length or 0) > MAX_BODY:
             return _error(413, "request body too large", f"the limit is {MAX_BODY} bytes")
