@@ -19,10 +19,12 @@ DEFAULT_STATE = os.path.expanduser("~/.local/state/rankwarden")
 
 
 def add_api_commands(sub) -> None:
+    from rankwarden.cli import _DefaultsOnce
+
     serve = sub.add_parser("serve", help="run the REST API server (jobs, summaries, logs, SSE)",
                            description="Serve the REST API. Locked by default: loopback only, a bearer token on "
                                        "every route but /health, and only entrypoints allowed with --allow.",
-                           allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           allow_abbrev=False, formatter_class=_DefaultsOnce)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes a "
                                                            "service that runs code: put TLS and a firewall in front")
     serve.add_argument("--port", type=int, default=8000, help="port (0: any free port; the URL is printed)")

@@ -105,6 +105,7 @@ class Coordinator:
         rng: random.Random | None = None,
         attempts_before: int = 0,
         restarts_before: int = 0,
+        master_port: int | None = None,
     ) -> None:
         # Struct __init__ does not validate; a spec built in code is checked here,
         # so a bad one fails now with a SpecError naming the field.
@@ -133,6 +134,7 @@ class Coordinator:
         self._attempt = attempts_before
         self._restarts_used = restarts_before
         self._master_port: int | None = None
+        self._first_master_port = master_port  # torchrun's --master-port: the first attempt's
         self._runners: dict[int, RankRunner] = {}
         self._failures: list[Failure] = []
         self._events: list[Event] = []
@@ -371,6 +373,8 @@ class Coordinator:
         resume = await self._plan_resume(attempt)
         if self._placement is not None:
             self._master_port = self._placement.master_port  # each pod has a network of its own
+        elif self._first_master_port:
+            self._master_port, self._first_master_port = self._first_master_port, None
         else:
             self._master_port = free_port(self.spec.master_addr, exclude=self._master_port)
         runners = [RankRunner(self, rank, attempt, adopted.get(rank), resume) for rank in range(self.spec.world_size)]
@@ -530,7 +534,8 @@ class Coordinator:
         self._failures.append(failure)
 
     def build_request(self, rank: int, attempt: int) -> LaunchRequest:
-        stdout, stderr = self.job_dir.log_paths(rank, attempt)
+        files = self.job_dir.rank_files(rank, attempt)
+        stdout, stderr = files.stdout, files.stderr
         placement = self._placement
         env = rank_env(
             self.spec,
@@ -542,6 +547,7 @@ class Coordinator:
             token=self._token,
             checkpoint_tag=self._checkpoint_tag(attempt),
             placement=placement,
+            error_file=str(files.error_file),
         )
         return LaunchRequest(
             job_id=self.job_id,
