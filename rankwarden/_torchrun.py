@@ -109,7 +109,7 @@ def ignored_notes(args: argparse.Namespace) -> list[str]:
     notes = []
     for dest, (flag, why) in IGNORED.items():
         value = getattr(args, dest, None)
-        if value not in (None, False):
+        if value is not None and value is not False:
             notes.append(f"ignoring torchrun's {flag}{'' if value is True else f' {value}'}: {why}")
     return notes
 

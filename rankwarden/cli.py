@@ -229,8 +229,8 @@ def spec_from_args(args: argparse.Namespace, *, python: str = sys.executable) ->
 
 
 def plan_from_args(args: argparse.Namespace) -> RunPlan:
-    if args.master_port is not None and not 0 < args.master_port < 65536:
-        raise SpecError(f"--master-port {args.master_port}: expected a port number from 1 to 65535")
+    if args.master_port is not None and not 0 <= args.master_port < 65536:
+        raise SpecError(f"--master-port {args.master_port}: expected a port number from 0 (any free port) to 65535")
     redirects = parse_std(args.redirects, "--redirects")
     tee = parse_std(args.tee, "--tee")
     shown = parse_ranks_filter(args.local_ranks_filter)
@@ -253,7 +253,7 @@ def plan_from_args(args: argparse.Namespace) -> RunPlan:
     logs = None
     if args.log_dir:
         logs = functools.partial(TorchrunLogs.create, args.log_dir, streams=streams)
-    return RunPlan(notes, args.master_port, echo, logs)
+    return RunPlan(notes, args.master_port or None, echo, logs)
 
 
 def check_entrypoint(spec: JobSpec) -> str | None:

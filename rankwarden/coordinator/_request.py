@@ -67,7 +67,10 @@ def rank_env(
             "TORCHELASTIC_RESTART_COUNT": str(attempt - 1),
             "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
             "TORCHELASTIC_RUN_ID": job_id,
+            # No agent hosts a TCPStore here: rank 0 does, at MASTER_ADDR:MASTER_PORT.
             "TORCHELASTIC_USE_AGENT_STORE": "False",
+            # The signals the launcher turns into a stop of every rank.
+            "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT",
             # Where torch.distributed.elastic's @record writes the exception
             # that ended the rank; the failure report quotes it.
             "TORCHELASTIC_ERROR_FILE": error_file,
