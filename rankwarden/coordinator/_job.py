@@ -39,6 +39,7 @@ import trio
 
 from rankwarden import protocol
 from rankwarden.coordinator._checkpoints import Committer
+from rankwarden.coordinator._failfast import TAIL_LINES, EarlyFailure, configuration_error, early_failure
 from rankwarden.coordinator._heartbeat import Peer, serve_heartbeats
 from rankwarden.coordinator._jobdir import JobDir
 from rankwarden.coordinator._rank import RankRunner
@@ -143,6 +144,8 @@ class Coordinator:
         self._stop_reason = ""
         #: Why the job failed without a rank failing (a checkpoint it must not resume).
         self._fatal = ""
+        #: Each restart unit's (None: the group's) last failure before a first step.
+        self._early_failures: dict[int | None, dict[EarlyFailure, int]] = {}
         self.stopping = False
         self._ran = False
         self._new_event = trio.Event()  # replaced after every emit; wakes event iterators
@@ -333,6 +336,8 @@ class Coordinator:
                 return JobState.STOPPED
             if result == RankState.SUCCEEDED:
                 return JobState.SUCCEEDED
+            if self._repeats_early_failure(None, self._attempt):
+                return JobState.FAILED
             grant = await self._grant_restart(rank=None)
             if grant == _Grant.EXHAUSTED:
                 return JobState.FAILED
@@ -427,6 +432,10 @@ class Coordinator:
                     outcome = await runner.run()
                     if outcome.state != RankState.FAILED or self.stopping:
                         break
+                    if self._repeats_early_failure(rank, attempt):
+                        exhausted = True
+                        nursery.cancel_scope.cancel()
+                        return
                     grant = await self._grant_restart(rank=rank)
                     if grant != _Grant.GRANTED:
                         exhausted = grant == _Grant.EXHAUSTED
@@ -458,6 +467,24 @@ class Coordinator:
             return protocol.Resume(step=plan.step)
         log.error("job=%s: %s", self.job_id, self._fatal)
         raise _Refused(self._fatal)
+
+    def _repeats_early_failure(self, rank: int | None, attempt: int) -> bool:
+        """A failure before the first step, the same as the previous attempt's: a
+        configuration error (see _failfast); records it as the job's fatal reason."""
+        current: dict[EarlyFailure, int] = {}
+        for failure in self._failures:
+            if failure.attempt == attempt and rank in (None, failure.rank):
+                runner = self._runners.get(failure.rank)
+                step = runner.snapshot().step if runner is not None else None
+                tail = self.job_dir.stderr_tail(failure.rank, attempt, TAIL_LINES)
+                if (early := early_failure(failure, step, tail)) is not None:
+                    current.setdefault(early, failure.rank)
+        previous = self._early_failures.get(rank, {})
+        self._early_failures[rank] = current
+        message = configuration_error(previous, current, attempt, self.spec.max_restarts - self._restarts_used)
+        if message:
+            self._fatal = message
+        return bool(message)
 
     async def _grant_restart(self, rank: int | None) -> _Grant:
         if self._restarts_used >= self.spec.max_restarts:
