@@ -136,3 +136,19 @@ def test_help_shows_each_default_once():
         assert section.count("default") <= 1, section
     assert "(default: None)" not in flat and "(default: )" not in flat
 
+
+
+@pytest.mark.torch
+def test_outside_rankwarden_save_and_restore_do_what_the_readme_says(tmp_path):
+    pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANKWARDEN_CHECKPOINT", "RANKWARDEN_COORDINATOR"))}
+    code = ("import sys, rankwarden.worker as rw\n"
+            "from rankwarden.errors import CheckpointError\n"
+            "try:\n    rw.restore()\nexcept CheckpointError as exc:\n    print('refused:', exc)\n"
+            f"assert rw.restore(url={str(tmp_path / 'ck')!r}) is None\n"
+            f"rw.save(2, {{'w': 1}}, url={str(tmp_path / 'ck')!r})\n"
+            f"print('restored', rw.restore(url={str(tmp_path / 'ck')!r}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "refused: no checkpoint URL: without rankwarden pass url= (a directory path works)" in result.stdout
+    assert "restored (2, {'w': 1})" in result.stdout
