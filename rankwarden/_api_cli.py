@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import logging
 import os
 import signal
 import sys
@@ -18,10 +19,12 @@ DEFAULT_STATE = os.path.expanduser("~/.local/state/rankwarden")
 
 
 def add_api_commands(sub) -> None:
+    from rankwarden.cli import _DefaultsOnce
+
     serve = sub.add_parser("serve", help="run the REST API server (jobs, summaries, logs, SSE)",
                            description="Serve the REST API. Locked by default: loopback only, a bearer token on "
                                        "every route but /health, and only entrypoints allowed with --allow.",
-                           allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           allow_abbrev=False, formatter_class=_DefaultsOnce)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes a "
                                                            "service that runs code: put TLS and a firewall in front")
     serve.add_argument("--port", type=int, default=8000, help="port (0: any free port; the URL is printed)")
@@ -93,14 +96,42 @@ def add_api_commands(sub) -> None:
     logs.add_argument("--rank", type=int, default=None)
 
 
+#: Modules each command needs beyond the base install, and the extra that brings them.
+_EXTRA_MODULES = {"hypercorn", "quart", "quart_trio", "httpx", "httpcore"}
+
+
 def run_api_command(args: argparse.Namespace) -> int:
-    if args.command == "serve":
-        return _serve(args)
-    return _jobs(args)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return _jobs(args)
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in _EXTRA_MODULES:
+            raise
+        print(f"rankwarden {args.command}: needs the 'api' extra (module {top!r} is not installed): "
+              "pip install 'rankwarden[api]'", file=sys.stderr)
+        return 2
+
+
+def _read_token(state_dir: str) -> str:
+    """The token file the server wrote (never creates one: only the server does)."""
+    path = os.path.join(state_dir, "api-token")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as f:
+        mode = os.fstat(f.fileno()).st_mode & 0o777
+        if mode & 0o077:
+            raise PermissionError(f"the API token file {path} has mode {mode:04o}: others may read it; "
+                                  f"run `chmod 600 {path}`")
+        return f.read().strip()
 
 
 def _serve(args: argparse.Namespace) -> int:
     from rankwarden.api import Limits, ServerConfig, load_or_create_token, serve_api
+
+    # The address is printed once, below; hypercorn's own "Running on" line
+    # (and its duplicate through the root logger) would repeat it.
+    logging.getLogger("hypercorn.error").propagate = False
     from rankwarden.api._server import is_loopback, weak_token
     from rankwarden.errors import RankwardenError
 
@@ -192,7 +223,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from rankwarden.api import ApiClientError, Client, load_or_create_token
+    # The client only: `rankwarden jobs` works with httpx alone (no server extra).
+    from rankwarden.api.client import ApiClientError, Client
 
     token = args.token or os.environ.get("RANKWARDEN_API_TOKEN")
     if not token:
@@ -201,7 +233,11 @@ def _jobs(args: argparse.Namespace) -> int:
             print(f"rankwarden jobs: no token: pass --token, set $RANKWARDEN_API_TOKEN, or run on the server ({path})",
                   file=sys.stderr)
             return 2
-        token, _ = load_or_create_token(args.state_dir)
+        try:
+            token = _read_token(args.state_dir)
+        except OSError as exc:
+            print(f"rankwarden jobs: {exc}", file=sys.stderr)
+            return 2
     try:
         with Client(args.url, token) as client:
             return _verb(client, args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import TextIO
+from typing import Callable, TextIO
 
 import trio
 
@@ -79,9 +79,24 @@ def format_status(snapshot: JobSnapshot) -> str:
 
 
 class Console:
-    def __init__(self, coordinator: Coordinator, *, echo_ranks: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+    """``echo(rank, stream)`` says which rank output is shown (torchrun's
+    --redirects, --tee and --local-ranks-filter); ``announce_start=False`` when
+    the caller printed its own first line."""
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        *,
+        echo_ranks: bool,
+        out: TextIO = sys.stdout,
+        err: TextIO = sys.stderr,
+        echo: Callable[[int, str], bool] | None = None,
+        announce_start: bool = True,
+    ) -> None:
         self.coordinator = coordinator
         self.echo_ranks = echo_ranks
+        self.echo = echo or (lambda rank, stream: True)
+        self.announce_start = announce_start
         self.out = out
         self.err = err
         self.live = err.isatty()
@@ -101,9 +116,43 @@ class Console:
 
     async def show_events(self) -> None:
         async for event in self.coordinator.events():
+            if isinstance(event, JobStarted) and not self.announce_start:
+                continue
+            # What the ranks wrote before this event comes first: a rank's
+            # traceback before the "restarting" line that its exit caused.
+            self.copy_rank_output()
+            if isinstance(event, JobFailedEvent):
+                self.copy_rank_output(final=True)
+                self.line("rankwarden: " + self.with_root_cause_output(event))
+                continue
             text = describe_event(event)
             if text is not None:
                 self.line(f"rankwarden: {text}")
+
+    def with_root_cause_output(self, event: JobFailedEvent, lines: int = 10) -> str:
+        """The failure report, the root-cause line followed by what the failing
+        rank said last: torch's @record error file if it wrote one, and the
+        last lines of its stderr."""
+        if not event.failures:
+            return event.message
+        first = event.failures[0]
+        job_dir = self.coordinator.job_dir
+        extra = []
+        error = job_dir.error_summary(first.rank, first.attempt)
+        if error:
+            extra.append(f"  error file: {error}")
+        tail = job_dir.stderr_tail(first.rank, first.attempt, lines)
+        if tail:
+            stderr = job_dir.log_paths(first.rank, first.attempt)[1]
+            extra.append(f"  last {len(tail)} line(s) of rank {first.rank}'s stderr ({stderr}):")
+            extra += [f"    {_strip_rank_prefix(first.rank, line)}" for line in tail]
+        out = []
+        for line in event.message.splitlines():
+            out.append(line)
+            if line.startswith("Root cause"):
+                out += extra
+                extra = []
+        return "\n".join(out + extra)
 
     async def refresh(self) -> None:
         """Redraw the status line and copy new rank output, until cancelled.
@@ -123,12 +172,22 @@ class Console:
             return
         ranks = [(r.rank, r.attempt) for r in self.coordinator.snapshot().ranks]
         for line in self._tail.read(ranks, final=final):
+            if not self.echo(line.rank, line.stream):
+                continue
             stream = self.err if line.stream == "stderr" else self.out
-            self.line(f"[rank{line.rank}]: {line.text.decode(errors='replace')}", stream=stream)
+            text = _strip_rank_prefix(line.rank, line.text.decode(errors="replace"))
+            self.line(f"[rank{line.rank}]: {text}", stream=stream)
 
     def finish(self) -> None:
         self.copy_rank_output(final=True)
         self._clear_status()
+
+
+def _strip_rank_prefix(rank: int, text: str) -> str:
+    # torch.distributed already prefixes a rank's traceback lines "[rank0]: ";
+    # ours would double it.
+    prefix = f"[rank{rank}]:"
+    return text[len(prefix):].lstrip(" ") if text.startswith(prefix) else text
 
 
 def signal_name(signum: int) -> str:

@@ -14,16 +14,23 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.machinery
+import importlib.util
 import logging
 import os
+import shutil
 import signal
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
 
 import trio
 
 from rankwarden._console import Console, signal_name
+from rankwarden._torchrun import add_torchrun_arguments, ignored_notes, parse_ranks_filter, parse_std, resolve_nproc
 from rankwarden.coordinator import Coordinator
+from rankwarden.coordinator._job import _default_job_id
+from rankwarden.coordinator._jobdir import TorchrunLogs
 from rankwarden.errors import SpecError
 from rankwarden.events import JobState
 from rankwarden.spec import Backoff, JobSpec, RestartScope
@@ -32,6 +39,10 @@ __all__ = ["main"]
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+
+#: The environment variable that moves the default job directories, and their default.
+JOBS_DIR_ENV = "RANKWARDEN_JOBS_DIR"
+DEFAULT_JOBS_DIR = "rankwarden-jobs"
 
 
 def _seconds(text: str) -> float:
@@ -42,6 +53,18 @@ def _seconds(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
     return value
+
+
+class _DefaultsOnce(argparse.HelpFormatter):
+    """Appends "(default: X)" where a default says something and the help does not already give it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("(default" in text or not action.option_strings or default in (None, "", False)
+                or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -56,14 +79,16 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "Run SCRIPT on N local ranks with the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, "
             "MASTER_PORT, ...). Ranks that exit non-zero, are killed, stop heartbeating (frozen) or stop "
-            "advancing their reported step (hung) are restarted. Everything after SCRIPT goes to the script."
+            "advancing their reported step (hung) are restarted. Everything after SCRIPT goes to the script. "
+            "Every torchrun flag is accepted; those that do not apply on one machine print why."
         ),
         allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsOnce,
     )
     g = run.add_argument_group("torchrun-compatible")
-    g.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1, metavar="N",
-                   help="number of ranks (processes) to run on this machine")
+    g.add_argument("--nproc-per-node", "--nproc_per_node", default="1", metavar="N",
+                   help="ranks on this machine: a number, or as torchrun: cpu (one per usable CPU), gpu, xpu, "
+                        "auto (one per accelerator, else per CPU)")
     g.add_argument("--max-restarts", "--max_restarts", type=int, default=3, metavar="M",
                    help="restarts allowed before the job fails (torchrun's default is 0)")
     g.add_argument("-m", "--module", action="store_true",
@@ -72,11 +97,13 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="run SCRIPT as an executable, not through Python; it is watched for hangs only if it "
                         "uses rankwarden.worker itself (hello is optional unless --startup-timeout is given)")
     g.add_argument("--run-id", "--run_id", "--job-id", dest="job_id", default="", metavar="ID",
-                   help="job id (lowercase letters, digits, '-'); generated when empty")
+                   help="job id (lowercase letters, digits, '-'); generated when empty. Run the same command "
+                        "with the same id to resume its checkpoints")
     g.add_argument("--master-addr", "--master_addr", default="127.0.0.1", metavar="ADDR",
-                   help="MASTER_ADDR given to ranks; MASTER_PORT is chosen fresh for every attempt")
+                   help="MASTER_ADDR given to ranks")
     g.add_argument("--standalone", action="store_true", help="accepted for compatibility; always on")
-    g.add_argument("--nnodes", default="1", help="accepted for compatibility; only 1 node is supported")
+    g.add_argument("--nnodes", default="1", help="accepted for compatibility; only 1 node (1 or 1:1) is supported")
+    add_torchrun_arguments(g)
     w = run.add_argument_group("failure detection")
     w.add_argument("--heartbeat-timeout", type=_seconds, default=5.0, metavar="S",
                    help="a rank with no heartbeat for S seconds is frozen (SIGSTOP, lost host) and restarted")
@@ -95,14 +122,16 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backoff-max", type=_seconds, default=30.0, metavar="S", help="cap on the restart delay (it doubles each restart, with 10%% jitter)")
     r.add_argument("--kill-grace", type=_seconds, default=5.0, metavar="S",
                    help="after a failure, seconds between SIGTERM and SIGKILL for the other ranks")
-    r.add_argument("--stop-grace", type=_seconds, default=30.0, metavar="S",
-                   help="on Ctrl-C/SIGTERM, seconds ranks get to checkpoint and exit before SIGKILL")
+    r.add_argument("--stop-grace", type=_seconds, default=None, metavar="S",
+                   help="on Ctrl-C/SIGTERM, seconds ranks get to checkpoint and exit before SIGKILL "
+                        "(default: 30, or torchrun's --shutdown-timeout)")
     o = run.add_argument_group("files and output")
     o.add_argument("--job-dir", default="", metavar="DIR",
-                   help="where rank logs and events.jsonl go (default ./rankwarden-jobs/JOB_ID)")
+                   help=f"where rank logs, events.jsonl and checkpoints go (default: ${JOBS_DIR_ENV}/JOB_ID, "
+                        f"else ./{DEFAULT_JOBS_DIR}/JOB_ID)")
     o.add_argument("--checkpoint", default=None, metavar="URL",
-                   help="checkpoint store (a path, file://, s3://, memory://) for the multi-rank commit; "
-                        "given to ranks as RANKWARDEN_CHECKPOINT_URL")
+                   help="checkpoint store (a path, file://, s3://, memory://) for the multi-rank commit; given to "
+                        "ranks as RANKWARDEN_CHECKPOINT_URL (default: JOB_DIR/checkpoints)")
     o.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
                    help="keep the newest N committed checkpoints (0 keeps all)")
     o.add_argument("--resume", action="store_true",
@@ -124,7 +153,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "Exit status 0 only if nothing was lost."
         ),
         allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsOnce,
     )
     chaos.add_argument("--faults", type=int, default=4, help="how many faults to inject")
     chaos.add_argument("--kinds", default="kill,stop,hang,kill-in-save",
@@ -143,24 +172,43 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def spec_from_args(args: argparse.Namespace) -> JobSpec:
+class RunPlan(NamedTuple):
+    """What `rankwarden run` does besides the spec: console and file options from torchrun's flags."""
+
+    notes: list[str]
+    master_port: int | None
+    echo: Callable[[int, str], bool]
+    torchrun_logs: Callable[[str], TorchrunLogs] | None
+
+
+def jobs_root() -> Path:
+    """Where job directories go by default: $RANKWARDEN_JOBS_DIR, else ./rankwarden-jobs."""
+    return Path(os.environ.get(JOBS_DIR_ENV) or DEFAULT_JOBS_DIR)
+
+
+def spec_from_args(args: argparse.Namespace, *, python: str = sys.executable) -> JobSpec:
     if args.nnodes not in ("1", "1:1"):
         raise SpecError(f"--nnodes {args.nnodes}: only one node is supported by `rankwarden run`")
-    if args.nproc_per_node < 1:
+    if getattr(args, "node_rank", None) not in (None, 0):
+        raise SpecError(f"--node-rank {args.node_rank}: only one node (rank 0) is supported by `rankwarden run`")
+    nproc = resolve_nproc(args.nproc_per_node, python)
+    if nproc < 1:
         raise SpecError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
-    return JobSpec.from_dict(
+    stop_grace = args.stop_grace
+    if stop_grace is None:
+        stop_grace = float(args.shutdown_timeout) if args.shutdown_timeout is not None else 30.0
+    spec = JobSpec.from_dict(
         dict(
             entrypoint=args.script,
             args=list(args.script_args),
             module=args.module,
             no_python=args.no_python,
-            world_size=args.nproc_per_node,
+            world_size=nproc,
             job_id=args.job_id,
-            job_dir=args.job_dir,
-            checkpoint_url=args.checkpoint,
             keep_checkpoints=args.keep_checkpoints,
             resume=args.resume,
             master_addr=args.master_addr,
+            env={"ROLE_NAME": args.role} if args.role != "default" else {},
             heartbeat_timeout=args.heartbeat_timeout or 5.0,
             heartbeat_interval=args.heartbeat_interval,
             progress_timeout=args.progress_timeout,
@@ -169,14 +217,116 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
             max_restarts=args.max_restarts,
             backoff=dict(initial=args.backoff_initial, max=max(args.backoff_max, args.backoff_initial)),
             kill_grace=args.kill_grace,
-            stop_grace=args.stop_grace,
+            stop_grace=stop_grace,
         )
     )
+    # The job id, directory and checkpoint store are fixed here, so that the
+    # first line can say where everything goes and `--run-id ID` finds it again.
+    job_id = spec.job_id or _default_job_id(spec)
+    job_dir = Path(args.job_dir) if args.job_dir else jobs_root() / job_id
+    checkpoint = args.checkpoint if args.checkpoint is not None else str(job_dir.absolute() / "checkpoints")
+    return spec.replace(job_id=job_id, job_dir=str(job_dir), checkpoint_url=checkpoint)
 
 
-async def _run(spec: JobSpec, *, quiet: bool) -> int:
-    coordinator = Coordinator(spec)
-    console = Console(coordinator, echo_ranks=not quiet)
+def plan_from_args(args: argparse.Namespace) -> RunPlan:
+    if args.master_port is not None and not 0 <= args.master_port < 65536:
+        raise SpecError(f"--master-port {args.master_port}: expected a port number from 0 (any free port) to 65535")
+    redirects = parse_std(args.redirects, "--redirects")
+    tee = parse_std(args.tee, "--tee")
+    shown = parse_ranks_filter(args.local_ranks_filter)
+    notes = ignored_notes(args)
+    if args.run_path:
+        notes.append("--run-path: the script runs as __main__ in each rank's own interpreter (the same result)")
+    if (args.redirects != "0" or args.tee != "0") and not args.log_dir:
+        notes.append("--redirects/--tee without --log-dir: rank output is kept in the job directory")
+
+    def echo(rank: int, stream: str) -> bool:
+        # torchrun: a redirected stream goes to its file only, unless teed; the
+        # ranks filter applies to the console only.
+        if shown is not None and rank not in shown:
+            return False
+        return stream not in redirects.streams(rank) or stream in tee.streams(rank)
+
+    def streams(rank: int) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(redirects.streams(rank) + tee.streams(rank)))
+
+    logs = None
+    if args.log_dir:
+        logs = functools.partial(TorchrunLogs.create, args.log_dir, streams=streams)
+    return RunPlan(notes, args.master_port or None, echo, logs)
+
+
+def check_entrypoint(spec: JobSpec) -> str | None:
+    """Why the entrypoint cannot start, or None. Checked before the first
+    attempt, without running anything of it (a module's parent packages are
+    located, not imported)."""
+    cwd = spec.cwd or os.getcwd()
+    target = spec.entrypoint
+    if spec.no_python:
+        if "/" in target:
+            path = os.path.join(cwd, target)
+            ok = os.path.isfile(path) and os.access(path, os.X_OK)
+        else:
+            ok = shutil.which(target, path=spec.env.get("PATH") or os.environ.get("PATH")) is not None
+        return None if ok else f"{target}: no such executable (--no-python runs it as a command)"
+    if not spec.module:
+        path = os.path.join(cwd, target)
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "__main__.py")):
+            return f"{target} is a directory without __main__.py (a module? add -m)"
+        if not os.path.exists(path):
+            hint = " (a module? add -m)" if not target.endswith(".py") and "/" not in target else ""
+            return f"{target}: no such file{hint}"
+        return None
+    return _module_missing(target, cwd)
+
+
+def _module_missing(name: str, cwd: str) -> str | None:
+    # `python -m` puts the working directory first on sys.path. The top-level
+    # name is looked up through every finder (editable installs too) without
+    # importing it; submodules through their parent's search locations.
+    parts = name.split(".")
+    saved = sys.path[:]
+    sys.path[:0] = [cwd]
+    try:
+        found = importlib.util.find_spec(parts[0])
+    except (ImportError, ValueError):
+        found = None
+    finally:
+        sys.path[:] = saved
+    for i, part in enumerate(parts[1:], start=1):
+        if found is None:
+            break
+        if found.submodule_search_locations is None:
+            return f"-m {name}: {'.'.join(parts[:i])} is a module, not a package"
+        found = importlib.machinery.PathFinder.find_spec(".".join(parts[: i + 1]), list(found.submodule_search_locations))
+    if found is None:
+        return f"-m {name}: no module named {name!r} (looked in {cwd} and the interpreter's sys.path)"
+    return None
+
+
+def first_line(job_id: str, spec: JobSpec, job_dir) -> str:
+    """Where everything goes, said before anything else."""
+    where = f"logs, events and checkpoints in {job_dir.path}/"
+    if spec.checkpoint_url != str(job_dir.path / "checkpoints"):
+        where = f"logs and events in {job_dir.path}/, checkpoints in {spec.checkpoint_url}"
+    if job_dir.logs != job_dir.path:
+        where += f"; this run's rank output in {job_dir.logs.name}/"
+    if job_dir.torchrun is not None:
+        where += f"; torchrun's log layout in {job_dir.torchrun.run_dir}/"
+    return (f"rankwarden: job {job_id}: {spec.world_size} rank(s) of {spec.entrypoint}; {where} "
+            f"(--job-dir or ${JOBS_DIR_ENV} moves them)")
+
+
+async def _run(spec: JobSpec, *, quiet: bool, plan: RunPlan | None = None) -> int:
+    plan = plan or RunPlan([], None, lambda rank, stream: True, None)
+    coordinator = Coordinator(spec, master_port=plan.master_port)
+    logs = coordinator.job_dir.start_run()
+    if plan.torchrun_logs is not None:
+        coordinator.job_dir.torchrun = plan.torchrun_logs(coordinator.job_id)
+    console = Console(coordinator, echo_ranks=not quiet, echo=plan.echo, announce_start=False)
+    console.line(first_line(coordinator.job_id, spec, coordinator.job_dir))
+    for note in plan.notes:
+        console.line(f"rankwarden: {note}")
     stopped_by: int | None = None
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -201,6 +351,7 @@ async def _run(spec: JobSpec, *, quiet: bool) -> int:
     if snapshot.state == JobState.SUCCEEDED:
         return 0
     if snapshot.state == JobState.STOPPED and stopped_by is not None:
+        console.line(f"rankwarden: resume with: rankwarden run --run-id {coordinator.job_id} (same arguments)")
         return 128 + stopped_by
     return EXIT_FAILED
 
@@ -233,9 +384,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         try:
             spec = spec_from_args(args)
+            plan = plan_from_args(args)
         except SpecError as exc:
             parser.exit(EXIT_USAGE, f"rankwarden run: error: {exc}\n")
-        return trio.run(functools.partial(_run, spec, quiet=args.quiet))
+        problem = check_entrypoint(spec)
+        if problem is not None:
+            parser.exit(EXIT_USAGE, f"rankwarden run: error: {problem}; nothing was started\n")
+        return trio.run(functools.partial(_run, spec, quiet=args.quiet, plan=plan))
     if args.command == "chaos":
         return _chaos(parser, args)
     if args.command in ("serve", "jobs"):

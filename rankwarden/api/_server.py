@@ -103,6 +103,7 @@ async def serve_api(
     hypercorn_config = HypercornConfig()
     hypercorn_config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hypercorn_config.accesslog = None
+    hypercorn_config.loglevel = "WARNING"  # `rankwarden serve` prints the address itself
     hypercorn_config.graceful_timeout = graceful_timeout
     # A connection that has not sent a whole request head within this time
     # (idle, or trickling headers) is closed. Not read_timeout: hypercorn

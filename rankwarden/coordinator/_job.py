@@ -39,6 +39,7 @@ import trio
 
 from rankwarden import protocol
 from rankwarden.coordinator._checkpoints import Committer
+from rankwarden.coordinator._failfast import TAIL_LINES, EarlyFailure, configuration_error, early_failure
 from rankwarden.coordinator._heartbeat import Peer, serve_heartbeats
 from rankwarden.coordinator._jobdir import JobDir
 from rankwarden.coordinator._rank import RankRunner
@@ -105,6 +106,7 @@ class Coordinator:
         rng: random.Random | None = None,
         attempts_before: int = 0,
         restarts_before: int = 0,
+        master_port: int | None = None,
     ) -> None:
         # Struct __init__ does not validate; a spec built in code is checked here,
         # so a bad one fails now with a SpecError naming the field.
@@ -133,6 +135,7 @@ class Coordinator:
         self._attempt = attempts_before
         self._restarts_used = restarts_before
         self._master_port: int | None = None
+        self._first_master_port = master_port  # torchrun's --master-port: the first attempt's
         self._runners: dict[int, RankRunner] = {}
         self._failures: list[Failure] = []
         self._events: list[Event] = []
@@ -141,6 +144,8 @@ class Coordinator:
         self._stop_reason = ""
         #: Why the job failed without a rank failing (a checkpoint it must not resume).
         self._fatal = ""
+        #: Each restart unit's (None: the group's) last failure before a first step.
+        self._early_failures: dict[int | None, dict[EarlyFailure, int]] = {}
         self.stopping = False
         self._ran = False
         self._new_event = trio.Event()  # replaced after every emit; wakes event iterators
@@ -331,6 +336,8 @@ class Coordinator:
                 return JobState.STOPPED
             if result == RankState.SUCCEEDED:
                 return JobState.SUCCEEDED
+            if self._repeats_early_failure(None, self._attempt):
+                return JobState.FAILED
             grant = await self._grant_restart(rank=None)
             if grant == _Grant.EXHAUSTED:
                 return JobState.FAILED
@@ -371,6 +378,8 @@ class Coordinator:
         resume = await self._plan_resume(attempt)
         if self._placement is not None:
             self._master_port = self._placement.master_port  # each pod has a network of its own
+        elif self._first_master_port:
+            self._master_port, self._first_master_port = self._first_master_port, None
         else:
             self._master_port = free_port(self.spec.master_addr, exclude=self._master_port)
         runners = [RankRunner(self, rank, attempt, adopted.get(rank), resume) for rank in range(self.spec.world_size)]
@@ -423,6 +432,10 @@ class Coordinator:
                     outcome = await runner.run()
                     if outcome.state != RankState.FAILED or self.stopping:
                         break
+                    if self._repeats_early_failure(rank, attempt):
+                        exhausted = True
+                        nursery.cancel_scope.cancel()
+                        return
                     grant = await self._grant_restart(rank=rank)
                     if grant != _Grant.GRANTED:
                         exhausted = grant == _Grant.EXHAUSTED
@@ -454,6 +467,24 @@ class Coordinator:
             return protocol.Resume(step=plan.step)
         log.error("job=%s: %s", self.job_id, self._fatal)
         raise _Refused(self._fatal)
+
+    def _repeats_early_failure(self, rank: int | None, attempt: int) -> bool:
+        """A failure before the first step, the same as the previous attempt's: a
+        configuration error (see _failfast); records it as the job's fatal reason."""
+        current: dict[EarlyFailure, int] = {}
+        for failure in self._failures:
+            if failure.attempt == attempt and rank in (None, failure.rank):
+                runner = self._runners.get(failure.rank)
+                step = runner.snapshot().step if runner is not None else None
+                tail = self.job_dir.stderr_tail(failure.rank, attempt, TAIL_LINES)
+                if (early := early_failure(failure, step, tail)) is not None:
+                    current.setdefault(early, failure.rank)
+        previous = self._early_failures.get(rank, {})
+        self._early_failures[rank] = current
+        message = configuration_error(previous, current, attempt, self.spec.max_restarts - self._restarts_used)
+        if message:
+            self._fatal = message
+        return bool(message)
 
     async def _grant_restart(self, rank: int | None) -> _Grant:
         if self._restarts_used >= self.spec.max_restarts:
@@ -530,7 +561,8 @@ class Coordinator:
         self._failures.append(failure)
 
     def build_request(self, rank: int, attempt: int) -> LaunchRequest:
-        stdout, stderr = self.job_dir.log_paths(rank, attempt)
+        files = self.job_dir.rank_files(rank, attempt)
+        stdout, stderr = files.stdout, files.stderr
         placement = self._placement
         env = rank_env(
             self.spec,
@@ -542,6 +574,7 @@ class Coordinator:
             token=self._token,
             checkpoint_tag=self._checkpoint_tag(attempt),
             placement=placement,
+            error_file=str(files.error_file),
         )
         return LaunchRequest(
             job_id=self.job_id,

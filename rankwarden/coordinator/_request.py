@@ -34,6 +34,7 @@ def rank_env(
     checkpoint_tag: str = "",
     base: dict[str, str] | None = None,
     placement: Placement | None = None,
+    error_file: str = "",
 ) -> dict[str, str]:
     """The rank's environment. Local ranks inherit the coordinator's environment;
     placed ranks (pods) get only the spec's, so nothing of the coordinator's
@@ -45,24 +46,34 @@ def rank_env(
     if spec.world_size > 1:
         env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     env.update(spec.env)
     env.update(
         {
-            # What torchrun --standalone gives a worker (single node).
+            # What torchrun --standalone gives a worker (single node); the
+            # test in tests/test_rank_env.py diffs it against torchrun's.
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "GROUP_RANK": "0",
             "ROLE_RANK": str(rank),
-            "ROLE_NAME": "default",
+            # `rankwarden run --role` sets it through the spec's env, as torchrun's --role.
+            "ROLE_NAME": spec.env.get("ROLE_NAME", "default"),
             "WORLD_SIZE": str(spec.world_size),
             "LOCAL_WORLD_SIZE": str(spec.world_size),
+            "GROUP_WORLD_SIZE": "1",
             "ROLE_WORLD_SIZE": str(spec.world_size),
             "MASTER_ADDR": spec.master_addr,
             "MASTER_PORT": str(master_port),
             "TORCHELASTIC_RESTART_COUNT": str(attempt - 1),
             "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
             "TORCHELASTIC_RUN_ID": job_id,
+            # No agent hosts a TCPStore here: rank 0 does, at MASTER_ADDR:MASTER_PORT.
             "TORCHELASTIC_USE_AGENT_STORE": "False",
+            # The signals the launcher turns into a stop of every rank.
+            "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT",
+            # Where torch.distributed.elastic's @record writes the exception
+            # that ended the rank; the failure report quotes it.
+            "TORCHELASTIC_ERROR_FILE": error_file,
             # rankwarden's own.
             "RANKWARDEN_COORDINATOR": coordinator,
             "RANKWARDEN_COORDINATOR_PID": str(os.getpid()),
@@ -80,11 +91,13 @@ def rank_env(
                 "LOCAL_RANK": "0",
                 "LOCAL_WORLD_SIZE": "1",
                 "GROUP_RANK": str(rank),
+                "GROUP_WORLD_SIZE": str(spec.world_size),
                 "MASTER_ADDR": placement.master_addr,
                 "MASTER_PORT": str(placement.master_port),
             }
         )
         del env["RANKWARDEN_COORDINATOR_PID"]  # another host's pid means nothing here
+        del env["TORCHELASTIC_ERROR_FILE"]  # a path on the coordinator's host
         if placement.reconnect_grace:
             env["RANKWARDEN_RECONNECT_GRACE"] = repr(placement.reconnect_grace)
     if spec.checkpoint_url:

@@ -44,7 +44,8 @@ _client: HeartbeatClient | None = None
 _lock = threading.Lock()
 _drain = threading.Event()
 _graceful = False
-_checkpointer = None
+# Not `_checkpointer`: importing the submodule of that name would rebind it.
+_rank_checkpointer = None
 
 
 def is_managed() -> bool:
@@ -126,12 +127,12 @@ def drain_requested() -> bool:
 
 def checkpointer(url: str | None = None, *, job: str | None = None):
     """This rank's RankCheckpointer (created once): the coordinator's store, or ``url``."""
-    global _checkpointer
-    if _checkpointer is None:
+    global _rank_checkpointer
+    if _rank_checkpointer is None or (url and _rank_checkpointer.store.url != url):
         from rankwarden.worker._checkpointer import RankCheckpointer
 
-        _checkpointer = RankCheckpointer(url, job=job)
-    return _checkpointer
+        _rank_checkpointer = RankCheckpointer(url, job=job)
+    return _rank_checkpointer
 
 
 def save(step: int, state, *, wait: bool = True, url: str | None = None) -> None:

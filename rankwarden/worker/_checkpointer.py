@@ -63,7 +63,9 @@ class RankCheckpointer:
             )
         url = url or managed_url
         if not url:
-            raise CheckpointError("no checkpoint URL: pass one or run under rankwarden with --checkpoint URL")
+            raise CheckpointError(
+                "no checkpoint URL: without rankwarden pass url= (a directory path works); under rankwarden the job "
+                "has no checkpoint store (`rankwarden run` gives one by default; JobSpec.checkpoint_url)")
         self.rank = int(env.get("RANK", "0")) if rank is None else rank
         self.world_size = int(env.get("WORLD_SIZE", "1")) if world_size is None else world_size
         self.tag = tag or env.get("RANKWARDEN_CHECKPOINT_TAG") or "local"
