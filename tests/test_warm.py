@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -202,3 +204,69 @@ async def test_a_command_that_is_not_python_starts_fresh_without_a_zygote(tmp_pa
     assert snapshot.state == JobState.SUCCEEDED
     assert not await launcher.warm_ready(spec.job_id)
     assert not (tmp_path / "job" / "zygote.log").exists()
+
+
+# -- `rankwarden run`: nothing of a warm job outlives it ----------------------------------
+
+RANKWARDEN = [sys.executable, "-m", "rankwarden"]
+FAST = ["--heartbeat-timeout", "2", "--heartbeat-interval", "0.1", "--backoff-initial", "0.05"]
+
+
+async def _read_until(stream, seen: bytearray, pattern: bytes, count: int) -> list[int]:
+    while len(found := re.findall(pattern, bytes(seen))) < count:
+        chunk = await stream.receive_some(4096)
+        assert chunk, f"rankwarden run exited; its output: {bytes(seen)[-2000:]!r}"
+        seen += chunk
+    return [int(p) for p in found]
+
+
+async def _start_warm_job(tmp_path, name, *worker_args):
+    """`rankwarden run` whose attempt 2 runs warm; returns it, the warm ranks' pids and the zygote's."""
+    job = tmp_path / "job"
+    process = await trio.lowlevel.open_process(
+        [*RANKWARDEN, "run", "--nproc-per-node", "2", "--job-dir", str(job), "--run-id", f"{JOB_PREFIX}{name}", *FAST,
+         WORKER, "--steps", "100000", "--step-time", "0.01", *worker_args],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    seen = bytearray()
+    first = await _read_until(process.stdout, seen, rb"ready pid (\d+)", 2)
+    while b"ready after" not in ((job / "zygote.log").read_bytes() if (job / "zygote.log").exists() else b""):
+        await trio.sleep(0.1)  # the zygote imports torch: seconds
+    [zygote] = [int(p) for p in re.findall(rb"rankwarden zygote (\d+): ready", (job / "zygote.log").read_bytes())]
+    os.kill(first[1], signal.SIGKILL)
+    warm = (await _read_until(process.stdout, seen, rb"ready pid (\d+)", 4))[2:]
+    events = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
+    assert sorted((e["rank"], e["warm"]) for e in events if e["type"] == "rank_started" and e["attempt"] == 2) == [
+        (0, True), (1, True)]
+    return process, warm, zygote
+
+
+async def _wait_exited(pid):
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+async def test_ctrl_c_of_rankwarden_run_leaves_no_warm_rank_and_no_zygote(tmp_path):
+    # The autouse fixture also finds the ranks' `sleep` children if their groups survived.
+    with trio.fail_after(LIMIT):
+        process, warm, zygote = await _start_warm_job(tmp_path, "warm-ctrl-c", "--spawn-child")
+        process.send_signal(signal.SIGINT)
+        assert await process.wait() == 130
+        for pid in (*warm, zygote):
+            await _wait_exited(pid)
+
+
+async def test_kill_9_of_the_coordinator_takes_the_zygote_and_warm_ranks_down(tmp_path):
+    with trio.fail_after(LIMIT):
+        process, warm, zygote = await _start_warm_job(tmp_path, "warm-kill-9")
+        process.kill()
+        await process.wait()
+        # PR_SET_PDEATHSIG: coordinator -> zygote -> rank.
+        for pid in (zygote, *warm):
+            await _wait_exited(pid)

@@ -39,6 +39,8 @@ __all__ = ["PER_RANK_VARIABLES", "WarmProcess", "Zygote", "warm_target"]
 log = logging.getLogger(__name__)
 
 ZYGOTE_MODULE = "rankwarden.worker._zygote"
+#: A reap is answered at once (the child has exited); a zygote that does not answer is frozen.
+REAP_TIMEOUT = 10.0
 #: What the coordinator sets differently for each rank and attempt. None is
 #: read by torch at import, so a zygote that imported under any values of
 #: them serves every rank; every other variable must equal the zygote's.
@@ -154,9 +156,15 @@ class Zygote:
             return None
 
     async def reap(self, pid: int) -> int | None:
+        """The exited child's returncode; None if the zygote is gone or does not answer."""
+        answer = None
         with trio.CancelScope(shield=True):  # an exited child must be reaped, cancelled or not
-            async with self._lock:
-                answer = await self._ask(wire.Reap(pid=pid))
+            with trio.move_on_after(REAP_TIMEOUT) as waited:
+                async with self._lock:
+                    answer = await self._ask(wire.Reap(pid=pid))
+            if waited.cancelled_caught:
+                self.broken = f"the zygote did not answer within {REAP_TIMEOUT:g}s (frozen?)"
+                log.warning("job=%s: %s; ranks start fresh from now on", self.job_id, self.broken)
         return answer.returncode if isinstance(answer, wire.Reaped) else None
 
     async def aclose(self, grace: float = 2.0) -> None:
