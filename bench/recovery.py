@@ -1,4 +1,4 @@
-"""Recovery after a failure, rankwarden vs torchrun, on the same 2-rank DDP job (gloo, CPU).
+"""Recovery after a failure, rankwarden (warm and --no-warm) vs torchrun, on the same 2-rank DDP job (gloo, CPU).
 
 Both launchers run demo/train.py (checkpoint every 16 steps, resume from the
 newest committed checkpoint). Each trial waits until rank 1 passes step 40,
@@ -11,7 +11,7 @@ writes:
             N: ... [cause]"; torchrun, run with LOGLEVEL=INFO: "Worker group
             FAILED"). torchrun notices a dead worker by polling every
             monitor_interval (0.1 s by default); rankwarden waits on a pidfd.
-  recover   fault -> the first step completed after the restart
+  recover   fault -> every rank of the next attempt has completed a step
   redone    steps trained after the resumed checkpoint, trained again
   steps/s   steady state, steps 10..40 of the first attempt
 
@@ -19,8 +19,11 @@ and breaks rankwarden's recovery into its parts (the restart floor):
 detection, stopping the old ranks, spawning, interpreter start, import torch,
 process-group init, checkpoint load, first step.
 
-Trials alternate between the launchers (rankwarden, torchrun, rankwarden,
-...), so a machine that slows down or warms up over the run weighs on both.
+"rankwarden" forks restarted ranks from its zygote (the default; the trace
+says whether it did: "warm" counts the trials whose next attempt was forked),
+"rankwarden-fresh" is ``rankwarden run --no-warm``. Trials rotate between
+the launchers (rankwarden, rankwarden-fresh, torchrun, rankwarden, ...), so a
+machine that slows down or warms up over the run weighs on all alike.
 
     python bench/recovery.py --trials 5 [--sigstop-wait 120] [--faults kill]
 """
@@ -45,6 +48,8 @@ KILL_AT = 40
 #: The line each launcher prints when it has noticed a failed rank.
 ANNOUNCES = {"rankwarden": re.compile(r"rankwarden: attempt \d+: .*\[[\w-]+\]\s*$"),
              "torchrun": re.compile(r"Worker group (FAILED|UNHEALTHY)")}
+ANNOUNCES["rankwarden-fresh"] = ANNOUNCES["rankwarden"]
+TOOLS = ("rankwarden", "rankwarden-fresh", "torchrun")
 
 
 def torchrun_monitor_interval() -> float | None:
@@ -96,7 +101,8 @@ def launch(tool: str, work: str, data: str, trace: str) -> tuple[subprocess.Pope
     else:
         cmd = [sys.executable, "-m", "rankwarden", "run", "--nproc-per-node", "2", "--max-restarts", "3", "--quiet",
                "--heartbeat-timeout", "3", "--backoff-initial", "0.05", "--kill-grace", "2", "--run-id", "bench-recovery",
-               "--job-dir", os.path.join(work, "job"), "--checkpoint", os.path.join(work, "ckpt"), *script]
+               "--job-dir", os.path.join(work, "job"), "--checkpoint", os.path.join(work, "ckpt"),
+               *(["--no-warm"] if tool == "rankwarden-fresh" else []), *script]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RANKWARDEN_")}
     env["PYTHONUNBUFFERED"] = "1"
     if tool == "torchrun":
@@ -130,7 +136,11 @@ def trial(tool: str, fault: int, data: str, limit: float) -> dict:
                 return {"error": "never reached the fault step"}
             t_fault = time.time()
             os.kill(hit["pid"], fault)
-            recovered = wait_until(lambda: [e for e in read_trace(trace) if e["event"] == "step" and e["restart"] >= 1], limit)
+            def every_rank_stepped():
+                steps = [e for e in read_trace(trace) if e["event"] == "step" and e["restart"] >= 1]
+                return steps if len({e["rank"] for e in steps}) == 2 else None
+
+            recovered = wait_until(every_rank_stepped, limit)
             events = read_trace(trace)
             first_run = [e for e in events if e["event"] == "step" and e["restart"] == 0]
             rate = _rate(first_run)
@@ -141,16 +151,26 @@ def trial(tool: str, fault: int, data: str, limit: float) -> dict:
                             if "Error" in line or "error" in line or "fail" in line.lower()]
                 result["why"] = tail[-3:]
             if recovered:
-                first_new = min(recovered, key=lambda e: e["t"])
+                first_restart = min(e["restart"] for e in recovered)
+                stepped = {}
+                for e in recovered:
+                    if e["restart"] == first_restart:
+                        stepped[e["rank"]] = min(stepped.get(e["rank"], e["t"]), e["t"])
                 restored = [e for e in events if e["event"] == "restored" and e["restart"] >= 1]
                 reached = max(e["step"] for e in first_run)
-                result["recover"] = first_new["t"] - t_fault
+                result["recover"] = max(stepped.values()) - t_fault
+                result["first_rank"] = min(stepped.values()) - t_fault
                 result["redone"] = max(0, reached - min(e["step"] for e in restored)) if restored else None
                 result["phases"] = _phases(tool, work, events, t_fault)
                 announced = output.first(ANNOUNCES[tool], t_fault)
                 result["detect"] = None if announced is None else announced - t_fault
                 starts = [e["t"] for e in events if e["event"] == "start" and e["restart"] >= 1]
                 result["respawned"] = min(starts) - t_fault if starts else None
+                if tool.startswith("rankwarden"):
+                    with open(os.path.join(work, "job", "events.jsonl")) as f:
+                        started = [json.loads(line) for line in f]
+                    result["warm"] = all(e.get("warm") for e in started
+                                         if e["type"] == "rank_started" and e["attempt"] >= 2)
             return result
         finally:
             for e in read_trace(trace):
@@ -188,7 +208,7 @@ def _phases(tool: str, work: str, events: list[dict], t_fault: float) -> dict:
         return max(per_rank.values()) if per_rank else None
 
     marks = {"fault": t_fault}
-    if tool == "rankwarden":
+    if tool.startswith("rankwarden"):
         with open(os.path.join(work, "job", "events.jsonl")) as f:
             job_events = [json.loads(line) for line in f]
         failed = next(e for e in job_events if e["type"] == "rank_failed")
@@ -202,7 +222,7 @@ def _phases(tool: str, work: str, events: list[dict], t_fault: float) -> dict:
     marks["process group ready"] = last_of_first("process_group")
     marks["model+optimizer built"] = last_of_first("model_built")
     marks["checkpoint loaded"] = last_of_first("restored")
-    marks["first step done"] = first("step")
+    marks["first step done"] = last_of_first("step")  # every rank of the next attempt
     phases, previous = {}, ("fault", t_fault)
     for name, t in marks.items():
         if name == "fault" or t is None:
@@ -235,8 +255,8 @@ def main() -> int:
     faults = set(args.faults.split(","))
     results: dict = {}
     if "kill" in faults:
-        for _ in range(args.trials):  # ABAB: drift in the machine lands on both launchers alike
-            for tool in ("rankwarden", "torchrun"):
+        for _ in range(args.trials):  # rotating: drift in the machine lands on every launcher alike
+            for tool in TOOLS:
                 results.setdefault((tool, "kill"), []).append(trial(tool, signal.SIGKILL, args.data, 120))
     if "stop" in faults:
         for i in range(args.trials):  # torchrun gets one SIGSTOP trial (it waits --sigstop-wait), in the middle
@@ -250,37 +270,58 @@ def main() -> int:
     print("# detect: fault -> the launcher's failure line reached this harness (same clock and method for both); "
           f"torchrun finds a kill -9 by polling every monitor_interval = {interval if interval is not None else '?'} s "
           "(its default, torch/distributed/elastic/agent/server/api.py), rankwarden by a pidfd")
+    print("# recover: fault -> every rank of the next attempt has finished a step")
     for (tool, fault), rows in results.items():
         ok = [r for r in rows if r.get("recovered")]
-        print(f"{fault:4} {tool:10} recovered {len(ok)}/{len(rows)}  detect s {stats([r.get('detect') for r in ok])}  "
+        print(f"{fault:4} {tool:16} recovered {len(ok)}/{len(rows)}  detect s {stats([r.get('detect') for r in ok])}  "
               f"recover s {stats([r.get('recover') for r in ok])}  redone {stats([r.get('redone') for r in ok])}")
         for r in rows:
             if fault == "kill" and not r.get("recovered") and r.get("why"):
                 print(f"     {tool} did not recover: {' | '.join(line.strip()[-160:] for line in r['why'])}")
         if fault == "kill" and ok:
             print(f"     {tool} fault -> first new rank process started s {stats([r.get('respawned') for r in ok])}")
-    for tool in ("rankwarden", "torchrun"):
+        if tool.startswith("rankwarden") and ok:
+            print(f"     {tool} next attempt forked warm in {sum(bool(r.get('warm')) for r in ok)}/{len(ok)} trials")
+    rates = {}
+    for tool in TOOLS:
         rows = [r for fault in ("kill", "stop") for r in results.get((tool, fault), [])]
-        print(f"steady state {tool:10} steps/s {stats([r.get('steps_per_s') for r in rows])}")
-    ours = [r["recover"] for r in results.get(("rankwarden", "kill"), []) if r.get("recovered")]
-    theirs = [r["recover"] for r in results.get(("torchrun", "kill"), []) if r.get("recovered")]
-    if ours and theirs:
-        print(f"ratio kill -9 recovery: torchrun / rankwarden median = {statistics.median(theirs) / statistics.median(ours):.2f}x")
+        rates[tool] = [r["steps_per_s"] for r in rows if r.get("steps_per_s") is not None]
+        print(f"steady state {tool:16} steps/s {stats(rates[tool])}")
+    if rates.get("rankwarden") and rates.get("torchrun"):
+        ratio = statistics.median(rates["rankwarden"]) / statistics.median(rates["torchrun"])
+        print(f"steady state rankwarden / torchrun median = {ratio:.3f}x (goal >= 0.98x)")
+
+    def median_recover(tool):
+        values = [r["recover"] for r in results.get((tool, "kill"), []) if r.get("recovered")]
+        return statistics.median(values) if values else None
+
+    theirs = median_recover("torchrun")
+    for tool in ("rankwarden", "rankwarden-fresh"):
+        ours = median_recover(tool)
+        if ours and theirs:
+            print(f"ratio kill -9 recovery: {tool} / torchrun median = {ours / theirs:.3f}x "
+                  f"(torchrun / {tool} = {theirs / ours:.2f}x){'  goal <= 0.15x' if tool == 'rankwarden' else ''}")
+    if ("rankwarden", "stop") in results:
+        ok = [r for r in results[("rankwarden", "stop")] if r.get("recovered")]
+        if ok:
+            print(f"SIGSTOP rankwarden: fault -> next attempt's first step median {statistics.median(r['first_rank'] for r in ok):.2f}s "
+                  "(goal <= heartbeat_timeout 3 s + 1 s)")
     if ("torchrun", "stop") in results:
         stop = results[("torchrun", "stop")][0]
         print(f"SIGSTOP under torchrun: {'recovered' if stop.get('recovered') else f'no recovery within {args.sigstop_wait:g}s'}")
-    print("restart floor (rankwarden, kill -9, median seconds per part):")
-    parts: dict[str, list[float]] = {}
-    for r in results.get(("rankwarden", "kill"), []):
-        for name, seconds in (r.get("phases") or {}).items():
-            if not name.startswith("_"):
-                parts.setdefault(name, []).append(seconds)
-    total = sum(statistics.median(v) for v in parts.values()) or 1.0
-    for name, values in parts.items():
-        print(f"  {name:22} {statistics.median(values):6.3f}  ({100 * statistics.median(values) / total:4.1f}%)")
-    if parts:
-        largest = max(parts, key=lambda n: statistics.median(parts[n]))
-        print(f"largest part: {largest}")
+    for tool in ("rankwarden", "rankwarden-fresh"):
+        print(f"restart floor ({tool}, kill -9, median seconds per part):")
+        parts: dict[str, list[float]] = {}
+        for r in results.get((tool, "kill"), []):
+            for name, seconds in (r.get("phases") or {}).items():
+                if not name.startswith("_"):
+                    parts.setdefault(name, []).append(seconds)
+        total = sum(statistics.median(v) for v in parts.values()) or 1.0
+        for name, values in parts.items():
+            print(f"  {name:22} {statistics.median(values):6.3f}  ({100 * statistics.median(values) / total:4.1f}%)")
+        if parts:
+            largest = max(parts, key=lambda n: statistics.median(parts[n]))
+            print(f"  largest part: {largest}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{t}/{k}": v for (t, k), v in results.items()}, f, indent=1)

@@ -27,6 +27,7 @@ from rankwarden.events import (
     PeerRejected,
     RankExited,
     RankFailed,
+    RankStarted,
     Restarting,
     ResumeChosen,
     Stopping,
@@ -43,6 +44,8 @@ def describe_event(event: Event) -> str | None:
         return f"job {event.job}: {event.world_size} rank(s) of {event.entrypoint}; logs in {event.job_dir}"
     if isinstance(event, AttemptStarted):
         return f"attempt {event.attempt} started (MASTER_PORT={event.master_port})"
+    if isinstance(event, RankStarted) and event.attempt > 1:  # the first attempt is always fresh
+        return f"attempt {event.attempt}: rank {event.rank} started {'warm' if event.warm else 'fresh'} (pid {event.pid})"
     if isinstance(event, RankFailed):
         return f"attempt {event.attempt}: {event.failure.message} [{event.failure.cause.value}]"
     if isinstance(event, RankExited) and event.note:

@@ -120,6 +120,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="group: any failure restarts all ranks (DDP); rank: only the failed rank restarts")
     r.add_argument("--backoff-initial", type=_seconds, default=1.0, metavar="S", help="delay before the first restart")
     r.add_argument("--backoff-max", type=_seconds, default=30.0, metavar="S", help="cap on the restart delay (it doubles each restart, with 10%% jitter)")
+    r.add_argument("--no-warm", action="store_true",
+                   help="start every rank as a fresh interpreter; by default restarted ranks of a script or module "
+                        "are forked from a zygote that has already imported torch")
     r.add_argument("--kill-grace", type=_seconds, default=5.0, metavar="S",
                    help="after a failure, seconds between SIGTERM and SIGKILL for the other ranks")
     r.add_argument("--stop-grace", type=_seconds, default=None, metavar="S",
@@ -218,6 +221,7 @@ def spec_from_args(args: argparse.Namespace, *, python: str = sys.executable) ->
             backoff=dict(initial=args.backoff_initial, max=max(args.backoff_max, args.backoff_initial)),
             kill_grace=args.kill_grace,
             stop_grace=stop_grace,
+            warm=not args.no_warm,
         )
     )
     # The job id, directory and checkpoint store are fixed here, so that the

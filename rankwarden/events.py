@@ -144,6 +144,8 @@ class AttemptStarted(Event, tag="attempt_started"):
 
 class RankStarted(Event, tag="rank_started"):
     pid: int | None
+    #: Forked from the job's pre-imported zygote (a warm restart), not a fresh interpreter.
+    warm: bool = False
 
 
 class RankConnected(Event, tag="rank_connected"):

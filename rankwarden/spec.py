@@ -112,6 +112,10 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     #: the launcher's default image.
     image: str = ""
     resources: Resources = Resources()
+    #: Start restarted ranks of a script or module from a pre-imported
+    #: interpreter (a zygote that has imported torch) when the launcher has one;
+    #: False: every rank is a fresh interpreter.
+    warm: bool = True
 
     heartbeat_timeout: PositiveFloat = 5.0
     #: Seconds between heartbeats; 0 means heartbeat_timeout / 5.

@@ -38,6 +38,7 @@ from rankwarden.api._templates import Template, expand
 from rankwarden.coordinator import Coordinator
 from rankwarden.events import JobSnapshot, RankFailed
 from rankwarden.errors import ApiError, CheckpointError, SpecError
+from rankwarden.launcher import Detaches, Launcher, PlacesRanks, ReleasesOrphans
 from rankwarden.spec import JobSpec
 
 __all__ = ["JobManager", "ServerConfig"]
@@ -54,7 +55,7 @@ class ServerConfig:
     on_restart: str = "resume"  # or "interrupt"
     checkpoint_root: str | None = None
     #: How ranks run: None for local processes, or a Launcher (an open PodLauncher).
-    launcher: Any = None
+    launcher: Launcher | None = None
     #: Where ranks reach the heartbeat server: loopback for local ranks; for
     #: pods, all interfaces and this pod's IP (or a stable DNS name).
     heartbeat_host: str = "127.0.0.1"
@@ -98,7 +99,7 @@ class JobManager:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await self._recover()
-                if hasattr(self.config.launcher, "release_orphans"):
+                if isinstance(self.config.launcher, ReleasesOrphans):
                     nursery.start_soon(self._release_orphans)
                 task_status.started(self)
                 await trio.sleep_forever()
@@ -107,12 +108,12 @@ class JobManager:
 
     def shutdown(self) -> None:
         self._shutting_down = True
-        detach = getattr(self.config.launcher, "detach", None)
-        if detach is not None:
-            detach()  # pods keep running; the next server adopts them
+        if isinstance(self.config.launcher, Detaches):
+            self.config.launcher.detach()  # pods keep running; the next server adopts them
 
     async def _release_orphans(self) -> None:
         # Services of jobs that no longer run here (a server died mid-teardown).
+        assert isinstance(self.config.launcher, ReleasesOrphans)
         try:
             released = await self.config.launcher.release_orphans(set(self.live))
         except Exception as exc:  # housekeeping must not take the server down
@@ -293,7 +294,7 @@ class JobManager:
     @property
     def _ranks_are_remote(self) -> bool:
         """Ranks run off this host (pods) and outlive this server."""
-        return hasattr(self.config.launcher, "placement")
+        return isinstance(self.config.launcher, PlacesRanks)
 
     def _identity_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "coordinator.json"

@@ -62,7 +62,16 @@ from rankwarden.events import (
     Stopping,
     event_to_json,
 )
-from rankwarden.launcher import LaunchRequest, Launcher, Placement, ProcessLauncher, RankProcess
+from rankwarden.launcher import (
+    AdoptsRanks,
+    LaunchRequest,
+    Launcher,
+    Placement,
+    PlacesRanks,
+    ProcessLauncher,
+    RankProcess,
+    ReleasesJobs,
+)
 from rankwarden.spec import JobSpec, RestartScope
 
 __all__ = ["Coordinator", "run_job"]
@@ -126,8 +135,9 @@ class Coordinator:
         self._token = token or secrets.token_urlsafe(32)
         self._adopt = adopt
         self._adopted: dict[int, tuple[int, RankProcess]] = {}
-        placement = getattr(self.launcher, "placement", None)
-        self._placement: Placement | None = placement(self.job_id) if placement else None
+        self._placement: Placement | None = (
+            self.launcher.placement(self.job_id) if isinstance(self.launcher, PlacesRanks) else None
+        )
         self._state = JobState.PENDING
         # A job taken over from an earlier server goes on counting: its next
         # attempt is attempts_before + 1 and its restart budget is what is left.
@@ -178,7 +188,7 @@ class Coordinator:
         if self._ran:
             raise RuntimeError("a Coordinator runs one job once; create a new one")
         self._ran = True
-        if self._adopt and hasattr(self.launcher, "adopt"):
+        if self._adopt and isinstance(self.launcher, AdoptsRanks):
             self._adopted = await self.launcher.adopt(self.job_id)
         if self._committer is not None:
             # Before anything starts: a store that cannot be read fails the run here, clearly.
@@ -236,11 +246,10 @@ class Coordinator:
                 # their shielded teardown; record the end rather than vanish.
                 self._stop_reason = self._stop_reason or "coordinator cancelled"
                 self._end(JobState.STOPPED)
-            release = getattr(self.launcher, "release", None)
-            if release is not None:
-                # What the launcher holds for the whole job (a pod launcher's Service).
+            if isinstance(self.launcher, ReleasesJobs):
+                # What the launcher holds for the whole job (a pod launcher's Service, a zygote).
                 with trio.CancelScope(shield=True):
-                    await release(self.job_id)
+                    await self.launcher.release(self.job_id)
             self.job_dir.close()
             if owned:
                 with trio.CancelScope(shield=True):
@@ -588,6 +597,7 @@ class Coordinator:
             stderr_path=str(stderr),
             image=self.spec.image,
             resources=self.spec.resources,
+            warm=self.spec.warm,
         )
 
     def _checkpoint_tag(self, attempt: int) -> str:

@@ -44,7 +44,7 @@ from rankwarden.events import (
     RankState,
     RankStopped,
 )
-from rankwarden.launcher import ExitStatus, RankProcess
+from rankwarden.launcher import ExitStatus, RankProcess, WarmAware
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwarden.coordinator._job import Coordinator
@@ -120,7 +120,8 @@ class RankRunner:
             except LaunchError as exc:
                 return self._fail(FailureCause.LAUNCH_FAILED, str(exc))
         self._spawned_at = trio.current_time()
-        job.emit(RankStarted, attempt=self.attempt, rank=self.rank, pid=self.process.pid)
+        warm = isinstance(self.process, WarmAware) and self.process.warm
+        job.emit(RankStarted, attempt=self.attempt, rank=self.rank, pid=self.process.pid, warm=warm)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_exit, nursery.cancel_scope)

@@ -6,12 +6,10 @@ import os
 import socket
 import sys
 
-from rankwarden.launcher._base import Placement
+from rankwarden.launcher import BOOTSTRAP_MODULE, Placement
 from rankwarden.spec import JobSpec
 
 __all__ = ["BOOTSTRAP_MODULE", "free_port", "rank_argv", "rank_env"]
-
-BOOTSTRAP_MODULE = "rankwarden.worker._bootstrap"
 
 
 def rank_argv(spec: JobSpec, placement: Placement | None = None) -> list[str]:

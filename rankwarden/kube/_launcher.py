@@ -45,7 +45,7 @@ from rankwarden.kube._manifests import (
     service_manifest,
     service_name,
 )
-from rankwarden.launcher._base import ExitStatus, LaunchRequest, Placement
+from rankwarden.launcher import ExitStatus, LaunchRequest, Placement
 
 __all__ = ["PodLauncher", "PodProcess"]
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from rankwarden.launcher._base import LaunchRequest
+from rankwarden.launcher import LaunchRequest
 
 __all__ = [
     "CONTAINER",

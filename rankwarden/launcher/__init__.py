@@ -1,6 +1,37 @@
 """Launchers: the seam between the coordinator and wherever ranks run."""
 
-from rankwarden.launcher._base import ExitStatus, LaunchRequest, Launcher, Placement, RankProcess
-from rankwarden.launcher._process import LocalProcess, ProcessLauncher
+from rankwarden.launcher._base import (
+    BOOTSTRAP_MODULE,
+    AdoptsRanks,
+    Detaches,
+    ExitStatus,
+    LaunchRequest,
+    Launcher,
+    Placement,
+    PlacesRanks,
+    RankProcess,
+    ReleasesJobs,
+    ReleasesOrphans,
+    WarmAware,
+)
+from rankwarden.launcher._local import LocalProcess
+from rankwarden.launcher._process import ProcessLauncher
+from rankwarden.launcher._warm import WarmProcess
 
-__all__ = ["ExitStatus", "LaunchRequest", "Launcher", "LocalProcess", "Placement", "ProcessLauncher", "RankProcess"]
+__all__ = [
+    "BOOTSTRAP_MODULE",
+    "AdoptsRanks",
+    "Detaches",
+    "ExitStatus",
+    "LaunchRequest",
+    "Launcher",
+    "LocalProcess",
+    "Placement",
+    "PlacesRanks",
+    "ProcessLauncher",
+    "RankProcess",
+    "ReleasesJobs",
+    "ReleasesOrphans",
+    "WarmAware",
+    "WarmProcess",
+]

@@ -5,6 +5,16 @@ coordinator never touches PIDs, pods or signals directly; everything it needs
 is ``wait`` (how did it end) and ``stop`` (end it now, always reaped). The
 local implementation is ``ProcessLauncher``; the test fake lives in
 ``rankwarden.testing``; the Kubernetes one implements the same two methods.
+
+Optional capabilities are declared here as Protocols, and callers test for
+them with ``isinstance`` (never ``getattr``):
+
+    PlacesRanks      placement(job_id)        ranks run off this host (pods)
+    AdoptsRanks      adopt(job_id)            find ranks a previous coordinator left running
+    ReleasesJobs     release(job_id)          after a job: free what it held (a Service, a zygote)
+    Detaches         detach()                 a stopping server leaves ranks running
+    ReleasesOrphans  release_orphans(active)  free what jobs that no longer run still hold
+    WarmAware        warm                     on a RankProcess: forked pre-imported, not fresh
 """
 
 from __future__ import annotations
@@ -16,7 +26,23 @@ import msgspec
 
 from rankwarden.spec import Resources
 
-__all__ = ["ExitStatus", "LaunchRequest", "Launcher", "Placement", "RankProcess"]
+__all__ = [
+    "BOOTSTRAP_MODULE",
+    "AdoptsRanks",
+    "Detaches",
+    "ExitStatus",
+    "LaunchRequest",
+    "Launcher",
+    "Placement",
+    "PlacesRanks",
+    "RankProcess",
+    "ReleasesJobs",
+    "ReleasesOrphans",
+    "WarmAware",
+]
+
+#: Every Python rank starts as ``python -m BOOTSTRAP_MODULE {script|module|exec} TARGET ARGS``.
+BOOTSTRAP_MODULE = "rankwarden.worker._bootstrap"
 
 
 class ExitStatus(msgspec.Struct, frozen=True):
@@ -76,6 +102,8 @@ class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
     #: For launchers that run ranks in containers; the process launcher ignores them.
     image: str = ""
     resources: Resources = Resources()
+    #: May be forked from a pre-imported interpreter (a launcher that has none ignores it).
+    warm: bool = False
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True):
@@ -122,3 +150,45 @@ class Launcher(Protocol):
     async def start(self, request: LaunchRequest) -> RankProcess:
         """Start one rank; raise ``LaunchError`` if it cannot be started at all."""
         ...
+
+
+@runtime_checkable
+class PlacesRanks(Protocol):
+    def placement(self, job_id: str) -> Placement:
+        """Where this launcher's ranks of ``job_id`` run and how they reach each other."""
+        ...
+
+
+@runtime_checkable
+class AdoptsRanks(Protocol):
+    async def adopt(self, job_id: str) -> dict[int, tuple[int, RankProcess]]:
+        """Ranks of ``job_id`` still running: rank -> (attempt, process)."""
+        ...
+
+
+@runtime_checkable
+class ReleasesJobs(Protocol):
+    async def release(self, job_id: str) -> None:
+        """The job is over and its ranks are gone: free what the launcher holds for it."""
+        ...
+
+
+@runtime_checkable
+class Detaches(Protocol):
+    def detach(self) -> None:
+        """From now on leave ranks running when jobs are torn down (a server handing over)."""
+        ...
+
+
+@runtime_checkable
+class ReleasesOrphans(Protocol):
+    async def release_orphans(self, active: set[str]) -> list[str]:
+        """Free what jobs not in ``active`` still hold; return their ids."""
+        ...
+
+
+@runtime_checkable
+class WarmAware(Protocol):
+    """A RankProcess that says whether it was forked from a pre-imported interpreter."""
+
+    warm: bool

@@ -22,7 +22,11 @@ import sys
 USAGE = "usage: python -m rankwarden.worker._bootstrap {script|module|exec} TARGET [ARGS...]"
 
 
-def _set_parent_death_signal() -> None:
+def _set_parent_death_signal(expected_parent: int | None = None) -> None:
+    """SIGKILL this process when its parent (thread) ends; exit now if it already has.
+
+    ``expected_parent``: the pid the parent must have (a fresh rank: the
+    coordinator, from RANKWARDEN_COORDINATOR_PID; a warm rank: its zygote)."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -31,9 +35,11 @@ def _set_parent_death_signal() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # The coordinator may have died between fork and prctl: then nobody sends it.
-    expected = os.environ.get("RANKWARDEN_COORDINATOR_PID")
-    if expected and expected.isdigit() and os.getppid() != int(expected):
-        sys.stderr.write("rankwarden: coordinator exited before this rank started; exiting\n")
+    if expected_parent is None:
+        expected = os.environ.get("RANKWARDEN_COORDINATOR_PID")
+        expected_parent = int(expected) if expected and expected.isdigit() else None
+    if expected_parent is not None and os.getppid() != expected_parent:
+        sys.stderr.write("rankwarden: the parent of this rank exited before it started; exiting\n")
         os._exit(1)
 
 
@@ -59,6 +65,11 @@ def main(argv: list[str]) -> int:
             sys.stderr.write(f"rankwarden: cannot execute {target!r}: {exc.strerror or exc}\n")
             return 127
 
+    return run_python(mode, target, args)
+
+
+def run_python(mode: str, target: str, args: list[str]) -> int:
+    """Connect, then run ``target`` as ``__main__``; a fresh rank and a warm one both end here."""
     import rankwarden.worker as worker
     from rankwarden.errors import ProtocolError
 
