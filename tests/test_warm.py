@@ -36,7 +36,7 @@ def test_ranks_and_attempts_differ_only_in_the_variables_a_zygote_ignores():
     spec = JobSpec(entrypoint="train.py", world_size=4, checkpoint_url="memory://x")
     envs = [
         rank_env(spec, job_id="j", rank=rank, attempt=attempt, master_port=port, coordinator="127.0.0.1:1",
-                 token="t", checkpoint_tag=f"a{attempt}")
+                 token="t", checkpoint_tag=f"a{attempt}", error_file=f"/j/attempt_{attempt}/{rank}/error.json")
         for rank, attempt, port in ((0, 1, 1000), (3, 2, 2000), (1, 7, 3000))
     ]
     differing = {k for env in envs[1:] for k in env.keys() | envs[0].keys() if env.get(k) != envs[0].get(k)}
@@ -185,7 +185,7 @@ async def test_a_group_restart_is_warm_and_the_job_never_notices(tmp_path):
         assert warm["argv"] == fresh["argv"] and warm["name"] == fresh["name"] == "__main__"
         assert warm["path0"] == fresh["path0"] == SCRIPTS
         differing = {k for k in fresh["env"].keys() | warm["env"].keys() if fresh["env"].get(k) != warm["env"].get(k)}
-        assert differing == {"MASTER_PORT", "RANKWARDEN_ATTEMPT", "TORCHELASTIC_RESTART_COUNT"}
+        assert differing == {"MASTER_PORT", "RANKWARDEN_ATTEMPT", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_ERROR_FILE"}
 
 
 async def test_no_warm_starts_every_rank_fresh_and_no_zygote(tmp_path):

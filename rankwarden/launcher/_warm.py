@@ -47,6 +47,8 @@ REAP_TIMEOUT = 10.0
 PER_RANK_VARIABLES = frozenset({
     "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
     "RANKWARDEN_ATTEMPT", "RANKWARDEN_CHECKPOINT_TAG",
+    # torchrun's @record error file: one path per attempt and rank.
+    "TORCHELASTIC_ERROR_FILE",
 })
 
 
