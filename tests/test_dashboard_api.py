@@ -112,7 +112,8 @@ async def test_metrics_series_stream_and_gauges(api):
 
 class _Snap:
     def __init__(self, steps, loss):
-        self.ranks = [type("R", (), {"step": s, "metrics": {"loss": loss}})() for s in steps]
+        running = type("S", (), {"value": "running"})()
+        self.ranks = [type("R", (), {"step": s, "metrics": {"loss": loss}, "state": running})() for s in steps]
 
 
 def test_a_long_series_is_downsampled_and_resumable(tmp_path):

@@ -103,12 +103,14 @@ class MetricsRecorder:
     def sample(self, now: float | None = None) -> bool:
         """Take one sample of the job's snapshot; True if it added one."""
         snap = self.snapshot()
-        steps = [r.step for r in snap.ranks]
+        # A failed or stopped rank's last step is stale: it would hold the job's step back.
+        ranks = [r for r in snap.ranks if r.state.value not in ("failed", "stopped")]
+        steps = [r.step for r in ranks]
         if not steps or any(s is None for s in steps):
             return False
         step = min(steps)
         sums: dict[str, list[float]] = {}
-        for r in snap.ranks:
+        for r in ranks:
             for name, value in r.metrics.items():
                 sums.setdefault(name, []).append(value)
         values = {name: sum(v) / len(v) for name, v in sums.items()}

@@ -206,8 +206,9 @@ async function jobView(jobId) {
   $("confirm").hidden = true;
   const info = await api("GET", `/jobs/${jobId}`);
   const series = await api("GET", `/jobs/${jobId}/metrics`);
-  const state = { info, summary: null, summaryAt: 0, maxStep: 0, failures: 0, attemptSeen: 0, lastLogAttempt: 0 };
+  const state = { info, summary: null, summaryAt: 0, maxStep: 0, failures: 0, lastLogAttempt: 0, rankFailures: {} };
   const charts = new Charts($("charts"), series);
+  window.rankwardenCharts = charts; // for tests and the console: the points the charts hold
 
   const render = () => renderJob(state);
   const onSummary = (s) => {
@@ -219,11 +220,6 @@ async function jobView(jobId) {
   onSummary(await api("GET", `/jobs/${jobId}/summary`));
   const ticker = setInterval(() => renderRanks(state), 250); // heartbeat ages grow between summaries
 
-  const metrics = stream(`/jobs/${jobId}/metrics/stream?summary=1`, {
-    point: (p) => charts.add(p),
-    summary: onSummary,
-  });
-  if (series.seq.length) metrics.last = series.seq[series.seq.length - 1];
   const metricsPath = () => `/jobs/${jobId}/metrics/stream?summary=1` +
     (series.seq.length ? `&last_event_id=${series.seq[series.seq.length - 1]}` : "");
   const metricsStream = stream(metricsPath(), { point: (p) => charts.add(p), summary: onSummary });
@@ -287,17 +283,26 @@ function renderRanks(state) {
     const age = r.heartbeat_age === null ? null : r.heartbeat_age + (active && r.state === "running" ? since : 0);
     // Red before the coordinator acts: past half the heartbeat timeout a
     // healthy rank (heartbeats every fraction of a second) is already late.
+    // A failure reported by the coordinator's events shows at once (the
+    // summary may only catch up after the restart) and stays red until the
+    // rank runs in a newer attempt.
+    const failure = state.rankFailures[r.rank];
     let cls = "rank";
-    if (r.state === "failed") cls += " bad";
+    if (r.state === "failed" || (failure && failure.attempt >= r.attempt)) cls += " bad";
     else if (age !== null && r.state === "running" && age > timeout / 2) cls += " bad";
     else if (age !== null && r.state === "running" && age > timeout / 5) cls += " warn";
     else if (r.state !== "running" && r.state !== "succeeded") cls += " warn";
     const div = el("div", cls);
     div.dataset.rank = r.rank;
     div.dataset.state = r.state;
-    div.append(el("div", "n", `rank ${r.rank}`), el("div", "", r.state),
+    div.dataset.failures = failure ? failure.count : 0;
+    div.append(el("div", "n", `rank ${r.rank}`), el("div", "", `${r.state} (attempt ${r.attempt})`),
       el("div", "", `heartbeat ${age === null ? "–" : age.toFixed(1) + " s"}`),
       el("div", "", `step ${r.step ?? "–"}`));
+    if (failure) {
+      const now = failure.attempt >= r.attempt;
+      div.append(el("div", "muted", `${now ? "failed" : "restarted after"}: ${failure.cause} (attempt ${failure.attempt})`));
+    }
     return div;
   });
   $("ranks").replaceChildren(...cells);
@@ -313,6 +318,9 @@ function timelineEvent(state, e) {
       const f = e.failure;
       state.failures += 1;
       state.failedAtStep = state.maxStep;
+      const before = state.rankFailures[f.rank];
+      state.rankFailures[f.rank] = { attempt: f.attempt, cause: f.cause, count: (before ? before.count : 0) + 1 };
+      renderRanks(state);
       const recover = state.summary && state.summary.recovery_seconds[state.failures - 1];
       text = `rank ${f.rank} failed (${f.cause}): ${f.message}; detected after ${num(f.detected_after, 2)} s` +
         (recover !== undefined && recover !== null ? `; recovered in ${num(recover, 2)} s` : "");
@@ -379,12 +387,12 @@ class Charts {
   }
 
   build() {
-    const width = Math.max(380, Math.min(640, this.root.clientWidth / 2 - 20));
     for (const [title, names] of this.groups()) {
       if (this.plots[title]) continue;
       const box = el("div", "chart");
       box.dataset.chart = title;
       this.root.append(box);
+      const width = Math.max(300, box.clientWidth - 10);
       const colors = ["#2563eb", "#16a34a", "#dc2626", "#9333ea"];
       const opts = {
         title, width, height: 200,
