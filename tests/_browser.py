@@ -76,6 +76,15 @@ class Browser:
                 await trio.sleep(0.05)
         raise AssertionError(f"timed out after {timeout} s waiting for {what or script!r} (last: {last!r})")
 
+    async def new_window(self) -> str:
+        """Open a new window (not a background tab: each one stays visible) and switch to it."""
+        handle = (await self._call("POST", "/window/new", {"type": "window"}))["handle"]
+        await self._call("POST", "/window", {"handle": handle})
+        return handle
+
+    async def switch(self, handle: str) -> None:
+        await self._call("POST", "/window", {"handle": handle})
+
     async def screenshot(self) -> bytes:
         return base64.b64decode(await self._call("GET", "/screenshot"))
 

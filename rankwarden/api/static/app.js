@@ -112,6 +112,7 @@ async function jobsView() {
     });
     tbody.replaceChildren(...rows);
     $("jobs-total").textContent = `(${list.total})`;
+    if (!performance.getEntriesByName("rankwarden:jobs").length) performance.mark("rankwarden:jobs");
   };
   const tick = async () => {
     try { await refresh(); } catch (e) { if (e instanceof Unauthorized) return; }
