@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: setup
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		echo "NOTE: chromium or chromedriver is not installed: the dashboard's browser tests" \
+		     "(tests/test_dashboard_browser.py) will be SKIPPED (apt-get install -y chromium chromium-driver)"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The chaos demo: train 2 DDP ranks on CPU, inject kill -9 / SIGSTOP / a hang /

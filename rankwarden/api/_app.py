@@ -24,9 +24,11 @@ from quart_trio import QuartTrio
 
 import rankwarden
 from rankwarden.api._admission import check_job_id
+from rankwarden.api._dashboard import Sessions, install_dashboard, is_public
 from rankwarden.api._logs import read_tail, stream_file
 from rankwarden.api._manager import JobManager
 from rankwarden.api._metrics import render_metrics
+from rankwarden.api._metrics_store import render_job_metrics
 from rankwarden.api._schema import (
     API_STATES,
     ErrorBody,
@@ -122,6 +124,7 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT
     app.asgi_app = _PerClient(app.asgi_app, manager.config.limits.max_client_requests)  # type: ignore[method-assign]
     expected = f"Bearer {token}".encode()
+    sessions = Sessions(token)
 
     @app.before_request
     async def authenticate_then_drain():
@@ -129,11 +132,15 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
         # unauthenticated client cannot make the server buffer anything. A
         # refusal over an unread body closes the connection (after_request),
         # since the body's bytes would otherwise stall the next request on it.
-        if request.path != "/health":
+        if request.path != "/health" and not is_public(request.path, request.method):
             # Exactly one header, exactly the token: a second Authorization
             # header is ambiguous (proxies and servers disagree on which wins).
             given = request.headers.getlist("Authorization")
-            if len(given) != 1 or not hmac.compare_digest(given[0].encode(), expected):
+            if not given and request.cookies:
+                # A browser's session cookie (see _dashboard): state changes also need its header.
+                if (refusal := sessions.check()) is not None:
+                    return _error(*refusal)
+            elif len(given) != 1 or not hmac.compare_digest(given[0].encode(), expected):
                 return _error(401, "missing or wrong bearer token", "send `Authorization: Bearer <token>`")
         if (request.content_length or 0) > MAX_BODY:
             return _error(413, "request body too large", f"the limit is {MAX_BODY} bytes")
@@ -143,7 +150,7 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
 
     @app.after_request
     async def harden(response: Response) -> Response:
-        if response.status_code in (401, 413):
+        if response.status_code in (401, 403, 413):
             response.headers["Connection"] = "close"
         # Answers are JSON or event streams about private jobs: never sniffed
         # as something else, never kept by a cache.
@@ -237,7 +244,12 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
     @app.get("/metrics")
     async def metrics():
         text = render_metrics(await manager.counts(), manager.live_metrics())
+        text += render_job_metrics({job_id: (live.metrics.series.latest, await manager.summary(job_id))
+                                    for job_id, live in list(manager.live.items())
+                                    if live.metrics is not None and manager.is_active(job_id)})
         return Response(text, mimetype="text/plain", headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    install_dashboard(app, manager, sessions, _json, _error)
 
     @app.get("/openapi.json")
     async def openapi():

@@ -31,6 +31,7 @@ import trio
 from rankwarden.api._admission import Limits, check_allowed, check_job_id, check_limits
 from rankwarden.api._db import JobDB
 from rankwarden.api._logs import LogCopier, ensure_private_dir
+from rankwarden.api._metrics_store import MetricsRecorder
 from rankwarden.api._schema import ACTIVE, DeleteResult, JobInfo, JobRequest, JobSummary
 from rankwarden.checkpoint import CheckpointStore
 from rankwarden.api._summaries import Sampler, build_summary
@@ -77,6 +78,8 @@ class _Live:
     resumed: bool = False
     #: Set once the job's final state is in the database (after its coordinator ended).
     recorded: trio.Event = field(default_factory=trio.Event)
+    #: The job's user metrics as downsampled series (the dashboard's charts).
+    metrics: MetricsRecorder | None = None
 
     def ranks(self) -> list[tuple[int, int]]:
         return [(r.rank, r.attempt) for r in self.coordinator.snapshot().ranks]
@@ -240,6 +243,8 @@ class JobManager:
         )
         live = _Live(coordinator=coordinator, request=request, sampler=Sampler(coordinator), resumed=resumed,
                      logs=LogCopier(coordinator.job_dir, self.combined_log(job_id)))
+        live.metrics = MetricsRecorder(job_id, coordinator.snapshot, lambda: live.sampler.steps_per_second(),
+                                       self.job_dir(job_id) / "metrics.json")
         self.live[job_id] = live
         self._nursery.start_soon(self._run_job, job_id, live)
 
@@ -254,6 +259,7 @@ class JobManager:
                 nursery.start_soon(self._mirror_events, job_id, live)
                 nursery.start_soon(live.sampler.run)
                 nursery.start_soon(live.logs.run, live.ranks)
+                nursery.start_soon(live.metrics.run)  # type: ignore[union-attr]
                 await coordinator.wait()
                 await live.logs.copy(live.ranks(), final=True)
                 nursery.cancel_scope.cancel()
@@ -279,6 +285,9 @@ class JobManager:
             finally:
                 live.recorded.set()
                 live.logs.wake_all()
+                if live.metrics is not None:
+                    with trio.CancelScope(shield=True):
+                        await live.metrics.finish()
 
     async def _mirror_events(self, job_id: str, live: _Live) -> None:
         async for event in live.coordinator.events():

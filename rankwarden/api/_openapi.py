@@ -20,6 +20,8 @@ from rankwarden.api._schema import (
     PurgeResult,
     DeleteResult,
 )
+from rankwarden.api._dashboard import LoginRequest, LoginResult, TemplateInfo
+from rankwarden.api._metrics_store import MetricsSeries
 from rankwarden.spec import JOB_ID_PATTERN
 
 __all__ = ["openapi_document"]
@@ -34,7 +36,7 @@ def _json_response(description: str, schema: dict) -> dict:
 
 
 def _errors(*codes: int) -> dict:
-    text = {400: "bad request", 401: "missing or wrong token", 403: "entrypoint not allowed", 404: "no such job",
+    text = {400: "bad request", 401: "missing or wrong token", 403: "entrypoint or template not allowed; or a browser session without its X-Rankwarden header", 404: "no such job",
             409: "conflicts with the job's state", 413: "body too large", 503: "shutting down"}
     return {str(code): _json_response(text[code], _ref("ErrorBody")) for code in codes}
 
@@ -48,7 +50,8 @@ SSE = {"description": "text/event-stream; `id` is the line number; send Last-Eve
 @functools.lru_cache(maxsize=1)
 def openapi_document() -> dict:
     (components,) = msgspec.json.schema_components(
-        [JobRequest, JobInfo, JobList, JobSummary, LogLines, PurgeRequest, PurgeResult, DeleteResult, Health, ErrorBody],
+        [JobRequest, JobInfo, JobList, JobSummary, LogLines, PurgeRequest, PurgeResult, DeleteResult, Health, ErrorBody,
+         MetricsSeries, LoginRequest, LoginResult, TemplateInfo],
         ref_template="#/components/schemas/{name}",
     )[1:]
     job = {"parameters": [JOB_ID]}
@@ -93,6 +96,28 @@ def openapi_document() -> dict:
                                                         "responses": {"200": SSE, **_errors(400, 401, 404)}}},
         "/jobs/{job_id}/stop": {**job, "post": {"summary": "graceful stop: checkpoint, exit, then kill after a grace period",
                                                 "responses": {"202": _json_response("stopping", _ref("JobInfo")), **_errors(400, 401, 404, 409)}}},
+        "/jobs/{job_id}/metrics": {**job, "get": {
+            "summary": "the job's reported metrics (rankwarden.worker.report), steps/s and samples/s as downsampled series",
+            "parameters": [{"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10**18},
+                            "description": "only points with a sequence number above this"}],
+            "responses": {"200": _json_response("series", _ref("MetricsSeries")), **_errors(400, 401, 404)}}},
+        "/jobs/{job_id}/metrics/stream": {**job, "get": {
+            "summary": "new metric points as Server-Sent Events (`point`; with summary=1 also a `summary` each second)",
+            "parameters": [{"name": "summary", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}}],
+            "responses": {"200": SSE, **_errors(400, 401, 404)}}},
+        "/templates": {"get": {"summary": "the job templates this server offers (submit with template and params)",
+                               "responses": {"200": _json_response("templates", {"type": "array", "items": _ref("TemplateInfo")}),
+                                             **_errors(401)}}},
+        "/login": {"post": {
+            "summary": "browser login: exchange the token for an HttpOnly, SameSite=Strict session cookie "
+                       "(needs the X-Rankwarden: 1 header)", "security": [],
+            "parameters": [{"name": "X-Rankwarden", "in": "header", "required": True,
+                            "schema": {"type": "string", "enum": ["1"]}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("LoginRequest")}}},
+            "responses": {"200": _json_response("logged in; the cookie is set", _ref("LoginResult")),
+                          **_errors(400, 401, 403, 413)}}},
+        "/logout": {"post": {"summary": "end the browser session (and clear its cookie)",
+                             "responses": {"204": {"description": "logged out"}, **_errors(401, 403)}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
             "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
             **_errors(401)}}},
