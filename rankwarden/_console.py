@@ -25,6 +25,7 @@ from rankwarden.events import (
     JobStopped,
     JobSucceeded,
     PeerRejected,
+    RankBusy,
     RankExited,
     RankFailed,
     RankStarted,
@@ -48,6 +49,8 @@ def describe_event(event: Event) -> str | None:
         return f"attempt {event.attempt}: rank {event.rank} started {'warm' if event.warm else 'fresh'} (pid {event.pid})"
     if isinstance(event, RankFailed):
         return f"attempt {event.attempt}: {event.failure.message} [{event.failure.cause.value}]"
+    if isinstance(event, RankBusy):
+        return f"attempt {event.attempt}: {event.message}"
     if isinstance(event, RankExited) and event.note:
         return f"attempt {event.attempt}: rank {event.rank} {event.note}"
     if isinstance(event, PeerRejected):
