@@ -15,7 +15,7 @@ Liveness deadlines, in the order a rank meets them:
     connected, has reported steps last new step + progress_timeout   progress_timeout
     connection dropped uncleanly  drop + CONNECTION_LOST_GRACE       connection_lost
     said goodbye                  goodbye + heartbeat_timeout        (killed; exit code from goodbye)
-    silent but busy (see below)   last check + heartbeat_interval    heartbeat_timeout (re-judged)
+    silent but busy (see below)   last check + busy window           heartbeat_timeout (re-judged)
                                   last heartbeat + progress_timeout  progress_timeout
 
 A busy rank is not a frozen one. The heartbeat is a Python thread, so one
@@ -27,10 +27,11 @@ heartbeat (or the last check):
 
 * stopped (``T``/``t``: SIGSTOP, a tracer): frozen, at the timeout exactly;
 * CPU time grew by at least ``BUSY_CPU_SHARE`` of the elapsed time: busy.
-  The rank is re-judged every heartbeat interval, so a rank SIGSTOPped or
-  deadlocked while busy is caught one interval later; without a heartbeat
-  it is never given more than ``progress_timeout`` (when set), then it is
-  hung;
+  It is re-judged every heartbeat interval (a window of no less than
+  ``BUSY_WINDOW_MIN`` and no more than heartbeat_timeout), so a rank
+  SIGSTOPped or deadlocked while busy is caught one window later. Without a
+  heartbeat it is never given more than ``progress_timeout`` (when set):
+  then it is hung;
 * anything else (asleep, D-state, a trickle of CPU from background
   threads): frozen.
 
@@ -81,6 +82,10 @@ _RATE_WINDOW = 30.0  # seconds of (time, step) samples kept for steps/s
 #: last sample: a GIL-holding call uses a whole one (less on a crowded host);
 #: a deadlocked rank's background threads (NCCL's watchdog) use next to none.
 BUSY_CPU_SHARE = 0.25
+#: A busy rank is re-judged every heartbeat interval, but over no less than
+#: this: CPU time is counted in 10 ms ticks, and on a crowded host a rank gets
+#: a fraction of a CPU in bursts, so a shorter window misjudges a busy rank.
+BUSY_WINDOW_MIN = 1.0
 
 
 class RankOutcome(msgspec.Struct, frozen=True):
@@ -261,7 +266,8 @@ class RankRunner:
                 self._silence = f"it used {used:.2f}s of CPU in {now - mark[0]:.1f}s (state {sample.state})"
             return False
         total = sample.cpu_seconds - (self._cpu_at_heartbeat or 0.0)
-        self._busy_check_at = now + self.job.spec.effective_heartbeat_interval
+        spec = self.job.spec
+        self._busy_check_at = now + min(spec.heartbeat_timeout, max(BUSY_WINDOW_MIN, spec.effective_heartbeat_interval))
         message = (
             f"rank {self.rank} sent no heartbeat for {silent_for:.1f}s but is running (+{total:.1f}s CPU): "
             "busy in a call that holds the GIL; still watching"
