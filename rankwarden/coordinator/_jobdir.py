@@ -195,22 +195,33 @@ class RankOutputTail:
         self.partials = []
         for rank, newest in ranks:
             for attempt in range(1, max(newest, 1) + 1):
-                for path in self.job_dir.log_paths(rank, attempt):
-                    out += self._read_file(path, rank, attempt, final)
+                # The two streams are two files, so the order of lines across
+                # them is lost; when both have new lines, the one whose last
+                # write came first goes first (exact when each wrote once since
+                # the last read, a print and a traceback line). Timestamps are
+                # coarse (a jiffy), so on a tie a batch that ends a line begun
+                # before this read (a progress bar's final redraw) goes first.
+                batches = [self._read_file(path, rank, attempt, final) for path in self.job_dir.log_paths(rank, attempt)]
+                for _, lines in sorted(batches, key=lambda batch: batch[0]):
+                    out += lines
         return out
 
-    def _read_file(self, path: Path, rank: int, attempt: int, final: bool) -> list[OutputLine]:
+    def _read_file(
+        self, path: Path, rank: int, attempt: int, final: bool
+    ) -> tuple[tuple[int, bool], list[OutputLine]]:
         key = str(path)
         start = self.offsets.get(key, 0)
         try:
             with open(path, "rb") as f:
+                written = os.fstat(f.fileno()).st_mtime_ns
                 f.seek(start)
                 data = f.read(self._CHUNK)
         except FileNotFoundError:
-            return []
+            return (0, True), []
         stream = path.suffix[1:]
         self.offsets[key] = start + len(data)
-        data = self._carry.pop(key, b"") + data
+        carried = self._carry.pop(key, b"")
+        data = carried + data
         end = data.rfind(b"\n") + 1
         lines = [OutputLine(rank, attempt, stream, read_as_shown(line)) for line in data[:end].split(b"\n")[:-1]]
         rest = _last_redraw(data[end:])
@@ -222,7 +233,7 @@ class RankOutputTail:
             shown = read_as_shown(rest)
             if shown.strip():
                 self.partials.append(OutputLine(rank, attempt, stream, shown))
-        return lines
+        return (written, not (carried and end)), lines
 
 
 def _last_redraw(text: bytes) -> bytes:
