@@ -1,12 +1,20 @@
 """What ``rankwarden run`` shows a person: event lines, rank output, a live status line.
 
-On a terminal the last line is a status line redrawn in place (attempt, each
-rank's step, steps/s); every other line is printed above it. Elsewhere (CI
-logs, pipes) there is no status line, only plain lines.
+On a terminal the last lines are a live region redrawn in place: each rank's
+unfinished line as it is now (a tqdm bar, updating) and the status line
+(attempt, each rank's step, steps/s); every other line is printed above it.
+Elsewhere (CI logs, pipes) there is no live region, only plain lines, and a
+progress bar is printed once, in its final state.
+
+Rank output is read every ``_OUTPUT_REFRESH`` seconds, file by file (as
+torchrun's ``--tee`` does): lines a rank writes to stdout and stderr in that
+window may come out stdout first; lines further apart keep their order. The
+files themselves are written by the rank, in order, per stream.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Callable, TextIO
@@ -25,6 +33,7 @@ from rankwarden.events import (
     JobStopped,
     JobSucceeded,
     PeerRejected,
+    RankBusy,
     RankExited,
     RankFailed,
     RankStarted,
@@ -35,7 +44,8 @@ from rankwarden.events import (
 
 __all__ = ["Console", "describe_event", "format_status"]
 
-_REFRESH = 0.5  # seconds between status redraws and rank-output reads
+_OUTPUT_REFRESH = 0.1  # seconds between rank-output reads (and live-region redraws)
+_STATUS_REFRESH = 0.5  # seconds between snapshots for the status line
 
 
 def describe_event(event: Event) -> str | None:
@@ -48,6 +58,8 @@ def describe_event(event: Event) -> str | None:
         return f"attempt {event.attempt}: rank {event.rank} started {'warm' if event.warm else 'fresh'} (pid {event.pid})"
     if isinstance(event, RankFailed):
         return f"attempt {event.attempt}: {event.failure.message} [{event.failure.cause.value}]"
+    if isinstance(event, RankBusy):
+        return f"attempt {event.attempt}: {event.message}"
     if isinstance(event, RankExited) and event.note:
         return f"attempt {event.attempt}: rank {event.rank} {event.note}"
     if isinstance(event, PeerRejected):
@@ -103,13 +115,31 @@ class Console:
         self.out = out
         self.err = err
         self.live = err.isatty()
-        self._status_shown = False
+        self._region: list[str] = []  # the live lines on screen now, top to bottom
+        self._status = ""
         self._tail = RankOutputTail(coordinator.job_dir)
 
     def _clear_status(self) -> None:
-        if self._status_shown:
-            self.err.write("\r\x1b[K")
-            self._status_shown = False
+        """Erase the live region (the cursor is at the end of its last line)."""
+        if self._region:
+            self.err.write("\r\x1b[K" + "\x1b[1A\x1b[K" * (len(self._region) - 1))
+            self._region = []
+
+    def _draw_region(self) -> None:
+        if not self.live:
+            return
+        width = _width(self.err)
+        region = [
+            f"[rank{line.rank}]: {_strip_rank_prefix(line.rank, line.text.decode(errors='replace'))}"[:width]
+            for line in self._tail.partials if self.echo(line.rank, line.stream)
+        ] if self.echo_ranks else []
+        if self._status and not self.coordinator.state.finished:
+            region.append(self._status[:width])
+        if region != self._region:
+            self._clear_status()
+            self.err.write("\n".join(region))
+            self._region = region
+        self.err.flush()
 
     def line(self, text: str, *, stream: TextIO | None = None) -> None:
         self._clear_status()
@@ -158,17 +188,17 @@ class Console:
         return "\n".join(out + extra)
 
     async def refresh(self) -> None:
-        """Redraw the status line and copy new rank output, until cancelled.
+        """Copy new rank output and redraw the live region, until cancelled.
 
         A display refresh, not liveness: nothing is decided from it."""
-        while True:
+        ticks = round(_STATUS_REFRESH / _OUTPUT_REFRESH)
+        for tick in range(sys.maxsize):
             self.copy_rank_output()
-            if self.live and not self.coordinator.state.finished:
-                self._clear_status()
-                self.err.write(format_status(self.coordinator.snapshot())[:200])
-                self.err.flush()
-                self._status_shown = True
-            await trio.sleep(_REFRESH)
+            if self.live:
+                if tick % ticks == 0:
+                    self._status = format_status(self.coordinator.snapshot())
+                self._draw_region()
+            await trio.sleep(_OUTPUT_REFRESH)
 
     def copy_rank_output(self, *, final: bool = False) -> None:
         if not self.echo_ranks:
@@ -184,6 +214,15 @@ class Console:
     def finish(self) -> None:
         self.copy_rank_output(final=True)
         self._clear_status()
+
+
+def _width(stream: TextIO) -> int:
+    """Columns a live line may use: one less than the terminal's (a full line would wrap)."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = 0
+    return columns - 1 if columns > 1 else 200
 
 
 def _strip_rank_prefix(rank: int, text: str) -> str:

@@ -13,6 +13,8 @@ rank_started       a rank's process was spawned (pid)
 rank_connected     the rank said hello on the heartbeat socket
 rank_exited        the rank exited 0 (it finished)
 rank_failed        the rank failed; ``failure`` says how (see FailureCause)
+rank_busy          a silent rank is still using CPU (a call that holds the
+                   GIL): not frozen; still watched (once per incarnation)
 rank_stopped       the coordinator stopped a rank (teardown or stop)
 peer_rejected      a heartbeat peer was dropped (bad frame, wrong token, ...)
 checkpoint_committed  every rank wrote ``step``; its manifest is durable
@@ -48,6 +50,7 @@ __all__ = [
     "JobStopped",
     "JobSucceeded",
     "PeerRejected",
+    "RankBusy",
     "RankConnected",
     "RankExited",
     "RankFailed",
@@ -160,6 +163,13 @@ class RankExited(Event, tag="rank_exited"):
 
 class RankFailed(Event, tag="rank_failed"):
     failure: Failure
+
+
+class RankBusy(Event, tag="rank_busy"):
+    #: Seconds since its last heartbeat, and CPU seconds it used in them.
+    silent_for: float
+    cpu_seconds: float
+    message: str = ""
 
 
 class RankStopped(Event, tag="rank_stopped"):

@@ -16,6 +16,12 @@ coordinator runs under ``trio.testing.MockClock`` and timing is exact::
     async with open_fake_launcher(rank, listener) as launcher:
         snapshot = await Coordinator(spec, launcher=launcher, listeners=[listener]).run()
 
+Fake ranks report CPU like local processes (``ReportsCpu``): a rank inside
+``await fake.busy(10)`` is in a call that holds the GIL (no heartbeats, one
+CPU used), ``await fake.sigstop()`` is a stopped process, and a rank merely
+awaiting is asleep. ``open_fake_launcher(..., reports_cpu=False)`` gives
+ranks that do not report CPU, as pods do.
+
 ``PowerLossFiles`` (for ``LocalBackend``'s file-system seam) and
 ``PowerLossObjectStore`` (around an fsspec filesystem) model what a power cut
 or a killed writer leaves of a checkpoint save; see ``rankwarden._powerloss``.
@@ -34,11 +40,12 @@ import trio.testing
 
 from rankwarden import protocol
 from rankwarden._powerloss import CrashState, PowerLossFiles, PowerLossObjectStore
-from rankwarden.launcher import ExitStatus, LaunchRequest
+from rankwarden.launcher import CpuSample, ExitStatus, LaunchRequest
 
 __all__ = [
     "CrashState",
     "FakeLauncher",
+    "FakeLocalProcess",
     "FakeProcess",
     "FakeRank",
     "MemoryListener",
@@ -83,6 +90,34 @@ class FakeRank:
         self.received: list = []
         #: True: SIGTERM is ignored, so only SIGKILL after the grace ends the rank.
         self.ignore_sigterm = False
+        #: What ``FakeLocalProcess.sample`` reports: a state letter and CPU seconds.
+        self.cpu_state = "S"
+        self._cpu = 0.0
+        self._running_since: float | None = None
+        self._cpu_share = 1.0
+
+    def cpu_seconds(self) -> float:
+        if self._running_since is None:
+            return self._cpu
+        return self._cpu + (trio.current_time() - self._running_since) * self._cpu_share
+
+    async def busy(self, seconds: float, *, cpu_share: float = 1.0) -> None:
+        """A call that holds the GIL for ``seconds``: nothing is sent, ``cpu_share`` of a CPU is used."""
+        self._running_since, self._cpu_share, self.cpu_state = trio.current_time(), cpu_share, "R"
+        try:
+            await trio.sleep(seconds)
+        finally:
+            if self.cpu_state == "R":
+                self._cpu, self._running_since, self.cpu_state = self.cpu_seconds(), None, "S"
+
+    def stopped(self) -> None:
+        """As SIGSTOP leaves a process: state T, its CPU time frozen."""
+        self._cpu, self._running_since, self.cpu_state = self.cpu_seconds(), None, "T"
+
+    async def sigstop(self) -> None:
+        """Stop here as a SIGSTOPped process does, and never go on."""
+        self.stopped()
+        await trio.sleep_forever()
 
     async def connect(self) -> None:
         self._stream = await self._listener.connect()
@@ -141,6 +176,8 @@ Behaviour = Callable[[FakeRank], Awaitable[int]]
 
 
 class FakeProcess:
+    """A fake rank's process; it does not report CPU (as a pod does not): see ``FakeLocalProcess``."""
+
     def __init__(self, request: LaunchRequest, pid: int) -> None:
         self.request = request
         self._pid = pid
@@ -187,18 +224,35 @@ class FakeProcess:
             return await self.wait()
 
 
+class FakeLocalProcess(FakeProcess):
+    """A fake rank that reports CPU as a local process does (``ReportsCpu``)."""
+
+    def sample(self) -> CpuSample | None:
+        if self.status is not None or self.fake is None:
+            return None
+        return CpuSample(self.fake.cpu_state, self.fake.cpu_seconds())
+
+    def signal(self, sig: int) -> None:
+        if sig == signal.SIGSTOP and self.status is None and self.fake is not None:
+            self.fake.stopped()
+        super().signal(sig)
+
+
 class FakeLauncher:
     """Runs each rank's behaviour as a task; ``processes`` lists every launch in order."""
 
-    def __init__(self, behaviour: Behaviour, listener: MemoryListener, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, behaviour: Behaviour, listener: MemoryListener, nursery: trio.Nursery, *, reports_cpu: bool = True
+    ) -> None:
         self._behaviour = behaviour
+        self._process_type = FakeLocalProcess if reports_cpu else FakeProcess
         self._listener = listener
         self._nursery = nursery
         self._pids = itertools.count(1000)
         self.processes: list[FakeProcess] = []
 
     async def start(self, request: LaunchRequest) -> FakeProcess:
-        process = FakeProcess(request, next(self._pids))
+        process = self._process_type(request, next(self._pids))
         process.fake = FakeRank(request, self._listener)
         self.processes.append(process)
         self._nursery.start_soon(self._run, process)
@@ -218,9 +272,11 @@ class FakeLauncher:
 
 
 @asynccontextmanager
-async def open_fake_launcher(behaviour: Behaviour, listener: MemoryListener) -> AsyncIterator[FakeLauncher]:
+async def open_fake_launcher(
+    behaviour: Behaviour, listener: MemoryListener, *, reports_cpu: bool = True
+) -> AsyncIterator[FakeLauncher]:
     async with trio.open_nursery() as nursery:
-        yield FakeLauncher(behaviour, listener, nursery)
+        yield FakeLauncher(behaviour, listener, nursery, reports_cpu=reports_cpu)
         nursery.cancel_scope.cancel()
 
 

@@ -46,9 +46,10 @@ def make_spec(tmp_path, **overrides) -> JobSpec:
 class Run:
     """Runs a coordinator over fakes and records each event with its virtual time."""
 
-    def __init__(self, spec, behaviour) -> None:
+    def __init__(self, spec, behaviour, *, reports_cpu=True) -> None:
         self.spec = spec
         self.behaviour = behaviour
+        self.reports_cpu = reports_cpu
         self.timeline: list[tuple[float, object]] = []
         self.coordinator: Coordinator | None = None
         self.launcher = None
@@ -56,7 +57,7 @@ class Run:
 
     async def __call__(self, during=None):
         listener = MemoryListener()
-        async with open_fake_launcher(self.behaviour, listener) as launcher:
+        async with open_fake_launcher(self.behaviour, listener, reports_cpu=self.reports_cpu) as launcher:
             self.launcher = launcher
             self.coordinator = coordinator = Coordinator(self.spec, launcher=launcher, listeners=[listener])
             async with trio.open_nursery() as nursery:

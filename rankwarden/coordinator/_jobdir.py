@@ -27,7 +27,7 @@ from typing import IO, NamedTuple
 
 import msgspec
 
-__all__ = ["JobDir", "OutputLine", "RankFiles", "RankOutputTail", "TorchrunLogs"]
+__all__ = ["JobDir", "OutputLine", "RankFiles", "RankOutputTail", "TorchrunLogs", "read_as_shown"]
 
 
 class RankFiles(NamedTuple):
@@ -132,7 +132,8 @@ class JobDir:
                 data = f.read()
         except FileNotFoundError:
             return []
-        return [line.decode(errors="replace") for line in data.splitlines() if line.strip()][-lines:]
+        shown = (read_as_shown(line).decode(errors="replace") for line in data.split(b"\n"))
+        return [line for line in shown if line.strip()][-lines:]
 
     def error_summary(self, rank: int, attempt: int) -> str:
         """The exception torch's ``@record`` wrote for a rank ("ValueError: ..."), or ""."""
@@ -170,36 +171,82 @@ class RankOutputTail:
     """New lines of every rank's output files since the last call, file by file.
 
     Ranks write their output straight to files (it survives the coordinator);
-    the CLI echoes it and the API numbers it for SSE by tailing them. Only
-    complete lines are returned, unless ``final`` (the job has ended)."""
+    the CLI echoes it by tailing them. Only complete lines are returned, unless
+    ``final`` (the job has ended), each as a person reads it (``read_as_shown``):
+    a progress bar redrawn with ``\\r`` (tqdm) is one line in its last state,
+    not one line per redraw. The unfinished line of each file, in its current
+    state, is in ``partials`` (a terminal shows it updating in place)."""
 
     _CHUNK = 1 << 20
+    #: An unfinished line longer than this (no newline, no \\r) is returned in pieces.
+    MAX_LINE = 1 << 16
 
     def __init__(self, job_dir: JobDir) -> None:
         self.job_dir = job_dir
         self.offsets: dict[str, int] = {}
+        #: Per file: what was read of its unfinished line (only its last \\r-segment).
+        self._carry: dict[str, bytes] = {}
+        #: The unfinished line of each file read by the last ``read``, as shown now.
+        self.partials: list[OutputLine] = []
 
     def read(self, ranks: list[tuple[int, int]], *, final: bool = False) -> list[OutputLine]:
         """``ranks``: (rank, newest attempt) pairs; every attempt up to it is read."""
         out: list[OutputLine] = []
+        self.partials = []
         for rank, newest in ranks:
             for attempt in range(1, max(newest, 1) + 1):
-                for path in self.job_dir.log_paths(rank, attempt):
-                    out += self._read_file(path, rank, attempt, final)
+                # The two streams are two files, so the order of lines across
+                # them is lost; when both have new lines, the one whose last
+                # write came first goes first (exact when each wrote once since
+                # the last read, a print and a traceback line). Timestamps are
+                # coarse (a jiffy), so on a tie a batch that ends a line begun
+                # before this read (a progress bar's final redraw) goes first.
+                batches = [self._read_file(path, rank, attempt, final) for path in self.job_dir.log_paths(rank, attempt)]
+                for _, lines in sorted(batches, key=lambda batch: batch[0]):
+                    out += lines
         return out
 
-    def _read_file(self, path: Path, rank: int, attempt: int, final: bool) -> list[OutputLine]:
+    def _read_file(
+        self, path: Path, rank: int, attempt: int, final: bool
+    ) -> tuple[tuple[int, bool], list[OutputLine]]:
         key = str(path)
         start = self.offsets.get(key, 0)
         try:
             with open(path, "rb") as f:
+                written = os.fstat(f.fileno()).st_mtime_ns
                 f.seek(start)
                 data = f.read(self._CHUNK)
         except FileNotFoundError:
-            return []
-        end = len(data) if final else data.rfind(b"\n") + 1
-        if end <= 0:
-            return []
-        self.offsets[key] = start + end
+            return (0, True), []
         stream = path.suffix[1:]
-        return [OutputLine(rank, attempt, stream, line) for line in data[:end].splitlines()]
+        self.offsets[key] = start + len(data)
+        carried = self._carry.pop(key, b"")
+        data = carried + data
+        end = data.rfind(b"\n") + 1
+        lines = [OutputLine(rank, attempt, stream, read_as_shown(line)) for line in data[:end].split(b"\n")[:-1]]
+        rest = _last_redraw(data[end:])
+        if rest and (final or len(rest) > self.MAX_LINE):
+            lines.append(OutputLine(rank, attempt, stream, read_as_shown(rest)))
+            rest = b""
+        if rest:
+            self._carry[key] = rest
+            shown = read_as_shown(rest)
+            if shown.strip():
+                self.partials.append(OutputLine(rank, attempt, stream, shown))
+        return (written, not (carried and end)), lines
+
+
+def _last_redraw(text: bytes) -> bytes:
+    """An unfinished line from its last redraw on: what follows its last \\r (one
+    that ends it is kept: it may be the first half of \\r\\n)."""
+    cut = text.rfind(b"\r", 0, len(text) - 1)
+    return text[cut + 1:] if cut >= 0 else text
+
+
+def read_as_shown(line: bytes) -> bytes:
+    """A line (without its newline) as a terminal leaves it: the text after its last
+    carriage return, so a progress bar's redraws are its final state; a \\r\\n
+    ending is a plain end of line."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    return line[line.rfind(b"\r") + 1:]

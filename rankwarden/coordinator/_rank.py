@@ -15,6 +15,27 @@ Liveness deadlines, in the order a rank meets them:
     connected, has reported steps last new step + progress_timeout   progress_timeout
     connection dropped uncleanly  drop + CONNECTION_LOST_GRACE       connection_lost
     said goodbye                  goodbye + heartbeat_timeout        (killed; exit code from goodbye)
+    silent but busy (see below)   last check + busy window           heartbeat_timeout (re-judged)
+                                  last heartbeat + progress_timeout  progress_timeout
+
+A busy rank is not a frozen one. The heartbeat is a Python thread, so one
+long C call that holds the GIL (``json.load`` of a huge file, ``pickle.load``)
+silences it although the rank is working. So when the heartbeat deadline of
+a rank whose process ``ReportsCpu`` (a local one) fires, the process is
+sampled before it is called frozen, against the sample taken at its last
+heartbeat (or the last check):
+
+* stopped (``T``/``t``: SIGSTOP, a tracer): frozen, at the timeout exactly;
+* CPU time grew by at least ``BUSY_CPU_SHARE`` of the elapsed time: busy.
+  It is re-judged every heartbeat interval (a window of no less than
+  ``BUSY_WINDOW_MIN`` and no more than heartbeat_timeout), so a rank
+  SIGSTOPped or deadlocked while busy is caught one window later. Without a
+  heartbeat it is never given more than ``progress_timeout`` (when set):
+  then it is hung;
+* anything else (asleep, D-state, a trickle of CPU from background
+  threads): frozen.
+
+A pod does not report CPU: for it the timeout alone decides, as before.
 
 The grace after an unclean drop exists because a killed process closes its
 socket a moment before the kernel reports its exit; within the grace the exit
@@ -36,6 +57,7 @@ from rankwarden.errors import LaunchError
 from rankwarden.events import (
     Failure,
     FailureCause,
+    RankBusy,
     RankConnected,
     RankExited,
     RankFailed,
@@ -44,18 +66,26 @@ from rankwarden.events import (
     RankState,
     RankStopped,
 )
-from rankwarden.launcher import ExitStatus, RankProcess, WarmAware
+from rankwarden.launcher import CpuSample, ExitStatus, RankProcess, ReportsCpu, WarmAware
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwarden.coordinator._job import Coordinator
     from rankwarden.coordinator._heartbeat import Peer
 
-__all__ = ["RankOutcome", "RankRunner", "CONNECTION_LOST_GRACE"]
+__all__ = ["BUSY_CPU_SHARE", "RankOutcome", "RankRunner", "CONNECTION_LOST_GRACE"]
 
 log = logging.getLogger(__name__)
 
 CONNECTION_LOST_GRACE = 1.0
 _RATE_WINDOW = 30.0  # seconds of (time, step) samples kept for steps/s
+#: A silent rank is busy if it used at least this share of one CPU since the
+#: last sample: a GIL-holding call uses a whole one (less on a crowded host);
+#: a deadlocked rank's background threads (NCCL's watchdog) use next to none.
+BUSY_CPU_SHARE = 0.25
+#: A busy rank is re-judged every heartbeat interval, but over no less than
+#: this: CPU time is counted in 10 ms ticks, and on a crowded host a rank gets
+#: a fraction of a CPU in bursts, so a shorter window misjudges a busy rank.
+BUSY_WINDOW_MIN = 1.0
 
 
 class RankOutcome(msgspec.Struct, frozen=True):
@@ -102,6 +132,13 @@ class RankRunner:
         self._goodbye_at = math.inf
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self._deadline_scope: trio.CancelScope | None = None
+        #: (time, sample) at the last heartbeat or the last busy check.
+        self._cpu_mark: tuple[float, CpuSample] | None = None
+        self._cpu_at_heartbeat: float | None = None
+        #: While a silent rank is judged busy: when it is judged again.
+        self._busy_check_at: float | None = None
+        self._busy_reported = False
+        self._silence = ""  # what the last check found, for the failure message
         self._outcome: RankOutcome | None = None
         self._disconnected = trio.Event()
         #: Lowered to 0 by a forced stop: then teardown goes straight to SIGKILL.
@@ -174,6 +211,8 @@ class RankRunner:
             now = trio.current_time()
             deadline, cause = self._next_deadline()
             if now >= deadline and self._outcome is None:
+                if cause == FailureCause.HEARTBEAT_TIMEOUT and self._still_busy(now):
+                    continue
                 self._deadline_expired(cause, now)
                 done.cancel()
                 return
@@ -190,11 +229,57 @@ class RankRunner:
             return math.inf, ""
         assert self._last_heartbeat is not None
         best = (self._last_heartbeat + spec.heartbeat_timeout, FailureCause.HEARTBEAT_TIMEOUT)
-        if spec.progress_timeout and self._last_progress is not None:
-            progress = self._last_progress + spec.progress_timeout
-            if progress < best[0]:
-                best = (progress, FailureCause.PROGRESS_TIMEOUT)
+        if self._busy_check_at is not None:
+            best = (self._busy_check_at, FailureCause.HEARTBEAT_TIMEOUT)
+        if spec.progress_timeout:
+            since = self._last_progress
+            if self._busy_check_at is not None and since is None:
+                since = self._last_heartbeat  # busy before its first step: bounded all the same
+            if since is not None and since + spec.progress_timeout <= best[0]:
+                best = (since + spec.progress_timeout, FailureCause.PROGRESS_TIMEOUT)
         return best
+
+    def _sample(self) -> CpuSample | None:
+        return self.process.sample() if isinstance(self.process, ReportsCpu) else None
+
+    def _mark_cpu(self, now: float) -> None:
+        sample = self._sample()
+        self._cpu_mark = None if sample is None else (now, sample)
+        self._cpu_at_heartbeat = None if sample is None else sample.cpu_seconds
+
+    def _still_busy(self, now: float) -> bool:
+        """The heartbeat deadline fired: is the rank busy (keep watching) or frozen?"""
+        sample, mark = self._sample(), self._cpu_mark
+        self._cpu_mark = None if sample is None else (now, sample)
+        if sample is None or mark is None:
+            return False  # a pod, or a process that is gone: the timeout decides
+        silent_for = now - (self._last_heartbeat or now)
+        if sample.stopped:
+            self._silence = f"its process is stopped (state {sample.state}: SIGSTOP or a tracer)"
+            return False
+        used = sample.cpu_seconds - mark[1].cpu_seconds
+        if now <= mark[0] or used < BUSY_CPU_SHARE * (now - mark[0]):
+            if self._busy_check_at is not None:
+                self._silence = (f"it was busy, but in the {now - mark[0]:.1f}s since the last check "
+                                 f"it used {used:.2f}s of CPU")
+            else:
+                self._silence = f"it used {used:.2f}s of CPU in {now - mark[0]:.1f}s (state {sample.state})"
+            return False
+        total = sample.cpu_seconds - (self._cpu_at_heartbeat or 0.0)
+        spec = self.job.spec
+        self._busy_check_at = now + min(spec.heartbeat_timeout, max(BUSY_WINDOW_MIN, spec.effective_heartbeat_interval))
+        message = (
+            f"rank {self.rank} sent no heartbeat for {silent_for:.1f}s but is running (+{total:.1f}s CPU): "
+            "busy in a call that holds the GIL; still watching"
+        )
+        if not self._busy_reported:
+            self._busy_reported = True
+            log.warning("job=%s attempt=%d rank=%d: %s", self.job.job_id, self.attempt, self.rank, message)
+            self.job.emit(RankBusy, attempt=self.attempt, rank=self.rank, silent_for=round(silent_for, 6),
+                          cpu_seconds=round(total, 6), message=message)
+        else:
+            log.debug("job=%s attempt=%d rank=%d: %s", self.job.job_id, self.attempt, self.rank, message)
+        return True
 
     def _reschedule(self) -> None:
         if self._deadline_scope is not None:
@@ -216,9 +301,17 @@ class RankRunner:
             msg = f"rank {self.rank} did not say hello within {spec.effective_startup_timeout:g}s of starting (startup_timeout)"
         elif cause == FailureCause.HEARTBEAT_TIMEOUT:
             since = self._last_heartbeat or now
+            why = f"{self._silence}: it is frozen" if self._silence else "it is frozen or its host is gone"
             msg = (
                 f"rank {self.rank} stopped sending heartbeats {now - since:.1f}s ago "
-                f"(heartbeat_timeout={spec.heartbeat_timeout:g}); it is frozen or its host is gone"
+                f"(heartbeat_timeout={spec.heartbeat_timeout:g}); {why}"
+            )
+        elif cause == FailureCause.PROGRESS_TIMEOUT and self._busy_check_at is not None:
+            since = now - spec.progress_timeout
+            msg = (
+                f"rank {self.rank} has sent no heartbeat for {now - (self._last_heartbeat or now):.1f}s, "
+                f"busy in a call that holds the GIL, and made no progress for {spec.progress_timeout:g}s "
+                f"(progress_timeout={spec.progress_timeout:g}); it is hung"
             )
         elif cause == FailureCause.PROGRESS_TIMEOUT:
             since = self._last_progress or now
@@ -272,6 +365,7 @@ class RankRunner:
         now = trio.current_time()
         self.peer = peer
         self._hello_at = self._last_heartbeat = now
+        self._mark_cpu(now)
         if self.state == RankState.STARTING:
             self.state = RankState.RUNNING
         self.job.emit(RankConnected, attempt=self.attempt, rank=self.rank, pid=hello.pid, host=hello.host)
@@ -281,6 +375,12 @@ class RankRunner:
         now = trio.current_time()
         if isinstance(message, protocol.Heartbeat):
             self._last_heartbeat = now
+            if self._busy_check_at is not None:
+                log.info("job=%s attempt=%d rank=%d: heartbeats again after a busy spell",
+                         self.job.job_id, self.attempt, self.rank)
+            self._busy_check_at = None
+            self._silence = ""
+            self._mark_cpu(now)
             if message.step is not None and (self.step is None or message.step > self.step):
                 self.step = message.step
                 self._last_progress = now

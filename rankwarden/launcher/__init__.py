@@ -3,6 +3,7 @@
 from rankwarden.launcher._base import (
     BOOTSTRAP_MODULE,
     AdoptsRanks,
+    CpuSample,
     Detaches,
     ExitStatus,
     LaunchRequest,
@@ -12,6 +13,7 @@ from rankwarden.launcher._base import (
     RankProcess,
     ReleasesJobs,
     ReleasesOrphans,
+    ReportsCpu,
     WarmAware,
 )
 from rankwarden.launcher._local import LocalProcess
@@ -21,6 +23,7 @@ from rankwarden.launcher._warm import WarmProcess
 __all__ = [
     "BOOTSTRAP_MODULE",
     "AdoptsRanks",
+    "CpuSample",
     "Detaches",
     "ExitStatus",
     "LaunchRequest",
@@ -32,6 +35,7 @@ __all__ = [
     "RankProcess",
     "ReleasesJobs",
     "ReleasesOrphans",
+    "ReportsCpu",
     "WarmAware",
     "WarmProcess",
 ]

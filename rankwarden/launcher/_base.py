@@ -15,6 +15,8 @@ them with ``isinstance`` (never ``getattr``):
     Detaches         detach()                 a stopping server leaves ranks running
     ReleasesOrphans  release_orphans(active)  free what jobs that no longer run still hold
     WarmAware        warm                     on a RankProcess: forked pre-imported, not fresh
+    ReportsCpu       sample()                 on a RankProcess: its scheduler state and CPU
+                                              time, to tell a busy rank from a frozen one
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from rankwarden.spec import Resources
 __all__ = [
     "BOOTSTRAP_MODULE",
     "AdoptsRanks",
+    "CpuSample",
     "Detaches",
     "ExitStatus",
     "LaunchRequest",
@@ -38,6 +41,7 @@ __all__ = [
     "RankProcess",
     "ReleasesJobs",
     "ReleasesOrphans",
+    "ReportsCpu",
     "WarmAware",
 ]
 
@@ -192,3 +196,28 @@ class WarmAware(Protocol):
     """A RankProcess that says whether it was forked from a pre-imported interpreter."""
 
     warm: bool
+
+
+class CpuSample(msgspec.Struct, frozen=True):
+    """A rank process's scheduler ``state`` (``/proc/<pid>/stat``'s letter: R
+    running, S sleeping, D in uninterruptible I/O, T/t stopped, Z zombie) and
+    the CPU seconds all its threads have used so far."""
+
+    state: str
+    cpu_seconds: float
+
+    @property
+    def stopped(self) -> bool:
+        """SIGSTOPped (T) or stopped by a tracer (t): it runs no code at all."""
+        return self.state in ("T", "t")
+
+
+@runtime_checkable
+class ReportsCpu(Protocol):
+    """A RankProcess whose state and CPU time the coordinator can read (a local
+    process, warm or fresh; not a pod). Consulted when a rank's heartbeats stop:
+    a rank that keeps using CPU is busy in a call that holds the GIL, not frozen."""
+
+    def sample(self) -> CpuSample | None:
+        """Now, or None once the process is gone. Cheap and non-blocking."""
+        ...

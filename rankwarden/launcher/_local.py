@@ -17,11 +17,13 @@ import subprocess
 
 import trio
 
-from rankwarden.launcher._base import ExitStatus, LaunchRequest
+from rankwarden.launcher._base import CpuSample, ExitStatus, LaunchRequest
 
 __all__ = ["LocalProcess"]
 
 log = logging.getLogger(__name__)
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class LocalProcess:
@@ -50,6 +52,27 @@ class LocalProcess:
     @property
     def status(self) -> ExitStatus | None:
         return self._status
+
+    def sample(self) -> CpuSample | None:
+        """State and CPU time (user + system, all threads) from ``/proc/<pid>/stat``.
+
+        One small read of procfs (microseconds), so it is done on the loop. The
+        leader's state letter is the process's; a zombie or a reaped rank gives
+        None: its exit is the exit watcher's to report."""
+        if self._status is not None:
+            return None
+        try:
+            with open(f"/proc/{self._pid}/stat", "rb") as f:
+                stat = f.read()
+            # The command name (field 2) may hold spaces and ')': split after the last one.
+            fields = stat[stat.rindex(b")") + 2:].split()
+            state = fields[0].decode()
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        except (OSError, ValueError, IndexError):
+            return None
+        if state in ("Z", "X"):
+            return None
+        return CpuSample(state, ticks / _TICKS)
 
     def signal(self, sig: int) -> None:
         if self._status is not None:

@@ -5,8 +5,9 @@
    thread), then run the target exactly as ``python script.py`` or
    ``python -m module`` would (same ``sys.argv``, ``sys.path[0]`` and
    ``__main__``), so an unmodified torchrun script runs unchanged and still
-   gets frozen-process detection. When it finishes, say goodbye with its
-   exit status.
+   gets frozen-process detection. An uncaught exception is printed as
+   ``python script.py`` prints it: without this module's and runpy's frames.
+   When it finishes, say goodbye with its exit status.
 3. For ``exec``: replace this process with the command. The heartbeat socket
    would not survive ``exec``, so such a rank connects itself (through
    ``rankwarden.worker``), or runs unwatched if the job says hello is optional.
@@ -84,7 +85,8 @@ def run_python(mode: str, target: str, args: list[str]) -> int:
         if mode == "script":
             sys.argv = [target, *args]
             sys.path[0] = os.path.dirname(os.path.abspath(target))
-            runpy.run_path(target, run_name="__main__")
+            # Absolute, as ``python script.py`` makes ``__main__.__file__`` (and tracebacks).
+            runpy.run_path(os.path.abspath(target), run_name="__main__")
         else:
             sys.argv = [target, *args]
             sys.path[0] = os.getcwd()
@@ -93,9 +95,25 @@ def run_python(mode: str, target: str, args: list[str]) -> int:
     except SystemExit as exc:
         code = _exit_code(exc)
         raise
+    except Exception as exc:
+        # What the interpreter does with an uncaught exception (print it with
+        # sys.excepthook, exit 1), before the goodbye: the traceback is in the
+        # rank's stderr before the coordinator hears of the failure.
+        tb = _user_frames(exc.__traceback__)
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)  # the default hook prints __traceback__
+        return 1
     finally:
         worker._goodbye(code)
     return 0
+
+
+def _user_frames(tb):
+    """``tb`` from the first frame that is neither this module nor runpy (None: all were)."""
+    ours = {os.path.abspath(__file__), os.path.abspath(runpy.__file__), "<frozen runpy>"}
+    while tb is not None and (tb.tb_frame.f_code.co_filename in ours
+                              or os.path.abspath(tb.tb_frame.f_code.co_filename) in ours):
+        tb = tb.tb_next
+    return tb
 
 
 if __name__ == "__main__":
