@@ -376,3 +376,17 @@ def s3_bucket(moto_s3):
     fs = s3fs.S3FileSystem(endpoint_url=moto_s3, skip_instance_cache=True)
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def store(request, tmp_path):
+    """One job's checkpoint store on each backend: local disk, fsspec memory://, S3 (moto's server)."""
+    import uuid
+
+    from rankwarden.checkpoint import CheckpointStore
+
+    if request.param == "local":
+        return CheckpointStore(str(tmp_path / "ckpt"), "job")
+    if request.param == "s3":
+        return CheckpointStore(request.getfixturevalue("s3_bucket"), "job")
+    return CheckpointStore(f"memory://rw-{uuid.uuid4().hex}", "job")

@@ -14,6 +14,7 @@ import trio
 
 from rankwarden.api import ServerConfig, serve_api
 
+from .test_api import wait_state
 from .conftest import JOB_PREFIX, SCRIPTS
 
 WORKER = os.path.join(SCRIPTS, "worker.py")
@@ -37,13 +38,6 @@ def job(name, *args, entrypoint=WORKER, **fields):
             "heartbeat_timeout": 3.0, "checkpoint": False}
     body.update(fields)
     return body
-
-
-async def wait_state(client, job_id, *states):
-    with trio.fail_after(LIMIT):
-        while (info := (await client.get(f"/jobs/{job_id}")).json())["state"] not in states:
-            await trio.sleep(0.05)
-    return info
 
 
 # -- 1. the allowlist matches path segments of the real path ---------------------------------

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import uuid
 
 import pytest
 
@@ -18,15 +17,6 @@ from rankwarden.checkpoint import CheckpointStore
 from .conftest import SCRIPTS
 
 DIES = os.path.join(SCRIPTS, "ckpt_s3_dies.py")
-
-
-@pytest.fixture(params=["local", "memory", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return CheckpointStore(str(tmp_path / "ckpt"), "job")
-    if request.param == "s3":
-        return CheckpointStore(request.getfixturevalue("s3_bucket"), "job")
-    return CheckpointStore(f"memory://rw-{uuid.uuid4().hex}", "job")
 
 
 def _files_under(path):

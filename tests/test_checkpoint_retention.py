@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -18,15 +17,6 @@ from rankwarden.errors import CheckpointError, StepAlreadyCommitted
 from .conftest import SCRIPTS
 
 READER = os.path.join(SCRIPTS, "ckpt_reader.py")
-
-
-@pytest.fixture(params=["local", "memory", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return CheckpointStore(str(tmp_path / "ckpt"), "job")
-    if request.param == "s3":
-        return CheckpointStore(request.getfixturevalue("s3_bucket"), "job")
-    return CheckpointStore(f"memory://rw-{uuid.uuid4().hex}", "job")
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -7,7 +7,6 @@ import logging
 import os
 import subprocess
 import sys
-import uuid
 
 import pytest
 
@@ -17,15 +16,6 @@ from rankwarden.errors import CheckpointError, CorruptCheckpoint, StepAlreadyCom
 from .conftest import SCRIPTS
 
 WRITER = os.path.join(SCRIPTS, "ckpt_writer.py")
-
-
-@pytest.fixture(params=["local", "memory", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return CheckpointStore(str(tmp_path / "ckpt"), "job")
-    if request.param == "s3":
-        return CheckpointStore(request.getfixturevalue("s3_bucket"), "job")
-    return CheckpointStore(f"memory://rw-{uuid.uuid4().hex}", "job")
 
 
 def files(step: int) -> dict[str, bytes]:
