@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from rankwarden.checkpoint import CheckpointStore, load_torch, torch_payload  # noqa: E402
-from rankwarden.checkpoint import _backends  # noqa: E402
+from rankwarden.checkpoint import _checksum as _backends  # noqa: E402
 from rankwarden.checkpoint._backends import checksum_bytes  # noqa: E402
 from rankwarden.errors import CorruptCheckpoint  # noqa: E402
 

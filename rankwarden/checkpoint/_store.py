@@ -39,14 +39,9 @@ from typing import Any, Collection, Iterable, Iterator, Mapping
 
 import msgspec
 
-from rankwarden.checkpoint._backends import (
-    MANIFEST,
-    LocalBackend,
-    ObjectBackend,
-    Payload,
-    algorithm_of,
-    sweep_scratch,
-)
+from rankwarden.checkpoint._backends import MANIFEST, LocalBackend, Payload, sweep_scratch
+from rankwarden.checkpoint._checksum import algorithm_of
+from rankwarden.checkpoint._object import ObjectBackend
 from rankwarden.checkpoint._faults import fault_point
 from rankwarden.checkpoint._manifest import FileEntry, Manifest, Writer, parse_step_dir, step_dir_name
 from rankwarden.errors import CheckpointError, CorruptCheckpoint, StepAlreadyCommitted
