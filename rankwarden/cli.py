@@ -29,7 +29,7 @@ import trio
 from rankwarden._console import Console, signal_name
 from rankwarden._torchrun import add_torchrun_arguments, ignored_notes, parse_ranks_filter, parse_std, resolve_nproc
 from rankwarden.coordinator import Coordinator
-from rankwarden.coordinator._job import _default_job_id
+from rankwarden.coordinator._request import default_job_id
 from rankwarden.coordinator._jobdir import TorchrunLogs
 from rankwarden.errors import SpecError
 from rankwarden.events import JobState
@@ -226,7 +226,7 @@ def spec_from_args(args: argparse.Namespace, *, python: str = sys.executable) ->
     )
     # The job id, directory and checkpoint store are fixed here, so that the
     # first line can say where everything goes and `--run-id ID` finds it again.
-    job_id = spec.job_id or _default_job_id(spec)
+    job_id = spec.job_id or default_job_id(spec)
     job_dir = Path(args.job_dir) if args.job_dir else jobs_root() / job_id
     checkpoint = args.checkpoint if args.checkpoint is not None else str(job_dir.absolute() / "checkpoints")
     return spec.replace(job_id=job_id, job_dir=str(job_dir), checkpoint_url=checkpoint)

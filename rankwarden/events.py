@@ -63,6 +63,7 @@ __all__ = [
     "SkippedStepInfo",
     "Stopping",
     "event_to_json",
+    "failure_report",
 ]
 
 
@@ -271,3 +272,24 @@ class JobSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     checkpoint_step: int | None = None
     started_at: float | None = None
     ended_at: float | None = None
+
+
+def failure_report(job_id: str, failures: list[Failure], *, restarts_used: int, max_restarts: int,
+                   fatal: str = "") -> str:
+    """A failed job in words: the first observed failure first (the root cause), then the rest.
+
+    ``fatal`` is why a job failed without any rank failing (a checkpoint it must not resume)."""
+    if fatal:
+        return f"job {job_id} failed: {fatal}"
+    if not failures:
+        return f"job {job_id}: no failures"
+    first, *rest = failures
+    lines = [
+        f"job {job_id} failed: restart budget spent ({restarts_used} of {max_restarts} restarts used).",
+        f"Root cause (first observed failure): attempt {first.attempt}, rank {first.rank}: "
+        f"[{first.cause.value}] {first.message}",
+    ]
+    if rest:
+        lines.append("Other failures, in the order observed:")
+        lines += [f"  attempt {f.attempt}, rank {f.rank}: [{f.cause.value}] {f.message}" for f in rest]
+    return "\n".join(lines)

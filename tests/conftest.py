@@ -287,19 +287,22 @@ def _owned(entry) -> bool:
 
 
 def _other_pytest_sessions() -> bool:
-    """Whether a pytest process other than this one (and its children) is running here."""
+    """Whether something outside this test session that may leave entries in /tmp is running here:
+    another pytest, a torchrun, a benchmark (on a shared machine they are not this test's doing)."""
     me = os.getpid()
+    marker = f"{SESSION_MARKER}={os.environ[SESSION_MARKER]}".encode()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                ours = marker in f.read().split(b"\0")
+        except OSError:
             continue
-        if ppid != me and any(b"pytest" in arg for arg in argv[:4]):
+        if not ours and any(word in arg for arg in argv[:4]
+                            for word in (b"pytest", b"torch.distributed.run", b"torchrun", b"bench/")):
             return True
     return False
 

@@ -169,7 +169,7 @@ async def test_simulated_coordinator_restart_adopts_running_pods(sim, tmp_path, 
             snapshot = await second.wait()
     assert snapshot.state == JobState.SUCCEEDED and snapshot.attempt == 1 and snapshot.failures == []
     assert len(created_pods(sim)) == creates_before  # nothing started over
-    started = [e for e in second._events if isinstance(e, AttemptStarted)]
+    started = [e for e in second.history() if isinstance(e, AttemptStarted)]
     assert [e.adopted for e in started] == [True]
     assert sim.pods() == {} and sim.services() == {}
     # The log of each adopted pod is continued, not repeated from its start.

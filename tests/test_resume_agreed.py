@@ -35,7 +35,7 @@ async def _run(spec: JobSpec) -> tuple[JobState, list]:
         async with trio.open_nursery() as nursery:
             await nursery.start(coordinator.run)
             snapshot = await coordinator.wait()
-    events = [e for e in coordinator._events]
+    events = coordinator.history()
     return snapshot, events
 
 

@@ -51,7 +51,7 @@ async def _run(spec):
         async with open_fake_launcher(rank, listener) as launcher:
             coordinator = Coordinator(spec, launcher=launcher, listeners=[listener])
             snapshot = await coordinator.run()
-    return snapshot, list(coordinator._events), sorted(told)
+    return snapshot, coordinator.history(), sorted(told)
 
 
 async def test_the_same_fingerprint_resumes_and_every_rank_is_told_the_same_step(tmp_path):

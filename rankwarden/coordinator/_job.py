@@ -27,7 +27,6 @@ import enum
 import hmac
 import logging
 import random
-import re
 import secrets
 import signal
 import time
@@ -39,11 +38,12 @@ import trio
 
 from rankwarden import protocol
 from rankwarden.coordinator._checkpoints import Committer
+from rankwarden.coordinator._eventlog import EventLog
 from rankwarden.coordinator._failfast import TAIL_LINES, EarlyFailure, configuration_error, early_failure
 from rankwarden.coordinator._heartbeat import Peer, serve_heartbeats
 from rankwarden.coordinator._jobdir import JobDir
 from rankwarden.coordinator._rank import RankRunner
-from rankwarden.coordinator._request import free_port, rank_argv, rank_env
+from rankwarden.coordinator._request import default_job_id, free_port, rank_argv, rank_env
 from rankwarden.errors import AuthError, CheckpointError, CheckpointRefused, ProtocolError
 from rankwarden.events import (
     AttemptStarted,
@@ -61,6 +61,7 @@ from rankwarden.events import (
     Restarting,
     Stopping,
     event_to_json,
+    failure_report,
 )
 from rankwarden.launcher import (
     AdoptsRanks,
@@ -92,12 +93,6 @@ class _Grant(enum.Enum):
     STOPPED = "stopped"
 
 
-def _default_job_id(spec: JobSpec) -> str:
-    stem = Path(spec.entrypoint).stem if not spec.module else spec.entrypoint.rsplit(".", 1)[-1]
-    slug = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:30] or "job"
-    return f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-
-
 class Coordinator:
     """Runs one job. Create it, then ``await nursery.start(coordinator.run)``."""
 
@@ -121,7 +116,7 @@ class Coordinator:
         # so a bad one fails now with a SpecError naming the field.
         spec = JobSpec.from_dict(msgspec.to_builtins(spec))
         self.spec = spec
-        self.job_id = spec.job_id or _default_job_id(spec)
+        self.job_id = spec.job_id or default_job_id(spec)
         self.job_dir = JobDir(spec.job_dir or Path("rankwarden-jobs") / self.job_id)
         self.launcher: Launcher = launcher or ProcessLauncher()
         self.address = ""
@@ -148,7 +143,7 @@ class Coordinator:
         self._first_master_port = master_port  # torchrun's --master-port: the first attempt's
         self._runners: dict[int, RankRunner] = {}
         self._failures: list[Failure] = []
-        self._events: list[Event] = []
+        self._events = EventLog()
         self._started_at: float | None = None
         self._ended_at: float | None = None
         self._stop_reason = ""
@@ -158,8 +153,6 @@ class Coordinator:
         self._early_failures: dict[int | None, dict[EarlyFailure, int]] = {}
         self.stopping = False
         self._ran = False
-        self._new_event = trio.Event()  # replaced after every emit; wakes event iterators
-        self._ended = trio.Event()
         self._stop_requested = trio.Event()
         self._force_requested = trio.Event()
         self._committer: Committer | None = None
@@ -273,16 +266,20 @@ class Coordinator:
             self._force_requested.set()
 
     async def wait(self) -> JobSnapshot:
-        await self._ended.wait()
+        await self._events.wait_closed()
         return self.snapshot()
 
-    def events(self, since: int = 0) -> "_EventIterator":
-        """Every event from index ``since`` on; the iteration ends with the job."""
-        return _EventIterator(self, since)
+    def events(self, since: int = 0):
+        """Every event from index ``since`` on (an async iterator); the iteration ends with the job."""
+        return self._events.follow(since)
+
+    def history(self) -> list[Event]:
+        """Every event emitted so far, in order (a copy)."""
+        return self._events.history()
 
     def next_event_signal(self) -> trio.Event:
         """Set when the next event is emitted: followers of events.jsonl wait on it."""
-        return self._new_event
+        return self._events.next_signal()
 
     @property
     def failures(self) -> list[Failure]:
@@ -314,21 +311,8 @@ class Coordinator:
 
     def failure_report(self) -> str:
         """Human report: the first observed failure first (the root cause), then the rest."""
-        if self._fatal:
-            return f"job {self.job_id} failed: {self._fatal}"
-        if not self._failures:
-            return f"job {self.job_id}: no failures"
-        first, *rest = self._failures
-        lines = [
-            f"job {self.job_id} failed: restart budget spent "
-            f"({self._restarts_used} of {self.spec.max_restarts} restarts used).",
-            f"Root cause (first observed failure): attempt {first.attempt}, rank {first.rank}: "
-            f"[{first.cause.value}] {first.message}",
-        ]
-        if rest:
-            lines.append("Other failures, in the order observed:")
-            lines += [f"  attempt {f.attempt}, rank {f.rank}: [{f.cause.value}] {f.message}" for f in rest]
-        return "\n".join(lines)
+        return failure_report(self.job_id, self._failures, restarts_used=self._restarts_used,
+                              max_restarts=self.spec.max_restarts, fatal=self._fatal)
 
     # -- the restart policy ---------------------------------------------------------
 
@@ -551,7 +535,7 @@ class Coordinator:
             self.emit(JobStopped, attempt=self._attempt, reason=self._stop_reason)
             log.info("job=%s stopped: %s", self.job_id, self._stop_reason)
         self.job_dir.write_result(self.snapshot())
-        self._ended.set()
+        self._events.close()
 
     # -- for RankRunner ------------------------------------------------------------
 
@@ -562,8 +546,6 @@ class Coordinator:
         event = kind(job=self.job_id, time=self.wall_time(), **fields)
         self._events.append(event)
         self.job_dir.append_event(event_to_json(event))
-        self._new_event.set()
-        self._new_event = trio.Event()
         return event
 
     def record_failure(self, failure: Failure) -> None:
@@ -648,27 +630,6 @@ class Coordinator:
     def peer_rejected(self, peer_name: str, reason: str, rank: int | None) -> None:
         log.warning("job=%s: dropped heartbeat peer %s: %s", self.job_id, peer_name, reason)
         self.emit(PeerRejected, attempt=self._attempt, rank=rank, reason=reason, peer=peer_name)
-
-
-class _EventIterator:
-    """Async iterator over a coordinator's events; never blocks the job, never drops one."""
-
-    def __init__(self, coordinator: Coordinator, since: int) -> None:
-        self._coordinator = coordinator
-        self._index = since
-
-    def __aiter__(self) -> "_EventIterator":
-        return self
-
-    async def __anext__(self) -> Event:
-        coordinator = self._coordinator
-        while self._index >= len(coordinator._events):
-            if coordinator._ended.is_set():
-                raise StopAsyncIteration
-            await coordinator._new_event.wait()
-        event = coordinator._events[self._index]
-        self._index += 1
-        return event
 
 
 async def run_job(spec: JobSpec, **kwargs: Any) -> JobSnapshot:

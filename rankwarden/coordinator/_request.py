@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import socket
 import sys
+import time
+from pathlib import Path
 
 from rankwarden.launcher import BOOTSTRAP_MODULE, Placement
 from rankwarden.spec import JobSpec
@@ -120,3 +124,10 @@ def free_port(host: str, exclude: int | None = None) -> int:
         if port != exclude:
             return port
     raise OSError(f"could not find a free port on {host}")
+
+
+def default_job_id(spec: JobSpec) -> str:
+    """``<script stem>-<date>-<time>-<6 hex>``: what a job without a job_id is called."""
+    stem = Path(spec.entrypoint).stem if not spec.module else spec.entrypoint.rsplit(".", 1)[-1]
+    slug = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:30] or "job"
+    return f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
