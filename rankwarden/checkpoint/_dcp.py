@@ -79,6 +79,13 @@ def has_sharded_state(state: Any) -> bool:
     return False
 
 
+class _Buffer(io.BytesIO):
+    """A file DCP writes and then closes; its bytes stay readable until the store has them."""
+
+    def close(self) -> None:
+        pass
+
+
 class _Chunks:
     """A finished in-memory file, handed to the store as one chunk (written and checksummed in parallel)."""
 
@@ -105,7 +112,7 @@ def _file_systems():
         def create_stream(self, path, mode: str):
             if "w" not in mode:
                 raise CheckpointError(f"the DCP writer only writes; asked to open {path!r} with {mode!r}")
-            buffer = io.BytesIO()
+            buffer = _Buffer()
             yield buffer
             name = str(path)
             if name.endswith(".tmp"):
@@ -181,6 +188,9 @@ def _file_systems():
 
         def rm_file(self, path) -> None:
             raise CheckpointError("the DCP reader does not remove files")
+
+        def rename(self, path, new_path) -> None:
+            raise CheckpointError("the DCP reader does not rename files")
 
     return StoreWriteFS, StoreReadFS
 
