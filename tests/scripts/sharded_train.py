@@ -50,7 +50,7 @@ else:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     net = DDP(model)
-opt = torch.optim.Adam(model.parameters(), lr=0.03)
+opt = torch.optim.Adam(model.parameters(), lr=0.1)
 W_TRUE = torch.linspace(-1, 1, 8)
 
 
@@ -58,6 +58,17 @@ def load_shard(shard):
     g = torch.Generator().manual_seed(shard)
     xs = torch.randn(6, 8, generator=g)
     return [(shard * 100 + i, xs[i], (xs[i] @ W_TRUE).reshape(1)) for i in range(6)]
+
+
+_g = torch.Generator().manual_seed(99)
+EVAL_X = torch.randn(32, 8, generator=_g)
+EVAL_Y = (EVAL_X @ W_TRUE).reshape(-1, 1)
+
+
+def eval_loss():
+    # Every rank runs it (FSDP's forward gathers parameters): the full model on a fixed batch.
+    with torch.no_grad():
+        return (net(EVAL_X) - EVAL_Y).pow(2).mean().item()
 
 
 records = ShardedRecords(8, load_shard, rank=rank, world_size=world, seed=3, shard_sizes=[6] * 8)
@@ -91,7 +102,7 @@ if found is not None:
         rw.set_rng_state(per_rank["rng"])
     dump("restored", app_state(start))
 log = open(os.path.join(args.out, f"{tag}_log_r{rank}_a{attempt}.jsonl"), "a")
-log.write(json.dumps({"resumed_from": start, "world": world}) + "\n")
+log.write(json.dumps({"resumed_from": start, "world": world, "eval": eval_loss()}) + "\n")
 
 kill = os.environ.get("RW_TEST_KILL", "")
 for step in range(start + 1, args.steps + 1):
@@ -116,5 +127,7 @@ for step in range(start + 1, args.steps + 1):
         rw.save(step, app_state(step), per_rank={"data": records.state_dict(), "rng": rw.rng_state()}, url=args.url)
         set_fault_hook(None)
 dump("final", app_state(args.steps))
+log.write(json.dumps({"final_eval": eval_loss()}) + "\n")
 log.close()
+dist.barrier()  # no rank tears gloo down while a peer still talks to it
 dist.destroy_process_group()
