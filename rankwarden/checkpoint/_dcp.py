@@ -208,8 +208,28 @@ def save_sharded(store: CheckpointStore, step: int, state: dict, *, tag: str, ra
     writer = FileSystemWriter("", single_file_per_rank=True, sync_files=False, thread_count=1, overwrite=True)
     writer.fs = write_fs(store, step, tag, rank)
     writer.path = ""
-    dcp.save(state, storage_writer=writer, process_group=process_group)
+    with _translated(f"{store.job}: sharded save of step {step}", rank):
+        dcp.save(state, storage_writer=writer, process_group=process_group)
     return sorted(writer.fs.entries, key=lambda e: e.name)
+
+
+@contextlib.contextmanager
+def _translated(what: str, rank: int | None) -> Iterator[None]:
+    """DCP's CheckpointException (a BaseException, one entry per failed rank) as rankwarden's error.
+
+    This rank's own CheckpointError (a failed checksum, a step already
+    committed) comes out as it is; another rank's failure names that rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        failures = sorted(exc.failures.items(), key=lambda item: (item[0] != rank, item[0]))
+        for failed_rank, (error, _) in failures:
+            if failed_rank == rank and isinstance(error, CheckpointError):
+                raise error from None
+        failed_rank, (error, _) = failures[0]
+        raise CheckpointError(f"{what} failed on rank {failed_rank}: {type(error).__name__}: {error}") from None
 
 
 def load_sharded(store: CheckpointStore, manifest: Manifest, state: dict, *, process_group: Any = None) -> None:
@@ -225,7 +245,19 @@ def load_sharded(store: CheckpointStore, manifest: Manifest, state: dict, *, pro
     reader = FileSystemReader("")
     reader.fs = read_fs(store, manifest)
     reader.path = ""
-    dcp.load(state, storage_reader=reader, process_group=process_group)
+    rank = None
+    if process_group is not None or _dist_initialized():
+        import torch.distributed as dist
+
+        rank = dist.get_rank(process_group)
+    with _translated(f"{store.job}: sharded load of step {manifest.step}", rank if rank is not None else 0):
+        dcp.load(state, storage_reader=reader, process_group=process_group)
+
+
+def _dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def dcp_location(store: CheckpointStore, manifest: Manifest) -> str:
