@@ -27,11 +27,11 @@ pytestmark = pytest.mark.torch
 SCRIPT = os.path.join(SCRIPTS, "sharded_train.py")
 
 
-async def run_job(tmp_path, url, name, world, steps, *, tag="run", mode="fsdp", env=None, **overrides):
+async def run_job(tmp_path, url, name, world, steps, *, tag="run", mode="fsdp", env=None, args=(), **overrides):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     data = dict(
-        entrypoint=SCRIPT, args=["--out", str(out), "--mode", mode], world_size=world,
+        entrypoint=SCRIPT, args=["--out", str(out), "--mode", mode, *args], world_size=world,
         job_id=f"{JOB_PREFIX}{name}", job_dir=str(tmp_path / f"job-{tag}"), checkpoint_url=url,
         heartbeat_timeout=20.0, max_restarts=0, backoff={"initial": 0.05},
         env={"RW_TEST_STEPS": str(steps), "RW_TEST_TAG": tag, **(env or {})},
@@ -171,3 +171,16 @@ async def test_resharding_resume_continues_the_loss_and_reads_the_epoch_once(tmp
     # Epoch 0 (48 records) is read exactly once across both world sizes.
     ids = [i for log in old + new for line in log[1:-1] if line["epoch"] == 0 for i in line["ids"]]
     assert sorted(ids) == sorted(s * 100 + i for s in range(8) for i in range(6))
+
+
+async def test_async_sharded_save_writes_the_state_of_the_moment_it_was_called(tmp_path):
+    # Saved at step 4 in the background while steps 5 and 6 train (FSDP2 updates
+    # the shards in place): the step holds the shards as they were at step 4.
+    url = str(tmp_path / "ckpt")
+    _, committed = await run_job(tmp_path, url, "dcp-async", 2, 6, env={}, args=["--background", "--every", "4"])
+    assert committed == [(1, 4)]
+    await run_job(tmp_path, url, "dcp-async", 2, 6, tag="again", args=["--background", "--every", "4"])
+    for rank in range(2):
+        saved, restored = load(tmp_path, f"run_saved4_r{rank}.pt"), load(tmp_path, f"again_restored_r{rank}.pt")
+        assert_equal_states(saved, restored)
+        assert not all(torch.equal(saved[k], v) for k, v in load(tmp_path, f"run_final_r{rank}.pt").items())

@@ -111,6 +111,29 @@ class RankCheckpointer:
         self._report(step, entries, "dcp")
         return entries
 
+    def async_sharded(self, *, on_error: Any = None):
+        """An ``AsyncCheckpointer`` for sharded saves: ``.save(step, {"state": ..., "per_rank": ...})``.
+
+        The training thread copies the state (DTensor shards included) into
+        reused CPU buffers; a background thread runs DCP's save over a
+        process group of its own (created here, collectively: every rank
+        calls this at the same point), so its collectives never interleave
+        with training's. The state must hold state dicts, not modules (take
+        them with ``get_state_dict``). At most one save in flight, and the
+        policy is ``wait``: a rank that skipped a save while another did not
+        would leave the other waiting in DCP's collectives forever."""
+        from rankwarden.checkpoint._async import AsyncCheckpointer
+
+        group = None
+        dist = self._dist()
+        if dist is not None and self.world_size > 1:
+            group = dist.new_group(backend="gloo")  # DCP's own async_save does the same
+
+        def write(step: int, snapshot: dict) -> list[FileEntry]:
+            return self.save_sharded(step, snapshot["state"], snapshot.get("per_rank"), process_group=group)
+
+        return AsyncCheckpointer(write, policy="wait", on_error=on_error)
+
     def _failed(self, step: int, exc: BaseException) -> None:
         if self._client is not None:
             self._client.send(protocol.CheckpointFailed(step=step, error=str(exc)))

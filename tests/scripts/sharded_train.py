@@ -32,6 +32,7 @@ parser.add_argument("--every", type=int, default=2)
 parser.add_argument("--mode", choices=["fsdp", "ddp"], default="fsdp")
 parser.add_argument("--out", required=True)
 parser.add_argument("--url", default=None)
+parser.add_argument("--background", action="store_true", help="async sharded saves (one in flight)")
 args = parser.parse_args()
 tag = os.environ.get("RW_TEST_TAG", "run")
 
@@ -105,6 +106,7 @@ log = open(os.path.join(args.out, f"{tag}_log_r{rank}_a{attempt}.jsonl"), "a")
 log.write(json.dumps({"resumed_from": start, "world": world, "eval": eval_loss()}) + "\n")
 
 kill = os.environ.get("RW_TEST_KILL", "")
+saver = rw.checkpointer(args.url).async_sharded() if args.background else None
 for step in range(start + 1, args.steps + 1):
     batch = [next(records) for _ in range(2)]
     x = torch.stack([b[1] for b in batch])
@@ -124,8 +126,16 @@ for step in range(start + 1, args.steps + 1):
             k_rank, k_step, k_point = kill.split(":")
             if int(k_rank) == rank and int(k_step) == step:
                 set_fault_hook(lambda point: os.kill(os.getpid(), signal.SIGKILL) if point == k_point else None)
-        rw.save(step, app_state(step), per_rank={"data": records.state_dict(), "rng": rw.rng_state()}, url=args.url)
+        per_rank = {"data": records.state_dict(), "rng": rw.rng_state()}
+        if saver is not None:
+            state = app_state(step)
+            dump(f"saved{step}", state)
+            saver.save(step, {"state": state, "per_rank": per_rank})  # training goes on while it is written
+        else:
+            rw.save(step, app_state(step), per_rank=per_rank, url=args.url)
         set_fault_hook(None)
+if saver is not None:
+    saver.wait()
 dump("final", app_state(args.steps))
 log.write(json.dumps({"final_eval": eval_loss()}) + "\n")
 log.close()
