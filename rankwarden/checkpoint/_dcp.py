@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import os
 import threading
 from typing import Any, Iterator
 
@@ -86,6 +87,43 @@ class _Buffer(io.BytesIO):
         pass
 
 
+class _MemoryFile(io.RawIOBase):
+    """A read-only, seekable file over bytes already in memory (BytesIO would copy them first)."""
+
+    def __init__(self, data) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def release(self) -> None:
+        self._view.release()
+
+    def readinto(self, buffer) -> int:
+        chunk = self._view[self._pos:self._pos + len(buffer)]
+        memoryview(buffer).cast("B")[:len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        data = self._view[self._pos:end].tobytes()
+        self._pos = max(self._pos, end)
+        return data
+
+
 class _Chunks:
     """A finished in-memory file, handed to the store as one chunk (written and checksummed in parallel)."""
 
@@ -112,21 +150,48 @@ def _file_systems():
         def create_stream(self, path, mode: str):
             if "w" not in mode:
                 raise CheckpointError(f"the DCP writer only writes; asked to open {path!r} with {mode!r}")
-            buffer = _Buffer()
-            yield buffer
             name = str(path)
+            if self.store.backend.atomic_rename:
+                # Local disk: DCP serialises straight into the staging file (no
+                # copy in memory); the store then fsyncs it while a second thread
+                # checksums it from the page cache.
+                backend = self.store.backend
+                staging = self.store.staging_dir(self.step, self.tag)
+                backend._make_base()  # the job directory made durable in its parent first
+                backend.files.makedirs(staging)
+                with open(os.path.join(staging, name), "wb") as stream:
+                    yield stream
+                if not name.endswith(".tmp"):
+                    self._write(name, os.path.join(staging, name))
+                return
+            buffer = _Buffer()  # object stores: one upload of the finished file
+            yield buffer
             if name.endswith(".tmp"):
                 with self._lock:
                     self._pending[name] = buffer  # DCP renames it into place
             else:
                 self._write(name, buffer)
 
-        def _write(self, name: str, buffer: io.BytesIO) -> None:
-            entry = self.store.write_file(self.step, name, _Chunks(buffer), tag=self.tag, rank=self.rank)
+        def _write(self, name: str, content) -> None:
+            if isinstance(content, str):
+                written = content
+
+                def payload(path: str) -> None:  # already written where the store wants it
+                    if os.path.abspath(path) != os.path.abspath(written):
+                        raise CheckpointError(f"DCP file {written!r} is not where the store expects it ({path!r})")
+
+                entry = self.store.write_file(self.step, name, payload, tag=self.tag, rank=self.rank)
+            else:
+                entry = self.store.write_file(self.step, name, _Chunks(content), tag=self.tag, rank=self.rank)
             with self._lock:
                 self.entries.append(entry)
 
         def rename(self, path, new_path) -> None:
+            if self.store.backend.atomic_rename:
+                staging = self.store.staging_dir(self.step, self.tag)
+                os.rename(os.path.join(staging, str(path)), os.path.join(staging, str(new_path)))
+                self._write(str(new_path), os.path.join(staging, str(new_path)))
+                return
             with self._lock:
                 buffer = self._pending.pop(str(path))
             self._write(str(new_path), buffer)
@@ -162,13 +227,16 @@ def _file_systems():
             if "r" not in mode:
                 raise CheckpointError(f"the DCP reader only reads; asked to open {path!r} with {mode!r}")
             name = str(path)
-            try:
-                data = self.store.read(self.manifest, name)
-            except KeyError:
+            if not any(f.name == name for f in self.manifest.files):
                 raise CheckpointError(
                     f"{self.store.job} step {self.manifest.step}: DCP asked for {name!r}, which the manifest "
-                    "does not list") from None
-            yield io.BytesIO(data)
+                    "does not list")
+            with self.store.mapped(self.manifest, name) as data:
+                stream = _MemoryFile(data)
+                try:
+                    yield stream
+                finally:
+                    stream.release()
 
         def concat_path(self, path, suffix: str) -> str:
             return suffix
