@@ -32,6 +32,7 @@ import os
 import threading
 from typing import Any, Iterator
 
+from rankwarden.checkpoint._faults import fault_point
 from rankwarden.checkpoint._manifest import FileEntry, Manifest
 from rankwarden.checkpoint._store import CheckpointStore
 from rankwarden.errors import CheckpointError
@@ -159,8 +160,9 @@ def _file_systems():
                 staging = self.store.staging_dir(self.step, self.tag)
                 backend._make_base()  # the job directory made durable in its parent first
                 backend.files.makedirs(staging)
-                with open(os.path.join(staging, name), "wb") as stream:
+                with backend.files.open(os.path.join(staging, name), "wb") as stream:
                     yield stream
+                fault_point("mid_payload")  # written, neither durable nor reported
                 if not name.endswith(".tmp"):
                     self._write(name, os.path.join(staging, name))
                 return
