@@ -45,7 +45,6 @@ from rankwarden.checkpoint._backends import (
     ObjectBackend,
     Payload,
     algorithm_of,
-    checksum_bytes,
     sweep_scratch,
 )
 from rankwarden.checkpoint._faults import fault_point
@@ -383,45 +382,6 @@ class CheckpointStore:
             whose = name if entry.rank is None else f"rank {entry.rank}'s file {name}"
             raise CorruptCheckpoint(f"{self.job} step {manifest.step}: {whose} failed its checksum")
         return data
-
-    @contextlib.contextmanager
-    def mapped(self, manifest: Manifest, name: str) -> Iterator[Any]:
-        """One file of a committed step as a read-only buffer, checked like ``read``.
-
-        On local disk the file is memory-mapped and its checksum computed over
-        the mapping (no copy: a reader that copies only what it needs, like
-        DCP's, then pays one copy, not two); elsewhere it is ``read``. Valid
-        inside the ``with`` only."""
-        if not self.backend.atomic_rename:
-            yield self.read(manifest, name)
-            return
-        import mmap
-
-        entry = manifest.file(name)
-        whose = name if entry.rank is None else f"rank {entry.rank}'s file {name}"
-        path = self._file_path(self.backend.step_dirs().get(manifest.step, ""), manifest, name)
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != entry.size:
-                    raise CorruptCheckpoint(f"{self.job} step {manifest.step}: {whose} is {size} bytes, "
-                                            f"manifest says {entry.size}")
-                # MAP_POPULATE: the page tables filled in one call, not one fault per page.
-                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-                mapping = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ) if size else None
-        except FileNotFoundError:
-            raise CorruptCheckpoint(f"{self.job} step {manifest.step}: {name} is missing") from None
-        try:
-            view = memoryview(mapping) if mapping is not None else memoryview(b"")
-            try:
-                if checksum_bytes(view, algorithm_of(entry.checksum)) != entry.checksum:
-                    raise CorruptCheckpoint(f"{self.job} step {manifest.step}: {whose} failed its checksum")
-                yield view
-            finally:
-                view.release()
-        finally:
-            if mapping is not None:
-                mapping.close()
 
     def load_latest(self, names: Iterable[str] | None = None) -> tuple[Manifest, dict[str, bytearray]] | None:
         """The newest step whose requested files (default: all) all read back intact, with their bytes."""
