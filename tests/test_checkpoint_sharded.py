@@ -184,3 +184,29 @@ async def test_async_sharded_save_writes_the_state_of_the_moment_it_was_called(t
         saved, restored = load(tmp_path, f"run_saved4_r{rank}.pt"), load(tmp_path, f"again_restored_r{rank}.pt")
         assert_equal_states(saved, restored)
         assert not all(torch.equal(saved[k], v) for k, v in load(tmp_path, f"run_final_r{rank}.pt").items())
+
+
+def test_under_plain_torchrun_the_ranks_commit_sharded_steps_and_reshard_2_to_3(tmp_path):
+    # No coordinator: rank 0 commits after gathering every rank's entries, and
+    # chooses the resume step for all (broadcast), a sharded step of another size included.
+    import subprocess
+    import sys
+
+    url, out = tmp_path / "ckpt", tmp_path / "out"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RANKWARDEN_") or k == "RANKWARDEN_TEST_SESSION"}
+
+    def torchrun(world, steps, tag):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+                   SCRIPT, "--out", str(out), "--url", str(url)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                                env={**env, "RW_TEST_STEPS": str(steps), "RW_TEST_TAG": tag, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun(2, 4, "run")
+    manifest = CheckpointStore(str(url), "default").latest()
+    assert (manifest.step, manifest.world_size, manifest.layout) == (4, 2, "dcp")
+    torchrun(3, 6, "resized")
+    assert all(log_of(tmp_path, "resized", r)[0]["resumed_from"] == 4 for r in range(3))
+    assert_equal_states(load(tmp_path, "run_final_full.pt"), load(tmp_path, "resized_restored_full.pt"))
+    assert CheckpointStore(str(url), "default").latest().world_size == 3

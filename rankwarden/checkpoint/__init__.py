@@ -3,8 +3,12 @@
 A step is committed by its manifest, written last; resume takes the newest
 step that verifies. ``CheckpointStore`` works on its own (one process) or
 driven by the coordinator (each rank writes its files, the coordinator
-commits when every rank has reported). torch is imported only by the
-functions that (de)serialise torch payloads.
+commits when every rank has reported). Sharded state (DTensor/FSDP2, DDP
+replicas written once) goes through torch.distributed.checkpoint under the
+same commit (``save_sharded``/``load_sharded``, manifest ``layout: "dcp"``);
+such a step is a plain DCP checkpoint at ``dcp_location`` and resumes at
+another world size. torch is imported only by the functions that
+(de)serialise torch payloads.
 """
 
 from rankwarden.checkpoint._dcp import Resharded, dcp_location
