@@ -232,7 +232,7 @@ def _file_systems():
         def rename(self, path, new_path) -> None:
             if self.store.backend.atomic_rename:
                 staging = self.store.staging_dir(self.step, self.tag)
-                os.rename(os.path.join(staging, str(path)), os.path.join(staging, str(new_path)))
+                self.store.backend.files.rename(os.path.join(staging, str(path)), os.path.join(staging, str(new_path)))
                 self._write(str(new_path), os.path.join(staging, str(new_path)))
                 return
             with self._lock:
@@ -259,11 +259,10 @@ def _file_systems():
             pass
 
     class StoreReadFS(FileSystemBase):
-        """Files DCP opens are read whole through the store, checksum-verified, once each."""
+        """Files DCP opens are served from the store only after their checksum matched the manifest's."""
 
         def __init__(self, store: CheckpointStore, manifest: Manifest) -> None:
             self.store, self.manifest = store, manifest
-            self._cache: dict[str, bytearray] = {}
 
         @contextlib.contextmanager
         def create_stream(self, path, mode: str):
