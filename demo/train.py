@@ -232,3 +232,10 @@ if rank == 0 and args.final_weights:
     torch.save({k: v.cpu() for k, v in final.items()}, args.final_weights + ".tmp")
     os.replace(args.final_weights + ".tmp", args.final_weights)
 dist.destroy_process_group()
+if args.sharded:
+    # FSDP2's module still references the process group: free it while the
+    # interpreter is whole (README, known limits: an abort in finalisation otherwise).
+    import gc  # noqa: E402
+
+    del model, opt, ddp, state
+    gc.collect()

@@ -34,7 +34,7 @@ async def run_job(tmp_path, url, name, world, steps, *, tag="run", mode="fsdp", 
         entrypoint=SCRIPT, args=["--out", str(out), "--mode", mode, *args], world_size=world,
         job_id=f"{JOB_PREFIX}{name}", job_dir=str(tmp_path / f"job-{tag}"), checkpoint_url=url,
         heartbeat_timeout=20.0, max_restarts=0, backoff={"initial": 0.05},
-        env={"RW_TEST_STEPS": str(steps), "RW_TEST_TAG": tag, **(env or {})},
+        env={"RW_TEST_STEPS": str(steps), "RW_TEST_TAG": tag, "PYTHONFAULTHANDLER": "1", **(env or {})},
     )
     spec = JobSpec.from_dict({**data, **overrides})
     coordinator = Coordinator(spec)
