@@ -23,6 +23,11 @@ each in a fresh subprocess (peak RSS = VmHWM after the load minus VmRSS
 before it, so methods cannot pollute each other), interleaved over trials,
 page cache warm (the files were just written).
 
+Section ``sharded`` (2 ranks, gloo, CPU; see bench/_sharded.py): bytes per
+step of a DDP (replicated) state saved as one file per rank vs through DCP
+(replicas once), and a state sharded across the ranks saved/loaded by
+rankwarden (DCP through the store, commit included) vs plain DCP.
+
     python bench/checkpoint.py [--mib 512] [--trials 3] [--dir DIR] [--sections save,load]
 """
 
@@ -206,7 +211,9 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=512)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--dir", default=".", help="a directory on the disk to measure")
-    parser.add_argument("--sections", default="save,load", help="save (512 MiB save/resume/async), load (GPT state)")
+    parser.add_argument("--sections", default="save,load,sharded",
+                        help="save (512 MiB save/resume/async), load (GPT state), sharded (2 ranks through DCP)")
+    parser.add_argument("--sharded-mib", type=int, default=256, help="state size of the sharded section")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -216,7 +223,51 @@ def main() -> int:
         bench_save(args)
     if "load" in args.sections.split(","):
         bench_load(args.dir, max(args.trials, 5))  # more trials: one load is short and noisy
+    if "sharded" in args.sections.split(","):
+        bench_sharded(args)
     return 0
+
+
+def bench_sharded(args, world: int = 2) -> None:
+    """Two ranks (gloo) on this host; bench/_sharded.py measures, rank 0 reports."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    work = tempfile.mkdtemp(prefix="rw-bench-sharded-", dir=args.dir)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sharded.py")
+    procs = []
+    try:
+        for rank in range(world):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            procs.append(subprocess.Popen([sys.executable, script, work, str(args.sharded_mib), str(args.trials)],
+                                          env=env, stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL))
+        out, _ = procs[0].communicate(timeout=900)
+        for proc in procs[1:]:
+            proc.wait(timeout=60)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    ddp, sh, mib = result["ddp"], result["sharded"], 2**20
+    print(f"\nsharded: {world} ranks (gloo, CPU), median of {args.trials} trials")
+    print(f"  DDP, replicated state of {ddp['model_bytes'] / mib:.0f} MiB: bytes per step")
+    print(f"    one file per rank (before)  {ddp['bytes_per_rank_files'] / mib:8.1f} MiB  "
+          f"({ddp['bytes_per_rank_files'] / ddp['model_bytes']:.2f}x the model)  save {ddp['save_s_rank_files']:.3f} s")
+    print(f"    through DCP (after)         {ddp['bytes_dcp'] / mib:8.1f} MiB  "
+          f"({ddp['bytes_dcp'] / ddp['model_bytes']:.2f}x the model)  save {ddp['save_s_dcp']:.3f} s")
+    size = result["mib"]
+    print(f"  state of {size} MiB sharded across the ranks (Shard(0)):")
+    for what in ("save", "load"):
+        ours, theirs = sh[f"rankwarden_{what}"], sh[f"dcp_{what}"]
+        print(f"    {what}: rankwarden {ours:.3f} s ({size / ours:7.1f} MiB/s)   plain DCP {theirs:.3f} s "
+              f"({size / theirs:7.1f} MiB/s)   rankwarden/DCP throughput {theirs / ours:.2f}x")
+    print("  targets: DDP bytes ~1x the model; rankwarden >= 0.9x DCP's throughput (commit and CRC-32 included)")
 
 
 def bench_save(args) -> None:

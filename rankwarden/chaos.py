@@ -258,7 +258,9 @@ def run_chaos(
     ckpt_every: int = 16,
     limit: float = 120.0,
     echo: Callable[[str], None] = print,
+    sharded: bool = False,
 ) -> ChaosReport:
+    """Both runs; ``sharded`` trains with FSDP2 and checkpoints through DCP (the script's ``--sharded``)."""
     kinds = kinds or list(KINDS)
     unknown = set(kinds) - set(KINDS)
     if unknown:
@@ -277,7 +279,7 @@ def run_chaos(
         return JobSpec(
             entrypoint=script,
             args=["--data", data, "--epochs", str(epochs), "--seed", str(seed), "--ckpt-every", str(ckpt_every),
-                  "--final-weights", os.path.join(root, "final.pt")],
+                  "--final-weights", os.path.join(root, "final.pt"), *(["--sharded"] if sharded else [])],
             world_size=world_size, job_id=f"chaos-{name}", job_dir=os.path.join(root, "job"),
             checkpoint_url=os.path.join(root, "checkpoints"), heartbeat_timeout=heartbeat_timeout,
             heartbeat_interval=min(0.1, heartbeat_timeout / 5),
@@ -286,7 +288,8 @@ def run_chaos(
         )
 
     started = time.time()
-    echo(f"chaos run: {faults} faults ({', '.join(kinds)}), seed {seed}, {world_size} ranks")
+    echo(f"chaos run: {faults} faults ({', '.join(kinds)}), seed {seed}, {world_size} ranks"
+         + (", FSDP2 with sharded checkpoints" if sharded else ""))
     state, attempts, report.committed = trio.run(_run_job, spec("faults", faults), plan,
                                                 os.path.abspath(os.path.join(job_dir, "faults")), report, limit, echo,
                                                 ckpt_every)

@@ -168,6 +168,8 @@ def _build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--data", default="rankwarden-jobs/data", help="dataset directory (made if missing)")
     chaos.add_argument("--job-dir", default="rankwarden-jobs/chaos", help="where both runs keep logs and checkpoints")
     chaos.add_argument("--heartbeat-timeout", type=_seconds, default=3.0, metavar="S", help="frozen-rank detection")
+    chaos.add_argument("--sharded", action="store_true",
+                       help="train with FSDP2 and checkpoint sharded through torch.distributed.checkpoint")
     chaos.add_argument("--progress-timeout", type=_seconds, default=4.0, metavar="S", help="hung-rank detection")
     from rankwarden._api_cli import add_api_commands
 
@@ -375,6 +377,7 @@ def _chaos(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         script=args.script, data=args.data, job_dir=args.job_dir, faults=args.faults, kinds=kinds, seed=args.seed,
         world_size=args.nproc_per_node, epochs=args.epochs, heartbeat_timeout=args.heartbeat_timeout,
         progress_timeout=args.progress_timeout, echo=lambda line: print(f"[chaos] {line}", flush=True),
+        sharded=args.sharded,
     )
     print()
     print(report.render())

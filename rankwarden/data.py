@@ -24,6 +24,20 @@ number divides by the world size nothing is skipped and the order is what it
 would be without the cut. Computing the shares needs every shard's size:
 pass ``shard_sizes``, or each shard is loaded once to count it.
 
+Resharding (resume at another world size). A checkpoint of sharded state
+can be resumed by another number of ranks (``rankwarden.checkpoint``, layout
+"dcp"); the data positions of all the old ranks come with it, and
+``load_state_dict(list_of_every_old_rank's_state)`` redistributes them so
+that the rest of the epoch is read exactly once. Why it is this way: the
+rest of the epoch is what the old ranks had not read yet, concatenated in
+rank order (old rank 0's remainder, then 1's, ...); new rank ``r`` of ``W'``
+takes positions ``r, r+W', ...`` of that sequence, each rank the same number,
+``len // W'`` (equal step counts again: the last ``len % W'`` records, fewer
+than ``W'``, are dropped, as at the end of every epoch). The position is then
+(epoch, the chain of old takes, index), a few integers per old rank; a
+second change of world size in the same epoch adds another link to the
+chain. The next epoch starts afresh at the new world size.
+
 ``ShardedRecords`` iterates over records in shard files; ``ResumableSampler``
 has the same contract for map-style datasets (the DistributedSampler use
 case). Neither imports torch.
@@ -31,6 +45,7 @@ case). Neither imports torch.
 
 from __future__ import annotations
 
+import bisect
 import random
 from typing import Any, Callable, Iterator, Sequence
 
@@ -51,6 +66,63 @@ def _mix(*values: int) -> int:
     for value in values:
         mixed = (mixed * 0x100000001B3 ^ (value & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
     return mixed
+
+
+def _chain_lengths(chain: list[list[int]], base_length: int, world_size: int) -> list[int]:
+    """Records per rank at each link of a reshard chain (the last: at ``world_size``)."""
+    lengths = [base_length]
+    for k, takes in enumerate(chain):
+        world = len(chain[k + 1]) if k + 1 < len(chain) else world_size
+        lengths.append(sum(lengths[k] - t for t in takes) // world)
+    return lengths
+
+
+def _chain_locate(chain: list[list[int]], lengths: list[int], world_size: int, rank: int, index: int) -> tuple[int, int]:
+    """(old rank, position) in the base layout of the ``index``-th record of ``rank`` after the chain."""
+    world, m = world_size, rank + index * world_size
+    for k in range(len(chain) - 1, -1, -1):
+        takes = chain[k]
+        starts = [0]
+        for t in takes:
+            starts.append(starts[-1] + lengths[k] - t)
+        q = bisect.bisect_right(starts, m) - 1
+        j = takes[q] + (m - starts[q])
+        if k == 0:
+            return q, j
+        world = len(takes)
+        m = q + j * world
+    return rank, index  # no chain: the base layout itself
+
+
+def _reshard(states: Sequence[dict], kind: str, seed: int, base_length: Callable[[int, int], int],
+             taken: Callable[[dict], int], world_size: int) -> tuple[int, list[list[int]]]:
+    """(epoch, chain) for the new world from every old rank's position; see the module docstring."""
+    if not states:
+        raise ValueError(f"no {kind} states to redistribute")
+    if any(state.get("seed", seed) != seed for state in states):
+        raise ValueError(f"{kind} states were saved with seed {states[0].get('seed')}; this run has seed {seed}")
+    old_world = len(states)
+    if any(state.get("world_size", old_world) != old_world for state in states):
+        raise ValueError(f"{old_world} {kind} states given, but they were saved by world size "
+                         f"{sorted({state.get('world_size') for state in states})}: pass every old rank's state")
+    positions, takes = set(), []
+    for state in states:
+        epoch, chain = int(state["epoch"]), [[int(t) for t in link] for link in state.get("reshard", [])]
+        lengths = _chain_lengths(chain, base_length(epoch, len(chain[0]) if chain else old_world), old_world)
+        done = taken(state)
+        if done >= lengths[-1]:  # at the very end of its epoch: the same as the start of the next
+            epoch, chain, done = epoch + 1, [], 0
+        positions.add((epoch, tuple(map(tuple, chain))))
+        takes.append(done)
+    if len(positions) != 1:
+        raise ValueError(f"the old ranks' {kind} states are at different places of the data "
+                         f"({sorted(positions)}): they must come from the same checkpoint step")
+    ((epoch, chain),) = positions
+    new_chain = [list(link) for link in chain] + [takes]
+    lengths = _chain_lengths(new_chain, base_length(epoch, len(new_chain[0])), world_size)
+    if lengths[-1] == 0:  # nothing left that every new rank can read as often: next epoch
+        return epoch + 1, []
+    return epoch, new_chain
 
 
 def rank_shards(num_shards: int, rank: int, world_size: int, seed: int, epoch: int) -> list[int]:
@@ -95,7 +167,11 @@ class ShardedRecords:
         if shard_sizes is not None and len(shard_sizes) != num_shards:
             raise ValueError(f"shard_sizes has {len(shard_sizes)} entries for {num_shards} shards")
         self._sizes: list[int] | None = None if shard_sizes is None else [int(n) for n in shard_sizes]
-        self._lengths: dict[int, int] = {}
+        self._lengths: dict[tuple[int, int], int] = {}
+        #: While an epoch is resharded: every old world's takes (see the module docstring), and
+        #: the index of the next record in this rank's part of the rest of the epoch.
+        self.reshard: list[list[int]] = []
+        self.index = 0
 
     def shard_sizes(self) -> list[int]:
         """Records per shard (counted by loading each shard once, if not given)."""
@@ -106,25 +182,62 @@ class ShardedRecords:
     def epoch_length(self, epoch: int | None = None) -> int:
         """Records every rank reads in ``epoch``: the smallest rank's share (the rest is dropped)."""
         epoch = self.epoch if epoch is None else epoch
-        if epoch not in self._lengths:
+        if self.reshard and epoch == self.epoch:
+            return _chain_lengths(self.reshard, self._share(epoch, len(self.reshard[0])), self.world_size)[-1]
+        return self._share(epoch, self.world_size)
+
+    def _share(self, epoch: int, world_size: int) -> int:
+        """Records every rank of ``world_size`` reads in ``epoch`` (the smallest share)."""
+        if world_size > self.num_shards:
+            raise ValueError(f"{self.num_shards} shards cannot feed {world_size} ranks")
+        if (epoch, world_size) not in self._lengths:
             sizes = self.shard_sizes()
-            self._lengths = {epoch: min(
-                sum(sizes[s] for s in rank_shards(self.num_shards, r, self.world_size, self.seed, epoch))
-                for r in range(self.world_size)
-            )}
-        return self._lengths[epoch]
+            if len(self._lengths) > 8:
+                self._lengths.clear()
+            self._lengths[(epoch, world_size)] = min(
+                sum(sizes[s] for s in rank_shards(self.num_shards, r, world_size, self.seed, epoch))
+                for r in range(world_size)
+            )
+        return self._lengths[(epoch, world_size)]
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "shard": self.shard, "record": self.record, "seed": self.seed,
-                "world_size": self.world_size}
+    def _taken(self, state: dict) -> int:
+        """Records a (saved) rank had read of its epoch's share."""
+        if state.get("reshard"):
+            return int(state["index"])
+        world, rank = int(state["world_size"]), int(state["rank"])
+        mine = rank_shards(self.num_shards, rank, world, self.seed, int(state["epoch"]))
+        sizes = self.shard_sizes()
+        return sum(sizes[s] for s in mine[: int(state["shard"])]) + int(state["record"])
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict:
+        state = {"epoch": self.epoch, "shard": self.shard, "record": self.record, "seed": self.seed,
+                 "world_size": self.world_size, "rank": self.rank}
+        if self.reshard:
+            state.update(reshard=[list(link) for link in self.reshard], index=self.index)
+        return state
+
+    def load_state_dict(self, state: dict | Sequence[dict]) -> None:
+        """Continue from a saved position: this rank's own, or every old rank's (a list, in rank order).
+
+        A list from the same world size is this rank's entry; from another
+        world size the rest of the epoch is redistributed (module docstring)."""
+        if not isinstance(state, dict):
+            states = [dict(s) for s in state]
+            if len(states) == self.world_size and all(s.get("world_size") == self.world_size for s in states):
+                return self.load_state_dict(states[self.rank])
+            for r, s in enumerate(states):
+                s.setdefault("rank", r)
+            epoch, chain = _reshard(states, "data position", self.seed, self._share, self._taken, self.world_size)
+            self.epoch, self.shard, self.record, self.reshard, self.index = epoch, 0, 0, chain, 0
+            return
         if state.get("seed", self.seed) != self.seed or state.get("world_size", self.world_size) != self.world_size:
             raise ValueError(
                 f"data position was saved with seed {state.get('seed')} and world size {state.get('world_size')}; "
                 f"this run has seed {self.seed} and world size {self.world_size}: resuming would change the data order"
             )
         self.epoch, self.shard, self.record = int(state["epoch"]), int(state["shard"]), int(state["record"])
+        self.reshard = [[int(t) for t in link] for link in state.get("reshard", [])]
+        self.index = int(state.get("index", 0))
 
     def _shard_records(self, shard_id: int) -> tuple[Sequence[Any], list[int]]:
         if self._cache is None or self._cache[0] != shard_id or self._cache_epoch != self.epoch:
@@ -142,7 +255,29 @@ class ShardedRecords:
     def __iter__(self) -> Iterator[Any]:
         return self
 
+    def _next_resharded(self) -> tuple[int, int] | None:
+        """(shard, position in its order) of the next record of a resharded epoch; None at its end."""
+        old_world = len(self.reshard[0])
+        lengths = _chain_lengths(self.reshard, self._share(self.epoch, old_world), self.world_size)
+        if self.index >= lengths[-1]:
+            return None
+        q, j = _chain_locate(self.reshard, lengths, self.world_size, self.rank, self.index)
+        sizes = self.shard_sizes()
+        for shard in rank_shards(self.num_shards, q, old_world, self.seed, self.epoch):
+            if j < sizes[shard]:
+                return shard, j
+            j -= sizes[shard]
+        raise AssertionError("a resharded position past its old rank's share")  # pragma: no cover
+
     def __next__(self) -> Any:
+        while self.reshard:
+            found = self._next_resharded()
+            if found is None:
+                self.epoch, self.shard, self.record, self.reshard, self.index = self.epoch + 1, 0, 0, [], 0
+                break
+            records, order = self._shard_records(found[0])
+            self.index += 1
+            return records[order[found[1]]]
         while True:
             shards = rank_shards(self.num_shards, self.rank, self.world_size, self.seed, self.epoch)
             sizes = self.shard_sizes()
@@ -177,16 +312,23 @@ class ResumableSampler:
         self.size, self.rank, self.world_size, self.seed = dataset_size, rank, world_size, seed
         self.epoch = 0
         self.index = 0
+        #: While an epoch is resharded: every old world's takes (see the module docstring).
+        self.reshard: list[list[int]] = []
 
     def __len__(self) -> int:
         return self.size // self.world_size
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.index = epoch, 0
+            self.epoch, self.index, self.reshard = epoch, 0, []
 
     def indices(self) -> list[int]:
         order = epoch_permutation(self.size, self.seed, self.epoch)
+        if self.reshard:
+            old_world = len(self.reshard[0])
+            lengths = _chain_lengths(self.reshard, self.size // old_world, self.world_size)
+            located = (_chain_locate(self.reshard, lengths, self.world_size, self.rank, i) for i in range(lengths[-1]))
+            return [order[q + j * old_world] for q, j in located]
         return order[: len(self) * self.world_size][self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
@@ -196,10 +338,23 @@ class ResumableSampler:
             self.index += 1
             yield value
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "world_size": self.world_size}
+    def state_dict(self) -> dict:
+        state = {"epoch": self.epoch, "index": self.index, "seed": self.seed, "world_size": self.world_size}
+        if self.reshard:
+            state["reshard"] = [list(link) for link in self.reshard]
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict | Sequence[dict]) -> None:
+        """This rank's saved position, or every old rank's (a list, in rank order) to redistribute."""
+        if not isinstance(state, dict):
+            states = [dict(s) for s in state]
+            if len(states) == self.world_size and all(s.get("world_size") == self.world_size for s in states):
+                return self.load_state_dict(states[self.rank])
+            epoch, chain = _reshard(states, "sampler", self.seed, lambda epoch, world: self.size // world,
+                                    lambda s: int(s["index"]), self.world_size)
+            self.epoch, self.index, self.reshard = epoch, 0, chain
+            return
         if state.get("seed", self.seed) != self.seed or state.get("world_size", self.world_size) != self.world_size:
             raise ValueError("sampler state was saved with another seed or world size")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.reshard = [[int(t) for t in link] for link in state.get("reshard", [])]

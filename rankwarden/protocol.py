@@ -87,6 +87,9 @@ class FileInfo(msgspec.Struct, frozen=True):
 class CheckpointReady(_Message, tag="checkpoint_ready"):
     step: int
     files: list[FileInfo] = []
+    #: "dcp" when these files are this rank's part of a DCP (sharded) checkpoint;
+    #: the step commits with that layout if any rank says so (see ``Manifest.layout``).
+    layout: str = "rank"
 
 
 class CheckpointFailed(_Message, tag="checkpoint_failed"):

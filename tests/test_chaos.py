@@ -40,6 +40,21 @@ def test_chaos_with_every_fault_kind_loses_nothing(tmp_path, dataset):
     assert report.ok
 
 
+def test_sharded_chaos_fsdp2_through_dcp_loses_nothing(tmp_path, dataset):
+    # `rankwarden chaos --sharded`: FSDP2 on gloo, checkpoints through DCP; a
+    # kill in the middle of a sharded save and a plain kill, each resumed from
+    # a committed step; same world size, so the weights are bit-identical.
+    from rankwarden.chaos import run_chaos
+
+    report = run_chaos(script=TRAIN, data=dataset, job_dir=str(tmp_path / "chaos"), faults=2, seed=1, epochs=1,
+                       kinds=["kill-in-save", "kill"], sharded=True, echo=lambda line: None)
+    print(report.render())
+    assert report.state == "succeeded" and report.attempts == 3
+    assert report.identical, report.mismatch
+    assert all(f.resumed_from > 0 for f in report.faults), report.render()
+    assert report.ok
+
+
 def test_faults_are_planned_after_commits_the_same_for_the_same_seed():
     from rankwarden.chaos import plan_faults
 

@@ -133,3 +133,21 @@ async def test_the_manifests_a_coordinator_commits_carry_its_fingerprint(tmp_pat
             await Coordinator(spec, launcher=launcher, listeners=[listener]).run()
     manifest = CheckpointStore(str(tmp_path / "ckpt"), JOB).verify(2)
     assert manifest.writer == Writer(run_id="r1", entrypoint="/srv/train.py", args=["--lr", "0.1"], world_size=2)
+
+
+async def test_a_sharded_checkpoint_of_another_world_size_is_resumed_and_says_so(tmp_path):
+    # layout "dcp": DCP reshards it on load; the world size is no part of its identity.
+    files = {".metadata": b"m", "__0_0.distcp": b"a", "__1_0.distcp": b"b"}
+    CheckpointStore(str(tmp_path / "ckpt"), JOB).save(4, files, world_size=2, writer=_writer(world_size=2),
+                                                       layout="dcp")
+    snapshot, events, told = await _run(_spec(tmp_path, world_size=3))
+    assert snapshot.state == JobState.SUCCEEDED and told == [(0, 4), (1, 4), (2, 4)]
+    [chosen] = [e for e in events if isinstance(e, ResumeChosen)]
+    assert chosen.message == "resuming from step 4 (written by 2 rank(s), resharded on load)"
+
+
+async def test_a_per_rank_checkpoint_of_another_world_size_says_why_it_cannot_be_resharded(tmp_path):
+    _commit(tmp_path, 4, world_size=2, writer=_writer(world_size=2))
+    snapshot, events, _ = await _run(_spec(tmp_path, world_size=3))
+    [failed] = [e for e in events if isinstance(e, JobFailedEvent)]
+    assert "cannot be resharded" in failed.message and "layout 'dcp'" in failed.message

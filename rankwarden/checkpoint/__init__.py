@@ -3,10 +3,15 @@
 A step is committed by its manifest, written last; resume takes the newest
 step that verifies. ``CheckpointStore`` works on its own (one process) or
 driven by the coordinator (each rank writes its files, the coordinator
-commits when every rank has reported). torch is imported only by the
-functions that (de)serialise torch payloads.
+commits when every rank has reported). Sharded state (DTensor/FSDP2, DDP
+replicas written once) goes through torch.distributed.checkpoint under the
+same commit (``save_sharded``/``load_sharded``, manifest ``layout: "dcp"``);
+such a step is a plain DCP checkpoint at ``dcp_location`` and resumes at
+another world size. torch is imported only by the functions that
+(de)serialise torch payloads.
 """
 
+from rankwarden.checkpoint._dcp import Resharded, dcp_location
 from rankwarden.checkpoint._faults import POINTS as FAULT_POINTS, set_fault_hook
 from rankwarden.checkpoint._manifest import FileEntry, Manifest, Writer, step_dir_name
 from rankwarden.checkpoint._resume import ResumePlan, SkippedStep, choose_resume
@@ -21,6 +26,10 @@ def __getattr__(name: str):
         from rankwarden.checkpoint._async import AsyncCheckpointer
 
         return AsyncCheckpointer
+    if name in ("save_sharded", "load_sharded"):
+        from rankwarden.checkpoint import _dcp
+
+        return getattr(_dcp, name)
     if name in ("torch_payload", "load_torch"):
         from rankwarden.checkpoint import _torch
 
@@ -34,6 +43,10 @@ __all__ = [
     "load_torch",
     "torch_payload",
     "CheckpointStore",
+    "Resharded",
+    "dcp_location",
+    "load_sharded",
+    "save_sharded",
     "FileEntry",
     "Manifest",
     "ResumePlan",

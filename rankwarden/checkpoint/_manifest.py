@@ -18,9 +18,10 @@ import msgspec
 
 from rankwarden.errors import CorruptCheckpoint
 
-__all__ = ["FORMAT_VERSION", "FileEntry", "Manifest", "Writer", "parse_step_dir", "step_dir_name"]
+__all__ = ["FORMAT_VERSION", "LAYOUTS", "FileEntry", "Manifest", "Writer", "parse_step_dir", "step_dir_name"]
 
 FORMAT_VERSION = 1
+LAYOUTS = ("rank", "dcp")
 _STEP_DIR = re.compile(r"^step_(\d{9,})$")
 
 
@@ -82,6 +83,12 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     #: Commit order within the job: one more than the highest committed before.
     #: 0 in manifests written before it existed (they order by ``created_at``).
     commit_seq: int = 0
+    #: How the state is laid out: "rank" (one opaque file per rank, resumable
+    #: only by the same world size) or "dcp" (a torch.distributed.checkpoint
+    #: checkpoint: ``.metadata`` plus each rank's ``__<rank>_0.distcp``, next to
+    #: the per-rank files; resharded on load, so resumable by another world size).
+    #: "rank" in manifests written before the field existed.
+    layout: str = "rank"
 
     def file(self, name: str) -> FileEntry:
         for entry in self.files:
@@ -100,6 +107,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             raise CorruptCheckpoint(f"{where}: manifest does not parse: {exc}") from None
         if manifest.format != FORMAT_VERSION:
             raise CorruptCheckpoint(f"{where}: manifest format {manifest.format}, this rankwarden reads {FORMAT_VERSION}")
+        if manifest.layout not in LAYOUTS:
+            raise CorruptCheckpoint(f"{where}: manifest layout {manifest.layout!r}, this rankwarden reads {list(LAYOUTS)}")
         names = [f.name for f in manifest.files]
         if len(set(names)) != len(names) or any("/" in n or n in ("", ".", "..") for n in names):
             raise CorruptCheckpoint(f"{where}: manifest lists invalid or duplicate file names {names}")

@@ -13,8 +13,11 @@ The rule, newest committed step first:
    so the event log can say "step 12 skipped: rank 1's file ... failed its
    checksum".
 2. The first step that verifies is the candidate. If it was written by
-   another world size, resume is **refused**, naming both sizes: falling back
-   to an older step, or to step 0, would silently discard training.
+   another world size, it is resumed only if its state is sharded through DCP
+   (``layout: "dcp"``: DCP reshards it on load, and the data positions are
+   redistributed, see ``rankwarden.data``); a step of per-rank files is
+   **refused**, naming both sizes: falling back to an older step, or to
+   step 0, would silently discard training.
 3. If its writer's fingerprint (run, entrypoint, arguments) differs from this
    job's, it is refused unless the job asked to resume foreign checkpoints
    (``JobSpec.resume``); a manifest without a fingerprint counts as foreign.
@@ -50,11 +53,15 @@ class ResumePlan(msgspec.Struct, frozen=True, kw_only=True):
     skipped: list[SkippedStep] = []
     #: Set when a foreign checkpoint is resumed because the job asked for it.
     foreign: list[str] = []
+    #: The writer's world size when it differs from this job's (a sharded step, resharded on load).
+    resharded_from: int | None = None
 
     def describe(self) -> str:
         """One line for the console and the log."""
         head = "starting from scratch: no committed checkpoint" if self.step is None else f"resuming from step {self.step}"
         notes = [f"step {s.step} skipped: {s.reason}" for s in self.skipped]
+        if self.resharded_from is not None:
+            notes.append(f"written by {self.resharded_from} rank(s), resharded on load")
         if self.foreign:
             notes.append("written by another run, resumed as asked: " + "; ".join(self.foreign))
         return head + (f" ({'; '.join(notes)})" if notes else "")
@@ -82,7 +89,8 @@ def choose_resume(store: CheckpointStore, *, writer: Writer | None, resume_forei
             log.warning("job=%s: step %d skipped for resume: %s", store.job, step, exc)
             continue
         foreign = _check_writer(store, manifest, writer, resume_foreign)
-        return ResumePlan(step=step, skipped=skipped, foreign=foreign)
+        resharded = None if writer is None or manifest.world_size == writer.world_size else manifest.world_size
+        return ResumePlan(step=step, skipped=skipped, foreign=foreign, resharded_from=resharded)
     return ResumePlan(step=None, skipped=skipped)
 
 
@@ -90,16 +98,21 @@ def _check_writer(store: CheckpointStore, manifest: Manifest, writer: Writer | N
     where = f"checkpoint {store.url!r} of job {store.job!r}: step {manifest.step}"
     if writer is None:
         return []
-    if manifest.world_size != writer.world_size:
+    if manifest.world_size != writer.world_size and manifest.layout != "dcp":
         raise CheckpointRefused(
             f"{where} was written by {manifest.world_size} rank(s), this job has {writer.world_size}; "
-            f"a checkpoint of one world size cannot be resumed by another. Run with world size "
+            f"its state is one opaque file per rank (layout {manifest.layout!r}), which cannot be resharded: "
+            f"only state saved sharded through torch.distributed.checkpoint (DTensor/FSDP2/DDP modules, "
+            f"layout 'dcp') resumes at another world size. Run with world size "
             f"{manifest.world_size}, or start fresh with another checkpoint location or job id"
         )
+    if manifest.world_size != writer.world_size:
+        log.info("%s was written by %d rank(s); resharding it for %d", where, manifest.world_size, writer.world_size)
     if manifest.writer is None:
         differences = ["no fingerprint (written by an older rankwarden or by hand)"]
     else:
-        differences = writer.differences(manifest.writer)
+        # A sharded step's world size is no part of its identity: DCP reshards it.
+        differences = writer.differences(msgspec.structs.replace(manifest.writer, world_size=writer.world_size))
     if not differences:
         return []
     if resume_foreign:

@@ -43,7 +43,7 @@ from rankwarden.checkpoint._backends import MANIFEST, LocalBackend, Payload, swe
 from rankwarden.checkpoint._checksum import algorithm_of
 from rankwarden.checkpoint._object import ObjectBackend
 from rankwarden.checkpoint._faults import fault_point
-from rankwarden.checkpoint._manifest import FileEntry, Manifest, Writer, parse_step_dir, step_dir_name
+from rankwarden.checkpoint._manifest import LAYOUTS, FileEntry, Manifest, Writer, parse_step_dir, step_dir_name
 from rankwarden.errors import CheckpointError, CorruptCheckpoint, StepAlreadyCommitted
 
 __all__ = ["CheckpointStore", "rank_file_name"]
@@ -156,6 +156,7 @@ class CheckpointStore:
         world_size: int = 1,
         metadata: Mapping[str, Any] | None = None,
         writer: Writer | None = None,
+        layout: str = "rank",
     ) -> Manifest:
         """Commit ``step`` from the ``tag`` staging area: check the files, write the manifest, move LATEST.
 
@@ -164,10 +165,14 @@ class CheckpointStore:
         fingerprint a later resume compares against its own. If another writer
         committed ``step`` first, its step is kept and this raises
         ``StepAlreadyCommitted`` (carrying that step's manifest); this writer's
-        files are removed."""
+        files are removed. ``layout`` is "dcp" for a step of sharded state
+        (see ``Manifest.layout``)."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
         staging = self.staging_dir(step, tag)
         manifest = Manifest(job=self.job, step=step, world_size=world_size, files=list(files),
-                            metadata=dict(metadata or {}), writer=writer, payload_dir=self.backend.payload_dir(tag))
+                            metadata=dict(metadata or {}), writer=writer, payload_dir=self.backend.payload_dir(tag),
+                            layout=layout)
         for entry in manifest.files:
             size = self.backend.size(f"{staging.rstrip('/')}/{entry.name}")
             if size != entry.size:
@@ -263,12 +268,14 @@ class CheckpointStore:
         world_size: int = 1,
         metadata: Mapping[str, Any] | None = None,
         writer: Writer | None = None,
+        layout: str = "rank",
     ) -> Manifest:
         """Write and commit a whole step from this one process (no coordinator)."""
         tag = uuid.uuid4().hex[:12]
         try:
             entries = [self.write_file(step, name, payload, tag=tag) for name, payload in payloads.items()]
-            return self.commit(step, entries, tag=tag, world_size=world_size, metadata=metadata, writer=writer)
+            return self.commit(step, entries, tag=tag, world_size=world_size, metadata=metadata, writer=writer,
+                               layout=layout)
         except BaseException:
             # A failed save leaves no trace that a reader could mistake for a step.
             with contextlib.suppress(OSError):

@@ -48,6 +48,15 @@ def copy_to_buffers(state: Any, buffers: dict, path: tuple = ()) -> Any:
 
     if isinstance(state, torch.Tensor):
         if type(state) is not torch.Tensor and type(state) is not torch.nn.Parameter:
+            from torch.distributed.tensor import DTensor
+
+            if isinstance(state, DTensor):
+                # A shard of sharded state (FSDP2): its local part into a reused
+                # buffer, wrapped again with the same mesh and placements (no
+                # communication), for a sharded save through DCP.
+                local = copy_to_buffers(state.to_local().detach(), buffers, path + ("<local shard>",))
+                return DTensor.from_local(local, state.device_mesh, state.placements, run_check=False,
+                                          shape=state.shape, stride=state.stride())
             return state.clone()  # refused by the payload with a clear error; never aliased
         source = state.detach()
         buffer = buffers.get(path)

@@ -53,6 +53,8 @@ class Committer:
         #: The step the ranks being launched resume from (None: from scratch).
         self.resume_step: int | None = None
         self._pending: dict[tuple[str, int], dict[int, list[FileEntry]]] = {}
+        #: (tag, step) pairs that some rank reported as sharded (DCP) state.
+        self._sharded: set[tuple[str, int]] = set()
         self._send, self._receive = trio.open_memory_channel[tuple[str, int, dict]](float("inf"))
         #: Steps that every rank reported and that are not committed (or refused) yet.
         self._queued = 0
@@ -89,17 +91,21 @@ class Committer:
     async def finish(self) -> None:
         """The job is over: nothing it staged can commit any more; remove it."""
         self._pending.clear()
+        self._sharded.clear()
         await trio.to_thread.run_sync(self.store.cleanup)
 
     async def new_attempt(self, tag: str) -> None:
         # Steps of earlier attempts can never complete now: forget them, remove their files.
         self._pending = {key: ranks for key, ranks in self._pending.items() if key[0] == tag}
+        self._sharded = {key for key in self._sharded if key[0] == tag}
         await trio.to_thread.run_sync(self.store.cleanup)
 
     def ready(self, tag: str, rank: int, message: protocol.CheckpointReady) -> None:
         files = [FileEntry(name=f.name, size=f.size, checksum=f.checksum, rank=rank) for f in message.files]
         ranks = self._pending.setdefault((tag, message.step), {})
         ranks[rank] = files
+        if message.layout == "dcp":
+            self._sharded.add((tag, message.step))
         if len(ranks) == self.job.spec.world_size:
             del self._pending[(tag, message.step)]
             self._queued += 1
@@ -129,11 +135,13 @@ class Committer:
 
     async def _commit(self, tag: str, step: int, ranks: dict[int, list[FileEntry]]) -> None:
         files = [entry for rank in sorted(ranks) for entry in ranks[rank]]
+        layout = "dcp" if (tag, step) in self._sharded else "rank"
+        self._sharded.discard((tag, step))
         started = time.perf_counter()
         try:
             await trio.to_thread.run_sync(
                 lambda: self.store.commit(step, files, tag=tag, world_size=self.job.spec.world_size,
-                                          writer=self.writer)
+                                          writer=self.writer, layout=layout)
             )
         except CheckpointError as exc:
             log.warning("job=%s: %s", self.job.job_id, exc)

@@ -135,30 +135,48 @@ def checkpointer(url: str | None = None, *, job: str | None = None):
     return _rank_checkpointer
 
 
-def save(step: int, state, *, wait: bool = True, url: str | None = None) -> None:
+def save(step: int, state, *, wait: bool = True, url: str | None = None, per_rank=None) -> None:
     """Checkpoint this rank's ``state`` for ``step`` (all ranks call it for the same step).
 
     Under rankwarden the coordinator commits the step once every rank has
     written its file; ``wait`` blocks until it has. Under plain torchrun with
-    ``url`` the ranks commit through torch.distributed."""
+    ``url`` the ranks commit through torch.distributed.
+
+    Sharded state: when ``state`` holds DTensors (FSDP2) or has modules or
+    optimizers as top-level values, or when ``per_rank`` is given, ``state``
+    is saved through torch.distributed.checkpoint (a collective: shards by
+    their owners, replicated tensors once) and ``per_rank`` (RNG, data
+    position) as this rank's own file; restore it with ``restore(into=...)``."""
     from rankwarden.checkpoint import torch_payload
+    from rankwarden.checkpoint._dcp import has_sharded_state
 
     ckpt = checkpointer(url)
-    ckpt.save(step, torch_payload(state))
+    if per_rank is not None or has_sharded_state(state):
+        ckpt.save_sharded(step, state, per_rank)
+    else:
+        ckpt.save(step, torch_payload(state))
     if wait and not ckpt.wait_committed(step, timeout=600):
         from rankwarden.errors import CheckpointError
 
         raise CheckpointError(f"step {step} was not committed within 600s")
 
 
-def restore(*, url: str | None = None, map_location="cpu"):
+def restore(*, url: str | None = None, map_location="cpu", into=None):
     """(step, state) of this rank from the step every rank resumes from, or None to start fresh.
+
+    With ``into`` (the state as given to a sharded ``save``): loads the step's
+    sharded state into it in place (collective; resharded when the step was
+    written by another world size) and returns (step, per_rank): this rank's
+    per-rank state, or a ``rankwarden.checkpoint.Resharded`` with every writer
+    rank's when the world size changed.
 
     Under rankwarden the coordinator chose that step (the newest committed one
     whose files all verify, of this job's world size and run) and told every
     rank the same one; under torchrun rank 0 chooses and broadcasts it (call
     this after ``init_process_group``). If this rank cannot read that step it
     raises CheckpointError instead of loading another one."""
+    if into is not None:
+        return checkpointer(url).load_sharded_latest(into, map_location=map_location)
     return checkpointer(url).load_latest_state(map_location=map_location)
 
 

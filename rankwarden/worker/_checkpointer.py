@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from rankwarden import protocol
 from rankwarden.checkpoint import CheckpointStore, FileEntry, Writer, choose_resume, rank_file_name
 from rankwarden.checkpoint._backends import Payload
+from rankwarden.checkpoint._dcp import Resharded, load_sharded, save_sharded
 from rankwarden.checkpoint._torch import load_torch, torch_payload
 from rankwarden.errors import CheckpointError, CorruptCheckpoint
 
@@ -85,17 +86,68 @@ class RankCheckpointer:
         try:
             entry = self.store.write_file(step, self.file_name, payload, tag=self.tag, rank=self.rank)
         except CheckpointError as exc:
-            if self._client is not None:
-                self._client.send(protocol.CheckpointFailed(step=step, error=str(exc)))
+            self._failed(step, exc)
             raise
-        if self._client is not None:
-            info = protocol.FileInfo(name=entry.name, size=entry.size, checksum=entry.checksum)
-            self._client.send(protocol.CheckpointReady(step=step, files=[info]))
-        elif self.world_size == 1:
-            self.store.commit(step, [entry], tag=self.tag, world_size=1, writer=self._writer())
-        else:
-            self._commit_without_coordinator(step, entry)
+        self._report(step, [entry], "rank")
         return entry
+
+    def save_sharded(self, step: int, state: dict, per_rank: Any = None, *, process_group: Any = None) -> list[FileEntry]:
+        """Save ``state`` through DCP (collective: every rank calls it) and ``per_rank`` as this rank's own file.
+
+        ``state`` is the job's state as DCP sees it: DTensor shards are
+        written by their owners, a tensor or value that every rank holds (a
+        DDP replica, the step number) once. ``per_rank`` (RNG, data position)
+        is this rank's alone, in rankwarden's tensor format. Reported for
+        commit like ``save``; the step's manifest says ``layout: "dcp"``."""
+        try:
+            entries = save_sharded(self.store, step, state, tag=self.tag, rank=self.rank, process_group=process_group)
+            if per_rank is not None:
+                entries.append(self.store.write_file(step, self.file_name, torch_payload(per_rank),
+                                                     tag=self.tag, rank=self.rank))
+        except CheckpointError as exc:
+            self._failed(step, exc)
+            raise
+        except Exception as exc:  # DCP's own errors (CheckpointException) name the failing rank
+            self._failed(step, exc)
+            raise CheckpointError(f"rank {self.rank}: sharded save of step {step} failed: {exc}") from exc
+        self._report(step, entries, "dcp")
+        return entries
+
+    def async_sharded(self, *, on_error: Any = None):
+        """An ``AsyncCheckpointer`` for sharded saves: ``.save(step, {"state": ..., "per_rank": ...})``.
+
+        The training thread copies the state (DTensor shards included) into
+        reused CPU buffers; a background thread runs DCP's save over a
+        process group of its own (created here, collectively: every rank
+        calls this at the same point), so its collectives never interleave
+        with training's. The state must hold state dicts, not modules (take
+        them with ``get_state_dict``). At most one save in flight, and the
+        policy is ``wait``: a rank that skipped a save while another did not
+        would leave the other waiting in DCP's collectives forever."""
+        from rankwarden.checkpoint._async import AsyncCheckpointer
+
+        group = None
+        dist = self._dist()
+        if dist is not None and self.world_size > 1:
+            group = dist.new_group(backend="gloo")  # DCP's own async_save does the same
+
+        def write(step: int, snapshot: dict) -> list[FileEntry]:
+            return self.save_sharded(step, snapshot["state"], snapshot.get("per_rank"), process_group=group)
+
+        return AsyncCheckpointer(write, policy="wait", on_error=on_error)
+
+    def _failed(self, step: int, exc: BaseException) -> None:
+        if self._client is not None:
+            self._client.send(protocol.CheckpointFailed(step=step, error=str(exc)))
+
+    def _report(self, step: int, entries: list[FileEntry], layout: str) -> None:
+        if self._client is not None:
+            infos = [protocol.FileInfo(name=e.name, size=e.size, checksum=e.checksum) for e in entries]
+            self._client.send(protocol.CheckpointReady(step=step, files=infos, layout=layout))
+        elif self.world_size == 1:
+            self.store.commit(step, entries, tag=self.tag, world_size=1, writer=self._writer(), layout=layout)
+        else:
+            self._commit_without_coordinator(step, entries, layout)
 
     def _dist(self):
         try:
@@ -104,7 +156,7 @@ class RankCheckpointer:
             return None
         return dist if dist.is_available() and dist.is_initialized() else None
 
-    def _commit_without_coordinator(self, step: int, entry: FileEntry) -> None:
+    def _commit_without_coordinator(self, step: int, mine: list[FileEntry], layout: str) -> None:
         # Plain torchrun: the ranks commit among themselves. Everyone's entry
         # goes to rank 0, which commits; the barrier keeps anyone from running
         # ahead of a step that is not committed yet.
@@ -113,12 +165,14 @@ class RankCheckpointer:
             raise CheckpointError(
                 "a multi-rank checkpoint needs a committer: run under rankwarden, or initialise torch.distributed"
             )
-        entries: list = [None] * self.world_size
-        dist.all_gather_object(entries, entry)
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        entries = [entry for rank_entries in gathered for entry in rank_entries]
         outcome: list = [None]
         if self.rank == 0:
             try:
-                self.store.commit(step, entries, tag=self.tag, world_size=self.world_size, writer=self._writer())
+                self.store.commit(step, entries, tag=self.tag, world_size=self.world_size, writer=self._writer(),
+                                  layout=layout)
             except CheckpointError as exc:  # every rank must hear of it, or they wait in the broadcast forever
                 outcome = [f"{type(exc).__name__}: {exc}"]
         # A broadcast rather than a barrier: it also carries rank 0's verdict.
@@ -160,10 +214,11 @@ class RankCheckpointer:
             plan = choose_resume(self.store, writer=None)
             if plan.step is not None:
                 manifest = self.store.verify(plan.step, checksums=False)
-                if manifest.world_size != self.world_size:
+                if manifest.world_size != self.world_size and manifest.layout != "dcp":
                     choice = [CheckpointError(
                         f"step {plan.step} was written by {manifest.world_size} rank(s), this job has "
-                        f"{self.world_size}; a checkpoint of one world size cannot be resumed by another")]
+                        f"{self.world_size}; its state is one file per rank (not sharded through DCP), "
+                        "which cannot be resharded")]
                 else:
                     choice = [plan.step]
             log.info("rank 0 chose the resume step for all ranks: %s", plan.describe())
@@ -182,6 +237,9 @@ class RankCheckpointer:
         with self.store.reading(step):
             try:
                 manifest = self.store.verify(step, checksums=False)  # each file's checksum is checked as it is read
+                if manifest.layout == "dcp":
+                    raise CheckpointError(
+                        f"step {step} holds sharded (DCP) state: restore it with `into=` the state to load into")
                 if manifest.world_size != self.world_size:
                     raise CheckpointError(
                         f"step {step} was written by {manifest.world_size} rank(s), this job has {self.world_size}")
@@ -199,3 +257,37 @@ class RankCheckpointer:
             return None
         step, data = found
         return step, load_torch(data, map_location=map_location)
+
+    def load_sharded_latest(self, state: dict, *, map_location: Any = "cpu",
+                            process_group: Any = None) -> tuple[int, Any] | None:
+        """Load the agreed resume step's sharded state into ``state`` in place (collective); None: start fresh.
+
+        Returns (step, per_rank): this rank's per-rank state when the step was
+        written by this world size (None if it saved none), or a ``Resharded``
+        holding every writer rank's per-rank state when it was written by
+        another (DCP has resharded ``state``; redistribute the data positions
+        with ``ShardedRecords.load_state_dict(list)``). Raises CheckpointError
+        if that step cannot be read: never another step."""
+        step = self.resume_step()
+        if step is None:
+            return None
+        with self.store.reading(step):
+            try:
+                manifest = self.store.verify(step, checksums=False)
+                load_sharded(self.store, manifest, state, process_group=process_group)
+                names = {f.name for f in manifest.files}
+
+                def per_rank_of(rank: int) -> Any:
+                    name = rank_file_name(rank)
+                    return load_torch(self.store.read(manifest, name), map_location=map_location) if name in names else None
+
+                if manifest.world_size == self.world_size:
+                    return step, per_rank_of(self.rank)
+                return step, Resharded(world_size=manifest.world_size,
+                                       ranks=[per_rank_of(r) for r in range(manifest.world_size)])
+            except (CorruptCheckpoint, KeyError) as exc:
+                raise CheckpointError(
+                    f"rank {self.rank} cannot load step {step}, the step every rank of this attempt resumes "
+                    f"from: {exc}. Not falling back alone (ranks on different steps diverge silently); "
+                    "the coordinator chooses again before the next attempt"
+                ) from exc
