@@ -32,7 +32,7 @@ import os
 import threading
 from typing import Any, Iterator
 
-from rankwarden.checkpoint._backends import algorithm_of, checksum_bytes
+from rankwarden.checkpoint._checksum import algorithm_of, checksum_bytes
 from rankwarden.checkpoint._faults import fault_point
 from rankwarden.checkpoint._manifest import FileEntry, Manifest
 from rankwarden.checkpoint._store import CheckpointStore
