@@ -161,7 +161,7 @@ def measure(args) -> dict:
     env = dict(os.environ, RANKWARDEN_API_TOKEN=TOKEN)
     server = subprocess.Popen(
         [sys.executable, "-m", "rankwarden", "serve", "--port", "0", "--state-dir", state, "--allow", os.path.join(HERE, "*"),
-         "--limit", f"max_client_requests={args.subscribers + 20}"],
+         "--limit", f"max_client_requests={args.subscribers + 20}", "--limit", f"max_client_connections={args.subscribers + 20}"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     try:
         seen = b""

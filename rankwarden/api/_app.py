@@ -141,7 +141,9 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
 
     @app.after_request
     async def harden(response: Response) -> Response:
-        if response.status_code in (401, 413):
+        if response.status_code in (401, 408, 413):
+            # The body was refused, or never came whole: the connection's next
+            # bytes are not a request, and a trickling client must not keep it.
             response.headers["Connection"] = "close"
         # Answers are JSON or event streams about private jobs: never sniffed
         # as something else, never kept by a cache.
