@@ -2,8 +2,10 @@
 
 It answers the calls the launcher makes the way the real API server does:
 201 on create, 409 AlreadyExists, 404 NotFound, 422 Invalid, 401 for a stale
-token, 403 Forbidden for anything the Role in ``k8s/`` does not grant (RBAC is
-enforced, so a launcher call the Role lacks fails the test), ``Status``
+token, 403 Forbidden for anything the Roles bound to the caller's
+ServiceAccount in the request's namespace do not grant (``Rbac``, loaded from
+the kustomize base in ``k8s/``: namespace, subject, verb, resource and
+resourceNames are checked, so a launcher call the Role lacks fails the test), ``Status``
 bodies on every error, a ``resourceVersion`` on every object, watch streams of
 ADDED/MODIFIED/DELETED (and BOOKMARK), and 410 Gone for a compacted
 resourceVersion. Every request is recorded as (verb, resource).
@@ -41,6 +43,78 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
+class Rbac:
+    """Roles and RoleBindings as the API server's RBAC authorizer reads them.
+
+    A request is allowed when a RoleBinding *in the request's namespace*
+    binds the caller (``system:serviceaccount:NS:NAME``, from its token) to
+    a Role in that namespace with a rule naming the verb and the resource,
+    and, where the rule lists ``resourceNames``, the object's name (create,
+    list and watch name no object, so such a rule never allows them)."""
+
+    def __init__(self, roles: dict[tuple[str, str], list[dict[str, Any]]],
+                 bindings: list[tuple[str, str, list[dict[str, Any]]]]) -> None:
+        self.roles = roles  # (namespace, name) -> rules
+        self.bindings = bindings  # (namespace, role name, subjects)
+
+    @classmethod
+    def from_kustomize(cls, base: Path) -> "Rbac":
+        """The Roles and RoleBindings of a kustomize base, in the namespace it sets."""
+        import yaml
+
+        kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
+        default_ns = kustomization.get("namespace", "default")
+        roles, bindings = {}, []
+        for resource in kustomization.get("resources", []):
+            for doc in yaml.safe_load_all((base / resource).read_text()):
+                if not doc:
+                    continue
+                ns = kustomization.get("namespace") or doc["metadata"].get("namespace", default_ns)
+                if doc["kind"] == "Role":
+                    for rule in doc.get("rules", []):
+                        assert rule.get("apiGroups") == [""], f"unexpected apiGroups in {resource}: {rule}"
+                    roles[(ns, doc["metadata"]["name"])] = copy.deepcopy(doc.get("rules", []))
+                elif doc["kind"] == "RoleBinding":
+                    assert doc["roleRef"]["kind"] == "Role", doc["roleRef"]
+                    # kustomize puts ServiceAccount subjects without a namespace in its own.
+                    subjects = [dict(sub, namespace=sub.get("namespace") or ns) for sub in doc.get("subjects", [])]
+                    bindings.append((ns, doc["roleRef"]["name"], subjects))
+        return cls(roles, bindings)
+
+    def service_accounts(self) -> list[tuple[str, str]]:
+        """(namespace, name) of every ServiceAccount some binding names."""
+        return [(sub["namespace"], sub["name"]) for _, _, subjects in self.bindings
+                for sub in subjects if sub.get("kind") == "ServiceAccount"]
+
+    def allows(self, user: str, verb: str, namespace: str, resource: str, name: str | None) -> bool:
+        for ns, role, subjects in self.bindings:
+            if ns != namespace or not any(
+                    sub.get("kind") == "ServiceAccount" and user == f"system:serviceaccount:{sub['namespace']}:{sub['name']}"
+                    for sub in subjects):
+                continue
+            for rule in self.roles.get((ns, role), []):
+                if verb in rule["verbs"] and resource in rule["resources"] and (
+                        "resourceNames" not in rule or (name is not None and verb not in ("create", "list", "watch")
+                                                        and name in rule["resourceNames"])):
+                    return True
+        return False
+
+    def granted(self) -> set[tuple[str, str]]:
+        """(verb, resource) pairs some bound Role grants."""
+        return {(verb, res) for ns, role, _ in self.bindings for rule in self.roles.get((ns, role), [])
+                for verb in rule["verbs"] for res in rule["resources"]}
+
+    def revoke(self, verb: str, resource: str) -> None:
+        for rules in self.roles.values():
+            for rule in rules:
+                if verb in rule["verbs"] and resource in rule["resources"]:
+                    rule["verbs"] = [v for v in rule["verbs"] if v != verb]
+
+    def grant(self, verb: str, resource: str) -> None:
+        for ns, role, _ in self.bindings:
+            self.roles.setdefault((ns, role), []).append({"apiGroups": [""], "resources": [resource], "verbs": [verb]})
+
+
 def role_rules(path: Path) -> set[tuple[str, str]]:
     """(verb, resource) pairs a Role in a YAML file grants (core API group only)."""
     import yaml
@@ -55,10 +129,14 @@ def role_rules(path: Path) -> set[tuple[str, str]]:
 
 
 class SimKube:
-    def __init__(self, workdir: Path, *, token: str = "sim-token", rules: set[tuple[str, str]] | None = None) -> None:
+    def __init__(self, workdir: Path, *, token: str = "sim-token", rbac: Rbac | None = None,
+                 namespace: str = "default", user: str = "system:serviceaccount:default:rankwarden") -> None:
         self.workdir = workdir
         self.token = token
-        self.rules = rules
+        self.rbac = rbac
+        self.namespace = namespace  # where tests look by default
+        #: token -> the user it authenticates as (ServiceAccount tokens name their account)
+        self.users: dict[str, str] = {token: user}
         self.url = ""
         self.requests: list[tuple[str, str, str, int | None]] = []  # (verb, resource, path, delete grace)
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -96,10 +174,12 @@ class SimKube:
 
     # -- what tests do to the cluster -------------------------------------------------
 
-    def pods(self, namespace: str = "default") -> dict[str, dict[str, Any]]:
+    def pods(self, namespace: str | None = None) -> dict[str, dict[str, Any]]:
+        namespace = namespace or self.namespace
         return {k[2]: v for k, v in self.objects.items() if k[0] == "pods" and k[1] == namespace}
 
-    def services(self, namespace: str = "default") -> dict[str, dict[str, Any]]:
+    def services(self, namespace: str | None = None) -> dict[str, dict[str, Any]]:
+        namespace = namespace or self.namespace
         return {k[2]: v for k, v in self.objects.items() if k[0] == "services" and k[1] == namespace}
 
     def oom_kill(self, name: str) -> None:
@@ -125,7 +205,7 @@ class SimKube:
         self._changed.set()
         self._changed = trio.Event()
 
-    def vanish_unwatched(self, name: str, namespace: str = "default") -> None:
+    def vanish_unwatched(self, name: str, namespace: str | None = None) -> None:
         """The pod is deleted while no watch is looking, and the event is compacted away.
 
         Its process dies and the object goes without an event; every watch
@@ -133,10 +213,11 @@ class SimKube:
         proc = self._procs.get(name)
         if proc is not None and proc.status is None:
             proc.signal(signal.SIGKILL)
-        self.objects.pop(("pods", namespace, name), None)
+        self.objects.pop(("pods", namespace or self.namespace, name), None)
         self.compact()
 
     def rotate_token(self, token: str) -> None:
+        self.users[token] = self.users.pop(self.token)
         self.token = token
 
     async def wait_for(self, predicate, timeout: float = 20.0) -> None:
@@ -309,13 +390,16 @@ class SimKube:
             path += "/" + str(json.loads(body or b"{}").get("metadata", {}).get("name"))
         self.requests.append((verb, resource, path, grace))
         self._notify()
-        if headers.get("authorization") != f"Bearer {self.token}":
+        auth = headers.get("authorization", "")
+        user = self.users.get(auth[len("Bearer "):]) if auth.startswith("Bearer ") else None
+        if user is None:
             await self._error(conn, stream, 401, "Unauthorized", "Unauthorized")
             return
-        if self.rules is not None and (verb, resource) not in self.rules:
+        if self.rbac is not None and not self.rbac.allows(user, verb, ns, resource, name):
+            what = f'{res} "{name}"' if name else res
             await self._error(conn, stream, 403, "Forbidden",
-                              f'{resource} is forbidden: User "system:serviceaccount:{ns}:rankwarden" '
-                              f'cannot {verb} resource "{resource}" in API group "" in the namespace "{ns}"')
+                              f'{what} is forbidden: User "{user}" cannot {verb} resource "{resource}" '
+                              f'in API group "" in the namespace "{ns}"')
             return
         if verb == "create":
             await self._create(conn, stream, ns, res, json.loads(body or b"{}"))
