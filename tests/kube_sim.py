@@ -7,8 +7,9 @@ ServiceAccount in the request's namespace do not grant (``Rbac``, loaded from
 the kustomize base in ``k8s/``: namespace, subject, verb, resource and
 resourceNames are checked, so a launcher call the Role lacks fails the test), ``Status``
 bodies on every error, a ``resourceVersion`` on every object, watch streams of
-ADDED/MODIFIED/DELETED (and BOOKMARK), and 410 Gone for a compacted
-resourceVersion. Every request is recorded as (verb, resource).
+ADDED/MODIFIED/DELETED (and BOOKMARK), 410 Gone for a compacted
+resourceVersion, and container logs as the kubelet serves them (timestamped
+entries, ``sinceTime``, ``tailLines``, ``timestamps``, rotation). Every request is recorded as (verb, resource).
 
 The "kubelet" runs each pod's container command as a real local process
 (through rankwarden's ProcessLauncher), so real ranks heartbeat to a real
@@ -21,6 +22,7 @@ Served with h11 on loopback, port 0.
 
 from __future__ import annotations
 
+import calendar
 import copy
 import functools
 import json
@@ -155,6 +157,7 @@ class SimKube:
         self._kill_watches = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._launcher = ProcessLauncher()
+        self._logs: dict[str, _PodLog] = {}
 
     # -- lifetime -------------------------------------------------------------------
 
@@ -215,6 +218,12 @@ class SimKube:
             proc.signal(signal.SIGKILL)
         self.objects.pop(("pods", namespace or self.namespace, name), None)
         self.compact()
+
+    def rotate_log(self, name: str, keep: int = 0) -> None:
+        """The kubelet rotates the container's log: the API reads only the current
+        file, which keeps the last ``keep`` lines written so far."""
+        pod_log = self._logs[name]
+        pod_log.start = max(pod_log.start, len(pod_log.entries) - keep)
 
     def rotate_token(self, token: str) -> None:
         self.users[token] = self.users.pop(self.token)
@@ -287,6 +296,9 @@ class SimKube:
         )
         proc = await self._launcher.start(request)
         self._procs[name] = proc
+        self._logs[name] = _PodLog()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._collect_log, name, log, proc)
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._update_pod(ns, name, phase="Running", podIP="127.0.0.1", containerStatuses=[{
             "name": "rank", "ready": True, "restartCount": 0, "image": container["image"],
@@ -530,21 +542,84 @@ class SimKube:
                     await stream.send_all(conn.send(h11.Data(data=json.dumps({"type": "BOOKMARK", "object": mark}).encode() + b"\n")))
         await stream.send_all(conn.send(h11.EndOfMessage()))
 
-    async def _log(self, conn, stream, name: str, query: dict[str, str]) -> None:
-        path = self.workdir / f"{name}.log"
-        await self._start_stream(conn, stream)
-        offset = 0
+    async def _collect_log(self, name: str, path: Path, proc: LocalProcess) -> None:
+        """The container runtime: each line the container writes becomes a timestamped entry."""
+        pod_log, offset, pending = self._logs[name], 0, b""
         while True:
-            proc = self._procs.get(name)
-            done = proc is None or proc.status is not None
+            done = proc.status is not None  # before the read: nothing written after it is missed
             data = path.read_bytes()[offset:] if path.exists() else b""
-            if data:
-                offset += len(data)
-                await stream.send_all(conn.send(h11.Data(data=data)))
+            offset += len(data)
+            *lines, pending = (pending + data).split(b"\n")
+            if done and pending:
+                lines.append(pending)  # the unterminated last line, as a partial entry
+            for i, line in enumerate(lines):
+                pod_log.append(line + (b"\n" if i < len(lines) - 1 or not (done and pending) else b""))
+            if lines:
+                self._notify()
+            if done:
+                pod_log.done = True
+                self._notify()
+                return
+            await trio.sleep(0.02)  # a file has no readiness to await; the sim polls it
+
+    async def _log(self, conn, stream, name: str, query: dict[str, str]) -> None:
+        # The kubelet's log read: the current file only (see rotate_log), from
+        # sinceTime (inclusive) or its last tailLines lines, each line prefixed
+        # with its RFC 3339 time (nanoseconds, trailing zeros cut, as Go writes
+        # it) if timestamps=true; following until the container has exited.
+        pod_log = self._logs.get(name)
+        await self._start_stream(conn, stream)
+        if pod_log is None:  # never started: an empty log
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+            return
+        since = _parse_time(query["sinceTime"]) if "sinceTime" in query else None
+        index = pod_log.start
+        if "tailLines" in query:
+            index = max(index, len(pod_log.entries) - int(query["tailLines"]))
+        while True:
+            changed, done = self._changed, pod_log.done
+            index = max(index, pod_log.start)
+            out = []
+            for stamp, line in pod_log.entries[index:]:
+                if since is None or stamp >= since:
+                    out.append((_format_time(stamp).encode() + b" " if query.get("timestamps") == "true" else b"") + line)
+            index = len(pod_log.entries)
+            if out:
+                await stream.send_all(conn.send(h11.Data(data=b"".join(out))))
             if done or query.get("follow") != "true":
                 break
-            await trio.sleep(0.05)  # a file has no readiness to await; the sim polls it
+            await changed.wait()
         await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+class _PodLog:
+    """A container's log as the runtime keeps it: (time in ns, line) entries;
+    ``start``: the first entry of the current file (rotation moves it on)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, bytes]] = []
+        self.start = 0
+        self.done = False
+
+    def append(self, line: bytes) -> None:
+        stamp = time.time_ns()
+        if self.entries and stamp <= self.entries[-1][0]:
+            stamp = self.entries[-1][0] + 1
+        self.entries.append((stamp, line))
+
+
+def _format_time(ns: int) -> str:
+    seconds, fraction = divmod(ns, 10**9)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    digits = f"{fraction:09d}".rstrip("0")
+    return f"{text}.{digits}Z" if digits else f"{text}Z"
+
+
+def _parse_time(text: str) -> int:
+    head, _, rest = text.partition(".")
+    fraction = rest.rstrip("Z") if rest else ""
+    seconds = calendar.timegm(time.strptime(head.rstrip("Z"), "%Y-%m-%dT%H:%M:%S"))
+    return seconds * 10**9 + int((fraction or "0").ljust(9, "0")[:9])
 
 
 def _restricted_violations(pod: dict[str, Any]) -> list[str]:

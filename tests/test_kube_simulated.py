@@ -9,6 +9,7 @@ coordinator while the tests break pods the ways clusters do.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -162,6 +163,12 @@ async def test_simulated_coordinator_restart_adopts_running_pods(sim, tmp_path, 
         launcher.detach()  # the coordinator is going away: leave its pods running
         nursery.cancel_scope.cancel()
     assert len(sim.pods()) == 2 and len(sim.leftover_processes()) == 2  # still running
+    # Meanwhile the kubelet rotates both logs: the API's read of rank 0's log now
+    # starts after everything copied so far, and rank 1's with its last line
+    # copied (served again: it must not double).
+    before = [p.read_bytes() for p in copied]
+    sim.rotate_log(pod_name(spec.job_id, 1, 0), keep=0)
+    sim.rotate_log(pod_name(spec.job_id, 1, 1), keep=1)
     assert all(p["status"]["phase"] == "Running" for p in sim.pods().values())
     creates_before = len(created_pods(sim))
 
@@ -177,10 +184,19 @@ async def test_simulated_coordinator_restart_adopts_running_pods(sim, tmp_path, 
     started = [e for e in second._events if isinstance(e, AttemptStarted)]
     assert [e.adopted for e in started] == [True]
     assert sim.pods() == {} and sim.services() == {}
-    # The log of each adopted pod is continued, not repeated from its start.
+    # The log of each adopted pod is continued, not repeated from its start:
+    # the lines the first coordinator copied (k), then every line of the
+    # current log file that it had not copied (those rotated away before
+    # anyone read them are gone, as on a real node).
     for rank, path in enumerate(copied):
+        pod_log = sim._logs[pod_name(spec.job_id, 1, rank)]
+        lines = [line for _, line in pod_log.entries]
+        k = before[rank].count(b"\n")
+        assert before[rank] == b"".join(lines[:k])
+        assert path.read_bytes() == b"".join(lines[:k] + lines[max(k, pod_log.start):])
         output = path.read_text()
-        assert output.count(f"rank {rank} ready") == 1 and f"rank {rank} done" in output
+        assert output.count(f"rank {rank} ready") == 1 and output.count(f"rank {rank} done") == 1, output
+        assert re.search(rf"rank {rank} done after \d+ steps\n$", output), output
 
 
 @pytest.mark.parametrize("as_http", [False, True], ids=["error-event", "http-status"])
@@ -354,3 +370,38 @@ async def test_simulated_rbac_checks_namespace_subject_and_resource_names(sim):
             await api.get("pods", "other")
         assert info.value.status == 403 and 'pods "other" is forbidden' in str(info.value)
         assert (await api.list("pods", ""))["items"] == []  # the list rule still holds
+
+
+async def test_simulated_log_reads_honour_since_time_tail_lines_and_rotation(sim, tmp_path):
+    import httpx
+
+    from rankwarden.kube import pod_manifest
+    from rankwarden.kube._logs import parse_time
+    from rankwarden.launcher import LaunchRequest
+
+    script = tmp_path / "lines.py"
+    script.write_text("import time\nfor i in range(4):\n    print('line', i, flush=True)\n    time.sleep(0.05)\n")
+    request = LaunchRequest(job_id="t-logs", rank=0, local_rank=0, attempt=1, argv=[sys.executable, str(script)],
+                            env={}, stdout_path=str(tmp_path / "x.log"), stderr_path=str(tmp_path / "x.log"),
+                            image="rankwarden:test")
+    name = pod_name("t-logs", 1, 0)
+    async with KubeApi(config(sim)) as api:
+        await api.create("pods", pod_manifest(request, PodOptions(namespace=sim.namespace)))
+    await sim.wait_for(lambda: sim._logs.get(name) is not None and sim._logs[name].done)
+    url = f"{sim.url}/api/v1/namespaces/{sim.namespace}/pods/{name}/log"
+
+    async def read(**params) -> list[str]:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {sim.token}"}) as client:
+            return (await client.get(url, params=params)).text.splitlines()
+
+    stamped = await read(timestamps="true")
+    assert [line.split(" ", 1)[1] for line in stamped] == [f"line {i}" for i in range(4)]
+    times = [parse_time(line.split(" ", 1)[0]) for line in stamped]
+    assert times == sorted(times)
+    assert await read(tailLines="2") == ["line 2", "line 3"]
+    since = stamped[2].split(" ", 1)[0]  # inclusive
+    assert await read(sinceTime=since) == ["line 2", "line 3"]
+    sim.rotate_log(name, keep=1)
+    assert await read() == ["line 3"]  # the current file only
+    async with KubeApi(config(sim)) as api:
+        await api.delete("pods", name, grace_seconds=0)
