@@ -217,8 +217,11 @@ def main() -> int:
           f"out of order or repeated (subscribers 0..{min(args.full, args.subscribers) - 1}, every line checked): {r['order_errors']}")
     print(f"delivery latency (rank's write -> client) p50 {1000 * statistics.median(lat):.0f} ms, "
           f"p99 {1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]:.0f} ms, max {1000 * lat[-1]:.0f} ms ({len(lat)} timed)")
-    print(f"CPU over {r['wall']:.1f} s: server {r['server_cpu']:.1f} s ({100 * r['server_cpu'] / r['wall']:.0f}% of a core), "
-          f"clients {r['cpu']:.1f} s ({100 * r['cpu'] / r['wall']:.0f}%)")
+    delivered = sum(r["counts"])
+    print(f"CPU over {r['wall']:.1f} s: server {r['server_cpu']:.1f} s ({100 * r['server_cpu'] / r['wall']:.0f}% of a core; "
+          f"{1e6 * r['server_cpu'] / delivered:.2f} us per line per subscriber, less sensitive to other load than "
+          f"latency), clients {r['cpu']:.1f} s ({100 * r['cpu'] / r['wall']:.0f}%); load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     slat = sorted(r["summary_latencies"])
     print(f"GET /summary under load ({args.summary_rate:g}/s, one keep-alive connection): p50 "
           f"{1000 * statistics.median(slat):.1f} ms, p99 {1000 * slat[min(len(slat) - 1, int(0.99 * len(slat)))]:.1f} ms "

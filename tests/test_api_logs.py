@@ -66,3 +66,27 @@ async def test_subscribers_are_served_from_memory_while_it_reaches_back(tmp_path
     assert records[-1][1] == (tmp_path / "job" / "logs.jsonl").stat().st_size  # where a file reader goes on
     assert copier.cached(35) == ([], True)
     assert copier.cached(2) == ([], False)  # trimmed: that subscriber reads the file
+
+
+async def test_a_watch_that_cannot_be_added_falls_back_to_polling(tmp_path, monkeypatch):
+    monkeypatch.setattr(_logs, "SLOW", 0.05)
+    job_dir = JobDir(tmp_path / "job")
+    out, _ = job_dir.log_paths(0, 1)
+    out.parent.mkdir(parents=True)
+    copier = LogCopier(job_dir, tmp_path / "job" / "logs.jsonl")
+    opened = []
+
+    def broken() -> _inotify.DirWatch:
+        watch = _inotify.DirWatch(-1)  # every add fails: as when the per-user watch limit is reached
+        opened.append(watch)
+        return watch
+
+    monkeypatch.setattr(_inotify.DirWatch, "open", broken)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(copier.run, lambda: [(0, 1)])
+            await trio.sleep(0.01)
+            out.write_bytes(b"one\n")
+            await _until(copier, 1)
+            nursery.cancel_scope.cancel()
+    assert opened[0].failed and copier._watch is None

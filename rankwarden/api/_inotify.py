@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import sys
 
@@ -22,6 +23,7 @@ __all__ = ["IN_CREATE", "IN_MODIFY", "IN_MOVED_TO", "IN_CLOSE_WRITE", "DirWatch"
 
 IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x2, 0x8, 0x80, 0x100
 _IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+log = logging.getLogger(__name__)
 
 
 def _libc():
@@ -43,6 +45,7 @@ class DirWatch:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.watched: set[str] = set()
+        self.failed: str | bool = False  # why a watch could not be added: poll instead
 
     @classmethod
     def open(cls) -> DirWatch | None:
@@ -52,17 +55,21 @@ class DirWatch:
         return cls(fd) if fd >= 0 else None
 
     def add(self, path: str | os.PathLike[str], mask: int = IN_MODIFY | IN_CLOSE_WRITE | IN_CREATE | IN_MOVED_TO) -> bool:
-        """Watch ``path`` (a directory) for changes to the files in it; False if it does not exist (yet).
+        """Watch ``path`` (a directory) for changes to the files in it; False if it cannot be watched.
 
-        Blocking-free and thread-safe (one syscall); a path already watched costs nothing."""
+        A path that does not exist (yet) is tried again on the next call; any
+        other failure (``ENOSPC``: the per-user watch limit) sets ``failed``,
+        and the caller goes back to polling. Thread-safe (one syscall); a path
+        already watched costs nothing."""
         key = os.fspath(path)
         if key in self.watched:
             return True
-        if _LIBC.inotify_add_watch(self.fd, os.fsencode(key), mask) < 0:
-            err = ctypes.get_errno()
-            if err in (errno.ENOENT, errno.ENOTDIR):
-                return False
-            raise OSError(err, f"inotify_add_watch({key!r}): {os.strerror(err)}")
+        if self.fd < 0 or _LIBC.inotify_add_watch(self.fd, os.fsencode(key), mask) < 0:
+            err = ctypes.get_errno() if self.fd >= 0 else errno.EBADF
+            if err not in (errno.ENOENT, errno.ENOTDIR) and not self.failed:
+                self.failed = os.strerror(err)
+                log.warning("cannot watch %s for changes (%s); copying rank output on a poll instead", key, self.failed)
+            return False
         self.watched.add(key)
         return True
 

@@ -78,6 +78,9 @@ class LogCopier:
             interval = SLOW
             while True:
                 added = await self.copy(ranks())
+                if self._watch is not None and self._watch.failed:
+                    self._watch.close()  # the watch limit, most likely: poll (the warning said so)
+                    self._watch = None
                 if self._watch is not None:
                     began = trio.current_time()
                     if await self._watch.wait(SLOW):
