@@ -342,10 +342,10 @@ async def _answer(stream) -> bytes:
     return answer
 
 
-async def _raw_get(stream, path: str = "/health") -> bytes:
+async def _raw_get(stream, path: str = "/health", *, keep_alive: bool = False) -> bytes:
     """One request on a raw connection (authenticated), and its answer."""
     await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                          "Connection: close\r\n\r\n".encode())
+                          f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n".encode())
     return await _answer(stream)
 
 
@@ -364,9 +364,11 @@ async def test_one_address_cannot_hold_every_connection(tmp_path):
         host, port = api.base_url.host, api.base_url.port
         with trio.fail_after(LIMIT):
             async with contextlib.AsyncExitStack() as held:
-                # Four idle sockets from 127.0.0.1: they send nothing at all.
+                # Four connections from 127.0.0.1, each answered once (so surely
+                # accepted and counted), then held idle.
                 idle = [await held.enter_async_context(await _connect(host, port, "127.0.0.1")) for _ in range(4)]
-                await trio.sleep(0.2)  # accepted and counted
+                for stream in idle:
+                    assert (await _raw_get(stream, keep_alive=True)).startswith(b"HTTP/1.1 200")
                 async with await _connect(host, port, "127.0.0.1") as extra:
                     answer = await _raw_get(extra)
                 assert answer.startswith(b"HTTP/1.1 429") and b"max_client_connections=4" in answer, answer
