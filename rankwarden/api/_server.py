@@ -152,6 +152,7 @@ class _Connections:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open: dict[str, int] = {}
+        self.refusing: set[str] = set()
 
     async def handle(self, serve_one, stream: trio.SocketStream) -> None:
         try:
@@ -160,8 +161,10 @@ class _Connections:
             await stream.aclose()
             return
         if self.open.get(client, 0) >= self.limit:
-            log.warning("refused a connection from %s: it already has %d open (server limit "
-                        "max_client_connections=%d)", client, self.limit, self.limit)
+            if client not in self.refusing:  # once per episode, not once per connection of a flood
+                self.refusing.add(client)
+                log.warning("refusing connections from %s: it already has %d open (server limit "
+                            "max_client_connections=%d)", client, self.limit, self.limit)
             body = (b'{"error":"too many connections from %s (server limit max_client_connections=%d)",'
                     b'"status":429,"detail":"close some connections, or retry later"}' % (client.encode(), self.limit))
             # The answer, then a second at most to read what the client sent
@@ -176,6 +179,7 @@ class _Connections:
             await trio.aclose_forcefully(stream)
             return
         self.open[client] = self.open.get(client, 0) + 1
+        self.refusing.discard(client)
         try:
             await serve_one(stream)
         finally:
