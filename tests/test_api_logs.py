@@ -9,7 +9,7 @@ from rankwarden.api import _inotify, _logs
 from rankwarden.api._logs import LogCopier
 from rankwarden.coordinator._jobdir import JobDir
 
-pytestmark = pytest.mark.skipif(_inotify.DirWatch.open() is None, reason="inotify is Linux-only")
+pytestmark = pytest.mark.skipif(_inotify._LIBC is None, reason="inotify is Linux-only")
 
 
 async def _until(copier: LogCopier, count: int) -> None:
