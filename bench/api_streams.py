@@ -176,15 +176,26 @@ def measure(args) -> dict:
         with urllib.request.urlopen(submit) as response:
             assert response.status == 201, response.status
         cpu_before, wall_before = _cpu_seconds(server.pid), time.perf_counter()
-        client = subprocess.run(
+        out_file = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads one while the sleeper below runs
+        client = subprocess.Popen(
             [sys.executable, __file__, "--client", url, "--subscribers", str(args.subscribers),
              "--seconds", str(args.seconds), "--full", str(args.full),
              "--summary-rate", str(args.summary_rate)],
-            stdout=subprocess.PIPE, text=True, check=True)
+            stdout=out_file, text=True)
+        # Meanwhile this (otherwise idle) process measures how late the machine
+        # wakes a sleeper: the scheduling delay every process in the chain
+        # (rank, server, client) pays on each hop, whatever the code does.
+        overshoot = []
+        while client.poll() is None:
+            start = time.perf_counter()
+            time.sleep(0.005)
+            overshoot.append(time.perf_counter() - start - 0.005)
+        assert client.returncode == 0, client.returncode
         server_cpu = _cpu_seconds(server.pid) - cpu_before
         wall = time.perf_counter() - wall_before
-        result = json.loads(client.stdout)
-        result["server_cpu"], result["wall"] = server_cpu, wall
+        out_file.seek(0)
+        result = json.loads(out_file.read())
+        result["server_cpu"], result["wall"], result["overshoot"] = server_cpu, wall, sorted(overshoot)
         result["printed"] = sum(int(open(os.path.join(printed, name)).read()) for name in os.listdir(printed))
         result["ranks_reported"] = len(os.listdir(printed))
     finally:
@@ -222,6 +233,10 @@ def main() -> int:
           f"{1e6 * r['server_cpu'] / delivered:.2f} us per line per subscriber, less sensitive to other load than "
           f"latency), clients {r['cpu']:.1f} s ({100 * r['cpu'] / r['wall']:.0f}%); load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    late = r["overshoot"]
+    print(f"machine: a 5 ms sleep in an idle process wakes late by p50 {1000 * statistics.median(late):.1f} ms, "
+          f"p99 {1000 * late[int(0.99 * len(late))]:.1f} ms, max {1000 * late[-1]:.1f} ms (the delay each hop pays "
+          f"for a CPU: compare before blaming the server)")
     slat = sorted(r["summary_latencies"])
     print(f"GET /summary under load ({args.summary_rate:g}/s, one keep-alive connection): p50 "
           f"{1000 * statistics.median(slat):.1f} ms, p99 {1000 * slat[min(len(slat) - 1, int(0.99 * len(slat)))]:.1f} ms "
