@@ -1,4 +1,4 @@
-"""Issue 12 item 10: rank output is copied when it is written (inotify), not on a poll."""
+"""Issue 12 item 10: rank output is copied when it is written (inotify), not on a poll; GC pauses stay short."""
 
 from __future__ import annotations
 
@@ -90,3 +90,17 @@ async def test_a_watch_that_cannot_be_added_falls_back_to_polling(tmp_path, monk
             await _until(copier, 1)
             nursery.cancel_scope.cancel()
     assert opened[0].failed and copier._watch is None
+
+
+def test_the_server_process_tunes_its_garbage_collector_and_a_library_caller_keeps_its_own():
+    import subprocess
+    import sys
+
+    probe = ("import gc; from rankwarden.api._server import _tune_gc; before = gc.get_threshold(); _tune_gc(); "
+             "print(before[0], gc.get_threshold()[0], gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.split() == ["700", "50000", "True"]
+    import inspect
+
+    from rankwarden.api import serve_api
+    assert inspect.signature(serve_api).parameters["tune_gc"].default is False

@@ -87,12 +87,15 @@ async def serve_api(
     token: str,
     shutdown: trio.Event | None = None,
     graceful_timeout: float = 3.0,
+    tune_gc: bool = False,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown`` is set (or cancelled). ``task_status.started(url)`` once listening.
 
     After ``shutdown`` is set, requests in flight have ``graceful_timeout``
-    seconds to finish; then the jobs' coordinators are cancelled."""
+    seconds to finish; then the jobs' coordinators are cancelled. ``tune_gc``
+    (what ``rankwarden serve`` does: the process is the server's) sets this
+    process's garbage collector for short pauses (see ``_tune_gc``)."""
     # The token travels no further: local ranks inherit this process's
     # environment, and a rank holding the API token could submit jobs.
     os.environ.pop("RANKWARDEN_API_TOKEN", None)
@@ -105,7 +108,8 @@ async def serve_api(
                     "can run allowed entrypoints; put TLS and a firewall in front", host or "0.0.0.0", port)
     manager = JobManager(config)
     app = create_app(manager, token)
-    _tune_gc()
+    if tune_gc:
+        _tune_gc()
     hypercorn_config = HypercornConfig()
     hypercorn_config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hypercorn_config.accesslog = None
