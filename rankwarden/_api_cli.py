@@ -210,7 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 url = await nursery.start(functools.partial(serve_api, config, host=args.host, port=args.port,
-                                                            token=token, shutdown=stop))
+                                                            token=token, shutdown=stop, tune_gc=True))
                 print(f"rankwarden API on {url} (state in {args.state_dir})", flush=True)
                 if created:
                     print(f"API token (saved 0600 in {args.state_dir}/api-token): {token}", flush=True)

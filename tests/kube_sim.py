@@ -2,11 +2,14 @@
 
 It answers the calls the launcher makes the way the real API server does:
 201 on create, 409 AlreadyExists, 404 NotFound, 422 Invalid, 401 for a stale
-token, 403 Forbidden for anything the Role in ``k8s/`` does not grant (RBAC is
-enforced, so a launcher call the Role lacks fails the test), ``Status``
+token, 403 Forbidden for anything the Roles bound to the caller's
+ServiceAccount in the request's namespace do not grant (``Rbac``, loaded from
+the kustomize base in ``k8s/``: namespace, subject, verb, resource and
+resourceNames are checked, so a launcher call the Role lacks fails the test), ``Status``
 bodies on every error, a ``resourceVersion`` on every object, watch streams of
-ADDED/MODIFIED/DELETED (and BOOKMARK), and 410 Gone for a compacted
-resourceVersion. Every request is recorded as (verb, resource).
+ADDED/MODIFIED/DELETED (and BOOKMARK), 410 Gone for a compacted
+resourceVersion, and container logs as the kubelet serves them (timestamped
+entries, ``sinceTime``, ``tailLines``, ``timestamps``, rotation). Every request is recorded as (verb, resource).
 
 The "kubelet" runs each pod's container command as a real local process
 (through rankwarden's ProcessLauncher), so real ranks heartbeat to a real
@@ -19,6 +22,7 @@ Served with h11 on loopback, port 0.
 
 from __future__ import annotations
 
+import calendar
 import copy
 import functools
 import json
@@ -41,6 +45,78 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
+class Rbac:
+    """Roles and RoleBindings as the API server's RBAC authorizer reads them.
+
+    A request is allowed when a RoleBinding *in the request's namespace*
+    binds the caller (``system:serviceaccount:NS:NAME``, from its token) to
+    a Role in that namespace with a rule naming the verb and the resource,
+    and, where the rule lists ``resourceNames``, the object's name (create,
+    list and watch name no object, so such a rule never allows them)."""
+
+    def __init__(self, roles: dict[tuple[str, str], list[dict[str, Any]]],
+                 bindings: list[tuple[str, str, list[dict[str, Any]]]]) -> None:
+        self.roles = roles  # (namespace, name) -> rules
+        self.bindings = bindings  # (namespace, role name, subjects)
+
+    @classmethod
+    def from_kustomize(cls, base: Path) -> "Rbac":
+        """The Roles and RoleBindings of a kustomize base, in the namespace it sets."""
+        import yaml
+
+        kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
+        default_ns = kustomization.get("namespace", "default")
+        roles, bindings = {}, []
+        for resource in kustomization.get("resources", []):
+            for doc in yaml.safe_load_all((base / resource).read_text()):
+                if not doc:
+                    continue
+                ns = kustomization.get("namespace") or doc["metadata"].get("namespace", default_ns)
+                if doc["kind"] == "Role":
+                    for rule in doc.get("rules", []):
+                        assert rule.get("apiGroups") == [""], f"unexpected apiGroups in {resource}: {rule}"
+                    roles[(ns, doc["metadata"]["name"])] = copy.deepcopy(doc.get("rules", []))
+                elif doc["kind"] == "RoleBinding":
+                    assert doc["roleRef"]["kind"] == "Role", doc["roleRef"]
+                    # kustomize puts ServiceAccount subjects without a namespace in its own.
+                    subjects = [dict(sub, namespace=sub.get("namespace") or ns) for sub in doc.get("subjects", [])]
+                    bindings.append((ns, doc["roleRef"]["name"], subjects))
+        return cls(roles, bindings)
+
+    def service_accounts(self) -> list[tuple[str, str]]:
+        """(namespace, name) of every ServiceAccount some binding names."""
+        return [(sub["namespace"], sub["name"]) for _, _, subjects in self.bindings
+                for sub in subjects if sub.get("kind") == "ServiceAccount"]
+
+    def allows(self, user: str, verb: str, namespace: str, resource: str, name: str | None) -> bool:
+        for ns, role, subjects in self.bindings:
+            if ns != namespace or not any(
+                    sub.get("kind") == "ServiceAccount" and user == f"system:serviceaccount:{sub['namespace']}:{sub['name']}"
+                    for sub in subjects):
+                continue
+            for rule in self.roles.get((ns, role), []):
+                if verb in rule["verbs"] and resource in rule["resources"] and (
+                        "resourceNames" not in rule or (name is not None and verb not in ("create", "list", "watch")
+                                                        and name in rule["resourceNames"])):
+                    return True
+        return False
+
+    def granted(self) -> set[tuple[str, str]]:
+        """(verb, resource) pairs some bound Role grants."""
+        return {(verb, res) for ns, role, _ in self.bindings for rule in self.roles.get((ns, role), [])
+                for verb in rule["verbs"] for res in rule["resources"]}
+
+    def revoke(self, verb: str, resource: str) -> None:
+        for rules in self.roles.values():
+            for rule in rules:
+                if verb in rule["verbs"] and resource in rule["resources"]:
+                    rule["verbs"] = [v for v in rule["verbs"] if v != verb]
+
+    def grant(self, verb: str, resource: str) -> None:
+        for ns, role, _ in self.bindings:
+            self.roles.setdefault((ns, role), []).append({"apiGroups": [""], "resources": [resource], "verbs": [verb]})
+
+
 def role_rules(path: Path) -> set[tuple[str, str]]:
     """(verb, resource) pairs a Role in a YAML file grants (core API group only)."""
     import yaml
@@ -55,10 +131,14 @@ def role_rules(path: Path) -> set[tuple[str, str]]:
 
 
 class SimKube:
-    def __init__(self, workdir: Path, *, token: str = "sim-token", rules: set[tuple[str, str]] | None = None) -> None:
+    def __init__(self, workdir: Path, *, token: str = "sim-token", rbac: Rbac | None = None,
+                 namespace: str = "default", user: str = "system:serviceaccount:default:rankwarden") -> None:
         self.workdir = workdir
         self.token = token
-        self.rules = rules
+        self.rbac = rbac
+        self.namespace = namespace  # where tests look by default
+        #: token -> the user it authenticates as (ServiceAccount tokens name their account)
+        self.users: dict[str, str] = {token: user}
         self.url = ""
         self.requests: list[tuple[str, str, str, int | None]] = []  # (verb, resource, path, delete grace)
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -77,6 +157,7 @@ class SimKube:
         self._kill_watches = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._launcher = ProcessLauncher()
+        self._logs: dict[str, _PodLog] = {}
 
     # -- lifetime -------------------------------------------------------------------
 
@@ -96,10 +177,12 @@ class SimKube:
 
     # -- what tests do to the cluster -------------------------------------------------
 
-    def pods(self, namespace: str = "default") -> dict[str, dict[str, Any]]:
+    def pods(self, namespace: str | None = None) -> dict[str, dict[str, Any]]:
+        namespace = namespace or self.namespace
         return {k[2]: v for k, v in self.objects.items() if k[0] == "pods" and k[1] == namespace}
 
-    def services(self, namespace: str = "default") -> dict[str, dict[str, Any]]:
+    def services(self, namespace: str | None = None) -> dict[str, dict[str, Any]]:
+        namespace = namespace or self.namespace
         return {k[2]: v for k, v in self.objects.items() if k[0] == "services" and k[1] == namespace}
 
     def oom_kill(self, name: str) -> None:
@@ -125,7 +208,7 @@ class SimKube:
         self._changed.set()
         self._changed = trio.Event()
 
-    def vanish_unwatched(self, name: str, namespace: str = "default") -> None:
+    def vanish_unwatched(self, name: str, namespace: str | None = None) -> None:
         """The pod is deleted while no watch is looking, and the event is compacted away.
 
         Its process dies and the object goes without an event; every watch
@@ -133,10 +216,17 @@ class SimKube:
         proc = self._procs.get(name)
         if proc is not None and proc.status is None:
             proc.signal(signal.SIGKILL)
-        self.objects.pop(("pods", namespace, name), None)
+        self.objects.pop(("pods", namespace or self.namespace, name), None)
         self.compact()
 
+    def rotate_log(self, name: str, keep: int = 0) -> None:
+        """The kubelet rotates the container's log: the API reads only the current
+        file, which keeps the last ``keep`` lines written so far."""
+        pod_log = self._logs[name]
+        pod_log.start = max(pod_log.start, len(pod_log.entries) - keep)
+
     def rotate_token(self, token: str) -> None:
+        self.users[token] = self.users.pop(self.token)
         self.token = token
 
     async def wait_for(self, predicate, timeout: float = 20.0) -> None:
@@ -206,6 +296,9 @@ class SimKube:
         )
         proc = await self._launcher.start(request)
         self._procs[name] = proc
+        self._logs[name] = _PodLog()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._collect_log, name, log, proc)
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._update_pod(ns, name, phase="Running", podIP="127.0.0.1", containerStatuses=[{
             "name": "rank", "ready": True, "restartCount": 0, "image": container["image"],
@@ -309,13 +402,16 @@ class SimKube:
             path += "/" + str(json.loads(body or b"{}").get("metadata", {}).get("name"))
         self.requests.append((verb, resource, path, grace))
         self._notify()
-        if headers.get("authorization") != f"Bearer {self.token}":
+        auth = headers.get("authorization", "")
+        user = self.users.get(auth[len("Bearer "):]) if auth.startswith("Bearer ") else None
+        if user is None:
             await self._error(conn, stream, 401, "Unauthorized", "Unauthorized")
             return
-        if self.rules is not None and (verb, resource) not in self.rules:
+        if self.rbac is not None and not self.rbac.allows(user, verb, ns, resource, name):
+            what = f'{res} "{name}"' if name else res
             await self._error(conn, stream, 403, "Forbidden",
-                              f'{resource} is forbidden: User "system:serviceaccount:{ns}:rankwarden" '
-                              f'cannot {verb} resource "{resource}" in API group "" in the namespace "{ns}"')
+                              f'{what} is forbidden: User "{user}" cannot {verb} resource "{resource}" '
+                              f'in API group "" in the namespace "{ns}"')
             return
         if verb == "create":
             await self._create(conn, stream, ns, res, json.loads(body or b"{}"))
@@ -446,21 +542,84 @@ class SimKube:
                     await stream.send_all(conn.send(h11.Data(data=json.dumps({"type": "BOOKMARK", "object": mark}).encode() + b"\n")))
         await stream.send_all(conn.send(h11.EndOfMessage()))
 
-    async def _log(self, conn, stream, name: str, query: dict[str, str]) -> None:
-        path = self.workdir / f"{name}.log"
-        await self._start_stream(conn, stream)
-        offset = 0
+    async def _collect_log(self, name: str, path: Path, proc: LocalProcess) -> None:
+        """The container runtime: each line the container writes becomes a timestamped entry."""
+        pod_log, offset, pending = self._logs[name], 0, b""
         while True:
-            proc = self._procs.get(name)
-            done = proc is None or proc.status is not None
+            done = proc.status is not None  # before the read: nothing written after it is missed
             data = path.read_bytes()[offset:] if path.exists() else b""
-            if data:
-                offset += len(data)
-                await stream.send_all(conn.send(h11.Data(data=data)))
+            offset += len(data)
+            *lines, pending = (pending + data).split(b"\n")
+            if done and pending:
+                lines.append(pending)  # the unterminated last line, as a partial entry
+            for i, line in enumerate(lines):
+                pod_log.append(line + (b"\n" if i < len(lines) - 1 or not (done and pending) else b""))
+            if lines:
+                self._notify()
+            if done:
+                pod_log.done = True
+                self._notify()
+                return
+            await trio.sleep(0.02)  # a file has no readiness to await; the sim polls it
+
+    async def _log(self, conn, stream, name: str, query: dict[str, str]) -> None:
+        # The kubelet's log read: the current file only (see rotate_log), from
+        # sinceTime (inclusive) or its last tailLines lines, each line prefixed
+        # with its RFC 3339 time (nanoseconds, trailing zeros cut, as Go writes
+        # it) if timestamps=true; following until the container has exited.
+        pod_log = self._logs.get(name)
+        await self._start_stream(conn, stream)
+        if pod_log is None:  # never started: an empty log
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+            return
+        since = _parse_time(query["sinceTime"]) if "sinceTime" in query else None
+        index = pod_log.start
+        if "tailLines" in query:
+            index = max(index, len(pod_log.entries) - int(query["tailLines"]))
+        while True:
+            changed, done = self._changed, pod_log.done
+            index = max(index, pod_log.start)
+            out = []
+            for stamp, line in pod_log.entries[index:]:
+                if since is None or stamp >= since:
+                    out.append((_format_time(stamp).encode() + b" " if query.get("timestamps") == "true" else b"") + line)
+            index = len(pod_log.entries)
+            if out:
+                await stream.send_all(conn.send(h11.Data(data=b"".join(out))))
             if done or query.get("follow") != "true":
                 break
-            await trio.sleep(0.05)  # a file has no readiness to await; the sim polls it
+            await changed.wait()
         await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+class _PodLog:
+    """A container's log as the runtime keeps it: (time in ns, line) entries;
+    ``start``: the first entry of the current file (rotation moves it on)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, bytes]] = []
+        self.start = 0
+        self.done = False
+
+    def append(self, line: bytes) -> None:
+        stamp = time.time_ns()
+        if self.entries and stamp <= self.entries[-1][0]:
+            stamp = self.entries[-1][0] + 1
+        self.entries.append((stamp, line))
+
+
+def _format_time(ns: int) -> str:
+    seconds, fraction = divmod(ns, 10**9)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    digits = f"{fraction:09d}".rstrip("0")
+    return f"{text}.{digits}Z" if digits else f"{text}Z"
+
+
+def _parse_time(text: str) -> int:
+    head, _, rest = text.partition(".")
+    fraction = rest.rstrip("Z") if rest else ""
+    seconds = calendar.timegm(time.strptime(head.rstrip("Z"), "%Y-%m-%dT%H:%M:%S"))
+    return seconds * 10**9 + int((fraction or "0").ljust(9, "0")[:9])
 
 
 def _restricted_violations(pod: dict[str, Any]) -> list[str]:

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 
 import httpx
@@ -294,11 +295,8 @@ async def test_the_token_is_checked_before_a_body_is_read(tmp_path):
                 # Headers promise a body that never comes: the 401 must not wait for it.
                 await stream.send_all(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                       b"Content-Length: 60000\r\n\r\n")
-                answer = b""
-                while b"\r\n\r\n" not in answer:
-                    chunk = await stream.receive_some(4096)
-                    assert chunk, answer
-                    answer += chunk
+                answer = await _answer(stream)
+                assert await stream.receive_some(4096) == b""  # closed: the client cannot keep it
         assert answer.startswith(b"HTTP/1.1 401") and b"connection: close" in answer.lower()
 
 
@@ -322,6 +320,79 @@ async def test_one_client_cannot_hold_every_request_slot(tmp_path):
                 await trio.sleep(0.01)
         await api.post(f"/jobs/{body['job_id']}/stop")
         await wait_state(api, body["job_id"], "stopped")
+
+
+async def _answer(stream) -> bytes:
+    """An answer's head and (content-length) body from a raw connection."""
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+            re.search(rb"content-length: (\d+)", answer, re.I).group(1)):
+        chunk = await stream.receive_some(4096)
+        assert chunk, answer
+        answer += chunk
+    return answer
+
+
+async def _raw_get(stream, path: str = "/health", *, keep_alive: bool = False) -> bytes:
+    """One request on a raw connection (authenticated), and its answer."""
+    await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                          f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n".encode())
+    return await _answer(stream)
+
+
+async def _connect(host: str, port: int, source: str):
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect((host, port))
+    return trio.SocketStream(sock)
+
+
+async def test_one_address_cannot_hold_every_connection(tmp_path):
+    from rankwarden.api import Limits
+
+    config = ServerConfig(state_dir=str(tmp_path / "state"), limits=Limits(max_client_connections=4))
+    async with server(config) as api:
+        host, port = api.base_url.host, api.base_url.port
+        with trio.fail_after(LIMIT):
+            async with contextlib.AsyncExitStack() as held:
+                # Four connections from 127.0.0.1, each answered once (so surely
+                # accepted and counted), then held idle.
+                idle = [await held.enter_async_context(await _connect(host, port, "127.0.0.1")) for _ in range(4)]
+                for stream in idle:
+                    assert (await _raw_get(stream, keep_alive=True)).startswith(b"HTTP/1.1 200")
+                async with await _connect(host, port, "127.0.0.1") as extra:
+                    answer = await _raw_get(extra)
+                assert answer.startswith(b"HTTP/1.1 429") and b"max_client_connections=4" in answer, answer
+                async with await _connect(host, port, "127.0.0.2") as other:  # another client is served
+                    assert (await _raw_get(other)).startswith(b"HTTP/1.1 200")
+                await idle[0].aclose()
+                while True:  # the closed one's slot is freed
+                    async with await _connect(host, port, "127.0.0.1") as again:
+                        if (await _raw_get(again)).startswith(b"HTTP/1.1 200"):
+                            break
+                    await trio.sleep(0.02)
+
+
+async def test_a_body_must_arrive_within_the_deadline(tmp_path, monkeypatch):
+    from rankwarden.api import _app
+
+    monkeypatch.setattr(_app, "BODY_TIMEOUT", 0.5)
+    config = ServerConfig(state_dir=str(tmp_path / "state"))
+    async with server(config) as api:
+        with trio.fail_after(10):
+            async with await trio.open_tcp_stream(api.base_url.host, api.base_url.port) as stream:
+                # Authenticated, promising 100 bytes, sending 10 and then nothing.
+                await stream.send_all(f"POST /jobs/purge HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                                      "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n".encode()
+                                      + b'{"states":')
+                started = trio.current_time()
+                answer = await _answer(stream)
+                waited = trio.current_time() - started
+                assert await stream.receive_some(4096) == b""  # and the server closes the connection
+        assert answer.startswith(b"HTTP/1.1 408") and b"connection: close" in answer.lower(), answer
+        assert 0.4 < waited < 5, waited
+        # and the server still serves
+        assert (await api.get("/health")).status_code == 200
 
 
 # -- 3. job templates ------------------------------------------------------------------------

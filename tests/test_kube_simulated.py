@@ -9,6 +9,7 @@ coordinator while the tests break pods the ways clusters do.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ from rankwarden.errors import KubernetesError
 from rankwarden.events import AttemptStarted, FailureCause, RankConnected
 from rankwarden.kube import KubeApi, KubeConfig, PodLauncher, pod_name, service_name
 from rankwarden.kube._manifests import PodOptions
-from tests.kube_sim import SimKube, role_rules
+from tests.kube_sim import Rbac, SimKube, role_rules
 
 pytest.importorskip("httpx")
 pytest.importorskip("yaml")
@@ -32,21 +33,26 @@ pytest.importorskip("yaml")
 pytestmark = pytest.mark.liveness
 
 ROOT = Path(__file__).resolve().parent.parent
-ROLE = ROOT / "k8s" / "base" / "rbac.yaml"
+BASE = ROOT / "k8s" / "base"
+ROLE = BASE / "rbac.yaml"
 
 
 @pytest.fixture
 async def sim(tmp_path, nursery):
+    """The simulator, with the Role and RoleBinding of the kustomize base: the tests
+    run in the namespace it deploys to, as the ServiceAccount it binds."""
     workdir = tmp_path / "kubelet"
     workdir.mkdir()
-    sim = SimKube(workdir, rules=role_rules(ROLE))
+    rbac = Rbac.from_kustomize(BASE)
+    [(namespace, account)] = rbac.service_accounts()
+    sim = SimKube(workdir, rbac=rbac, namespace=namespace, user=f"system:serviceaccount:{namespace}:{account}")
     await nursery.start(sim.serve)
     yield sim
     assert sim.leftover_processes() == []
 
 
 def config(sim: SimKube, **changes) -> KubeConfig:
-    return KubeConfig(**{"server": sim.url, "namespace": "default", "token": sim.token, **changes})
+    return KubeConfig(**{"server": sim.url, "namespace": sim.namespace, "token": sim.token, **changes})
 
 
 @asynccontextmanager
@@ -93,9 +99,9 @@ async def test_simulated_job_runs_pods_and_cleans_up(sim, tmp_path, script, monk
     assert created_pods(sim) == [pod_name("t-ok", 1, 0), pod_name("t-ok", 1, 1)]
     # Pods and the job's Service are deleted once the job is over.
     assert sim.pods() == {} and sim.services() == {}
-    assert ("delete", "services", f"/api/v1/namespaces/default/services/{service_name('t-ok')}", None) in sim.requests
+    assert ("delete", "services", f"/api/v1/namespaces/{sim.namespace}/services/{service_name('t-ok')}", None) in sim.requests
     env = json.loads((tmp_path / "record" / "r1_a1.json").read_text())["env"]
-    assert env["MASTER_ADDR"] == f"rank-0.{service_name('t-ok')}.default.svc.cluster.local"
+    assert env["MASTER_ADDR"] == f"rank-0.{service_name('t-ok')}.{sim.namespace}.svc.cluster.local"
     assert (env["RANK"], env["LOCAL_RANK"], env["GROUP_RANK"], env["WORLD_SIZE"]) == ("1", "0", "1", "2")
     assert "RW_COORDINATOR_SECRET" not in env and "RANKWARDEN_COORDINATOR_PID" not in env
     # The pods' output reached the job directory, as a local rank's does.
@@ -157,6 +163,12 @@ async def test_simulated_coordinator_restart_adopts_running_pods(sim, tmp_path, 
         launcher.detach()  # the coordinator is going away: leave its pods running
         nursery.cancel_scope.cancel()
     assert len(sim.pods()) == 2 and len(sim.leftover_processes()) == 2  # still running
+    # Meanwhile the kubelet rotates both logs: the API's read of rank 0's log now
+    # starts after everything copied so far, and rank 1's with its last line
+    # copied (served again: it must not double).
+    before = [p.read_bytes() for p in copied]
+    sim.rotate_log(pod_name(spec.job_id, 1, 0), keep=0)
+    sim.rotate_log(pod_name(spec.job_id, 1, 1), keep=1)
     assert all(p["status"]["phase"] == "Running" for p in sim.pods().values())
     creates_before = len(created_pods(sim))
 
@@ -172,10 +184,19 @@ async def test_simulated_coordinator_restart_adopts_running_pods(sim, tmp_path, 
     started = [e for e in second.history() if isinstance(e, AttemptStarted)]
     assert [e.adopted for e in started] == [True]
     assert sim.pods() == {} and sim.services() == {}
-    # The log of each adopted pod is continued, not repeated from its start.
+    # The log of each adopted pod is continued, not repeated from its start:
+    # the lines the first coordinator copied (k), then every line of the
+    # current log file that it had not copied (those rotated away before
+    # anyone read them are gone, as on a real node).
     for rank, path in enumerate(copied):
+        pod_log = sim._logs[pod_name(spec.job_id, 1, rank)]
+        lines = [line for _, line in pod_log.entries]
+        k = before[rank].count(b"\n")
+        assert before[rank] == b"".join(lines[:k])
+        assert path.read_bytes() == b"".join(lines[:k] + lines[max(k, pod_log.start):])
         output = path.read_text()
-        assert output.count(f"rank {rank} ready") == 1 and f"rank {rank} done" in output
+        assert output.count(f"rank {rank} ready") == 1 and output.count(f"rank {rank} done") == 1, output
+        assert re.search(rf"rank {rank} done after \d+ steps\n$", output), output
 
 
 @pytest.mark.parametrize("as_http", [False, True], ids=["error-event", "http-status"])
@@ -218,7 +239,7 @@ async def test_simulated_pod_missing_from_the_relist_is_treated_as_deleted(sim, 
 async def test_simulated_watch_without_a_resource_version_starts_with_existing_objects(sim, tmp_path):
     from rankwarden.kube import service_manifest
 
-    options = PodOptions(namespace="default")
+    options = PodOptions(namespace=sim.namespace)
     async with KubeApi(config(sim)) as api:
         created = await api.create("services", service_manifest("t-watch", options))
         listing = await api.list("services", "")
@@ -226,7 +247,7 @@ async def test_simulated_watch_without_a_resource_version_starts_with_existing_o
         for version in (created["metadata"]["resourceVersion"], listing["metadata"]["resourceVersion"]):
             with pytest.raises(ValueError):
                 int(version)
-        sim.rules = sim.rules | {("watch", "services")}
+        sim.rbac.grant("watch", "services")
         with trio.fail_after(10):
             events = api.watch("services", label_selector="", resource_version="", timeout_seconds=1)
             async with aclosing(events):
@@ -273,7 +294,7 @@ async def test_simulated_rotated_token_is_read_again_on_401(sim, tmp_path):
 async def test_simulated_launcher_uses_exactly_what_the_role_grants(sim, tmp_path, script):
     """Least privilege both ways: every call is allowed (the simulator enforces
     the Role), and every rule of the Role is used by something the launcher does."""
-    options = PodOptions(namespace="default")
+    options = PodOptions(namespace=sim.namespace)
     async with KubeApi(config(sim)) as api:
         # Leftovers a dead coordinator could leave: this attempt's pod, the job's
         # Service, and the Service of a job that no longer exists.
@@ -293,16 +314,16 @@ async def test_simulated_launcher_uses_exactly_what_the_role_grants(sim, tmp_pat
         assert await launcher.release_orphans(set()) == ["t-orphan"]
     assert snapshot.state == JobState.SUCCEEDED and snapshot.attempt == 2
     used = {(verb, res) for verb, res, _, _ in sim.requests}
-    assert used == role_rules(ROLE)
+    assert used == role_rules(ROLE) == sim.rbac.granted()
     assert sim.pods() == {} and sim.services() == {}
 
 
 async def test_simulated_call_outside_the_role_is_forbidden(sim):
     async with KubeApi(config(sim)) as api:
         with pytest.raises(KubernetesError) as info:
-            await api._request("GET", "/api/v1/namespaces/default/pods/x/log", params={})
+            await api._request("GET", f"/api/v1/namespaces/{sim.namespace}/pods/x/log", params={})
         assert info.value.status == 404  # allowed verb, missing pod
-        sim.rules = sim.rules - {("delete", "pods")}
+        sim.rbac.revoke("delete", "pods")
         with pytest.raises(KubernetesError) as info:
             await api.delete("pods", "x")
     assert info.value.status == 403 and info.value.reason == "Forbidden"
@@ -316,10 +337,71 @@ async def test_simulated_pod_security_admission_rejects_a_pod_without_the_restri
     request = LaunchRequest(job_id="t-psa", rank=0, local_rank=0, attempt=1, argv=["true"], env={},
                             stdout_path=str(tmp_path / "psa.log"), stderr_path=str(tmp_path / "psa.log"),
                             image="rankwarden:test")
-    manifest = pod_manifest(request, PodOptions(namespace="default"))
+    manifest = pod_manifest(request, PodOptions(namespace=sim.namespace))
     manifest["spec"]["containers"][0].pop("securityContext")
     async with KubeApi(config(sim)) as api:
         with pytest.raises(KubernetesError) as info:
             await api.create("pods", manifest)
     assert info.value.status == 403 and 'violates PodSecurity "restricted:latest"' in str(info.value)
     assert "allowPrivilegeEscalation" in str(info.value) and sim.pods() == {}
+
+
+async def test_simulated_rbac_checks_namespace_subject_and_resource_names(sim):
+    # The Role is bound in its namespace only.
+    async with KubeApi(config(sim, namespace="default")) as api:
+        with pytest.raises(KubernetesError) as info:
+            await api.list("pods", "")
+    assert info.value.status == 403 and 'in the namespace "default"' in str(info.value)
+    # Only to the coordinator's ServiceAccount: the ranks' account is bound to nothing.
+    sim.users["rank-token"] = f"system:serviceaccount:{sim.namespace}:rankwarden-rank"
+    async with KubeApi(config(sim, token="rank-token")) as api:
+        with pytest.raises(KubernetesError) as info:
+            await api.list("pods", "")
+    assert info.value.status == 403 and f'"system:serviceaccount:{sim.namespace}:rankwarden-rank"' in str(info.value)
+    # A rule with resourceNames allows those objects only.
+    sim.rbac.revoke("get", "pods")
+    [rules] = sim.rbac.roles.values()
+    rules.append({"apiGroups": [""], "resources": ["pods"], "verbs": ["get"], "resourceNames": ["allowed"]})
+    async with KubeApi(config(sim)) as api:
+        with pytest.raises(KubernetesError) as info:
+            await api.get("pods", "allowed")
+        assert info.value.status == 404  # allowed; there is no such pod
+        with pytest.raises(KubernetesError) as info:
+            await api.get("pods", "other")
+        assert info.value.status == 403 and 'pods "other" is forbidden' in str(info.value)
+        assert (await api.list("pods", ""))["items"] == []  # the list rule still holds
+
+
+async def test_simulated_log_reads_honour_since_time_tail_lines_and_rotation(sim, tmp_path):
+    import httpx
+
+    from rankwarden.kube import pod_manifest
+    from rankwarden.kube._logs import parse_time
+    from rankwarden.launcher import LaunchRequest
+
+    script = tmp_path / "lines.py"
+    script.write_text("import time\nfor i in range(4):\n    print('line', i, flush=True)\n    time.sleep(0.05)\n")
+    request = LaunchRequest(job_id="t-logs", rank=0, local_rank=0, attempt=1, argv=[sys.executable, str(script)],
+                            env={}, stdout_path=str(tmp_path / "x.log"), stderr_path=str(tmp_path / "x.log"),
+                            image="rankwarden:test")
+    name = pod_name("t-logs", 1, 0)
+    async with KubeApi(config(sim)) as api:
+        await api.create("pods", pod_manifest(request, PodOptions(namespace=sim.namespace)))
+    await sim.wait_for(lambda: sim._logs.get(name) is not None and sim._logs[name].done)
+    url = f"{sim.url}/api/v1/namespaces/{sim.namespace}/pods/{name}/log"
+
+    async def read(**params) -> list[str]:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {sim.token}"}) as client:
+            return (await client.get(url, params=params)).text.splitlines()
+
+    stamped = await read(timestamps="true")
+    assert [line.split(" ", 1)[1] for line in stamped] == [f"line {i}" for i in range(4)]
+    times = [parse_time(line.split(" ", 1)[0]) for line in stamped]
+    assert times == sorted(times)
+    assert await read(tailLines="2") == ["line 2", "line 3"]
+    since = stamped[2].split(" ", 1)[0]  # inclusive
+    assert await read(sinceTime=since) == ["line 2", "line 3"]
+    sim.rotate_log(name, keep=1)
+    assert await read() == ["line 3"]  # the current file only
+    async with KubeApi(config(sim)) as api:
+        await api.delete("pods", name, grace_seconds=0)

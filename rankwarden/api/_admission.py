@@ -132,6 +132,9 @@ class Limits:
     max_restarts: int = 100
     #: Requests in flight from one client address, SSE streams included (429 beyond it).
     max_client_requests: int = 64
+    #: Open TCP connections from one client address, idle ones included
+    #: (beyond it a new connection gets 429 and is closed).
+    max_client_connections: int = 128
 
 
 def check_limits(request: JobRequest, limits: Limits, *, running_jobs: int, running_ranks: int) -> None:

@@ -13,6 +13,7 @@ another client, and no buffer can overflow. A stream ends after the job does.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
 from typing import AsyncIterator
@@ -45,6 +46,7 @@ __all__ = ["create_app"]
 
 MAX_BODY = 64 * 1024
 BODY_TIMEOUT = 10.0  # seconds to receive a whole body
+CLOSE_GRACE = 2.0  # seconds a response's last bytes may take (to a client that does not read)
 _EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() accepts '²'
 _encoder = msgspec.json.Encoder()
 
@@ -110,11 +112,26 @@ class _PerClient:
             return
         self.in_flight[client] = self.in_flight.get(client, 0) + 1
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, functools.partial(_send_last_shielded, send))
         finally:
             self.in_flight[client] -= 1
             if not self.in_flight[client]:
                 del self.in_flight[client]
+
+
+async def _send_last_shielded(send, message) -> None:
+    """The ASGI ``send``, with a response's last message shielded (for at most CLOSE_GRACE seconds).
+
+    When that message ends a response that closes its connection (``Connection:
+    close``: a refused or timed-out body), hypercorn closes the socket inside
+    this call. Quart-trio cancels the request's task as soon as hypercorn
+    reports the disconnect, which lands in the middle of that close and leaves
+    the socket open: a client that never closes it could then hold it."""
+    if message["type"] == "http.response.body" and not message.get("more_body", False):
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_GRACE):
+            await send(message)
+    else:
+        await send(message)
 
 
 def create_app(manager: JobManager, token: str) -> QuartTrio:
@@ -150,7 +167,9 @@ def create_app(manager: JobManager, token: str) -> QuartTrio:
 
     @app.after_request
     async def harden(response: Response) -> Response:
-        if response.status_code in (401, 403, 413):
+        if response.status_code in (401, 403, 408, 413):
+            # The body was refused, or never came whole: the connection's next
+            # bytes are not a request, and a trickling client must not keep it.
             response.headers["Connection"] = "close"
         # Answers are JSON or event streams about private jobs: never sniffed
         # as something else, never kept by a cache.

@@ -14,15 +14,16 @@ copied too. A torn last record (the server died mid-write) is cut off when
 the copier starts again.
 
 All file work runs in a worker thread: the event loop also serves the ranks'
-heartbeats. The copy loop is adaptive: it polls every ``FAST`` seconds while
-lines flow and backs off to ``SLOW`` when the job is quiet, so output
-reaches SSE subscribers within milliseconds without reopening every rank's
-files ten times a second for an idle job.
+heartbeats. The copy loop runs when a rank's file changes (inotify, see
+``_inotify``; at most once per ``FAST`` seconds, with a ``SLOW`` poll as the
+safety net), or without inotify polls every ``FAST`` seconds while lines flow
+and backs off to ``SLOW`` when the job is quiet: output reaches SSE
+subscribers within milliseconds, and an idle job's files are not reopened
+ten times a second.
 """
 
 from __future__ import annotations
 
-import collections
 import os
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -30,6 +31,7 @@ from typing import AsyncIterator, Callable
 import msgspec
 import trio
 
+from rankwarden.api import _inotify
 from rankwarden.coordinator._jobdir import JobDir
 
 __all__ = ["LogCopier", "read_tail", "stream_file"]
@@ -49,28 +51,58 @@ class LogCopier:
         self.offsets: dict[tuple[int, int, str], int] = {}  # (rank, attempt, stream) -> bytes copied
         self.new_line = trio.Event()  # set (and replaced) after every copy that added lines
         self._lock = trio.Lock()  # the loop and the final copy must not interleave
+        self._watch: _inotify.DirWatch | None = None  # set while run() runs
         self._resumed = False
         self._size = 0  # bytes in the combined log
-        # The newest records as (line number, end offset in the file, bytes):
+        # The newest records as (line number, end offset in the file, SSE frame):
         # subscribers that keep up are served from here without touching the
-        # file (100 subscribers, one read); one that falls behind reads the file.
-        self.recent: collections.deque[tuple[int, int, bytes]] = collections.deque(maxlen=RECENT)
+        # file, and the frame is built once, not once per subscriber (100
+        # subscribers, one read, one encoding); one that falls behind reads the
+        # file. A list trimmed by halves, so a subscriber's slice costs only
+        # what it takes (a deque would be copied whole to slice it).
+        self._recent: list[tuple[int, int, bytes]] = []
 
     async def run(self, ranks: Callable[[], list[tuple[int, int]]]) -> None:
-        """Copy until cancelled, faster while lines flow."""
-        interval = SLOW
-        while True:
-            added = await self.copy(ranks())
-            interval = FAST if added else min(SLOW, interval * 2)
-            await trio.sleep(interval)
+        """Copy until cancelled: whenever a rank's file changes (inotify), else by an adaptive poll."""
+        # With inotify, a copy starts as soon as a rank writes (an idle job costs
+        # nothing, and its first line after a quiet spell is not held back by a
+        # backed-off poll). Copies are at least FAST apart, and the writes made
+        # during one copy (and during the subscribers' sends it wakes) are
+        # coalesced into the next: every copy wakes every subscriber, and on a
+        # busy server each wake is a send per subscriber, so the cadence follows
+        # the output and the server's speed. SLOW stays as the safety net (a
+        # watch added late, an overflowed event queue). Without inotify, poll
+        # every FAST seconds while lines flow, backing off to SLOW.
+        self._watch = _inotify.DirWatch.open()
+        try:
+            interval = SLOW
+            while True:
+                added = await self.copy(ranks())
+                if self._watch is not None and self._watch.failed:
+                    self._watch.close()  # the watch limit, most likely: poll (the warning said so)
+                    self._watch = None
+                if self._watch is not None:
+                    began = trio.current_time()
+                    if await self._watch.wait(SLOW):
+                        await trio.sleep_until(began + FAST)  # at most one copy per FAST: batches, not lines
+                else:
+                    interval = FAST if added else min(SLOW, interval * 2)
+                    await trio.sleep(interval)
+        finally:
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
 
     async def copy(self, ranks: list[tuple[int, int]], *, final: bool = False) -> int:
         async with self._lock:
             records = await trio.to_thread.run_sync(self._copy_now, ranks, final)
             first = self.seq - len(records) + 1
+            recent = self._recent
             for i, record in enumerate(records):
                 self._size += len(record)
-                self.recent.append((first + i, self._size, record.rstrip(b"\n")))
+                recent.append((first + i, self._size, b"id: %d\ndata: %s\n\n" % (first + i, record[:-1])))
+            if len(recent) > 2 * RECENT:
+                del recent[:len(recent) - RECENT]
         added = len(records)
         if added:
             self.new_line.set()
@@ -83,20 +115,26 @@ class LogCopier:
     # -- on the worker thread ------------------------------------------------------------
 
     def cached(self, after: int) -> tuple[list[tuple[int, int, bytes]], bool]:
-        """Records after line ``after`` from memory, and whether memory reaches back that far."""
-        if not self.recent:
+        """Records after line ``after`` from memory as (line number, end offset, SSE frame),
+        and whether memory reaches back that far."""
+        if not self._recent:
             return [], self._resumed and self.seq == after
-        first = self.recent[0][0]
+        first = self._recent[0][0]
         if after + 1 < first:
             return [], False
-        return list(self.recent)[after + 1 - first:], True
+        return self._recent[after + 1 - first:], True
 
     def _copy_now(self, ranks: list[tuple[int, int]], final: bool) -> list[bytes]:
         if not self._resumed:
             self._resume()
             self._resumed = True
         records: list[bytes] = []
+        watch = self._watch
+        if watch is not None:
+            watch.add(self.job_dir.path, _inotify.IN_CREATE | _inotify.IN_MOVED_TO)  # new attempt directories
         for rank, newest in ranks:
+            if watch is not None:
+                watch.add(self.job_dir.attempt_dir(max(newest, 1)))  # before reading: no write falls between
             for attempt in range(1, max(newest, 1) + 1):
                 stdout, stderr = self.job_dir.log_paths(rank, attempt)
                 for stream, path in (("stdout", stdout), ("stderr", stderr)):
@@ -230,7 +268,7 @@ async def stream_file(path: Path, after: int, wake: Callable[[], trio.Event | No
             if covered:
                 if records:
                     line_no, position = records[-1][0], records[-1][1]
-                    yield b"".join(b"id: %d\ndata: %s\n\n" % (n, raw) for n, _, raw in records)
+                    yield b"".join([frame for _, _, frame in records])
                     continue
                 if not still_active:
                     yield b"event: end\ndata: {}\n\n"

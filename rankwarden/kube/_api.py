@@ -106,9 +106,17 @@ class KubeApi:
                     raise _status_error(obj, int(obj.get("code") or 500))
                 yield kind, obj
 
-    async def follow_log(self, pod: str, container: str) -> AsyncIterator[bytes]:
-        """The container's output from its start, following until it exits."""
+    async def follow_log(self, pod: str, container: str, *, timestamps: bool = False,
+                         since_time: str | None = None) -> AsyncIterator[bytes]:
+        """The container's output (the kubelet's current log file: it rotates), following until it exits.
+
+        ``timestamps``: each line starts with its RFC 3339 time and a space;
+        ``since_time``: only lines from that time on (inclusive)."""
         params = {"follow": "true", "container": container}
+        if timestamps:
+            params["timestamps"] = "true"
+        if since_time is not None:
+            params["sinceTime"] = since_time
         async with _Stream(self, "GET", self.path("pods", pod, "log"), params, read_timeout=None) as response:
             async for chunk in response.aiter_bytes():
                 yield chunk

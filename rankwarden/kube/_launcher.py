@@ -30,6 +30,7 @@ import httpx
 import trio
 
 from rankwarden.errors import KubernetesError, LaunchError
+from rankwarden.kube import _logs
 from rankwarden.kube._api import KubeApi
 from rankwarden.kube._config import KubeConfig
 from rankwarden.kube._manifests import (
@@ -309,18 +310,25 @@ class PodLauncher:
             await self.changed(name).wait()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # The log of an adopted pod starts again from the container's start:
-            # skip what the previous coordinator already copied, so nothing doubles.
-            skip = path.stat().st_size if adopted and path.exists() else 0
+            # An adopted pod's log goes on from what the previous coordinator
+            # copied, found by time, not by bytes: the kubelet rotates logs
+            # (see _logs).
+            marks = _logs.mark_path(path)
+            mark = _logs.load_mark(marks) if adopted else None
+            lines = _logs.TimestampedLines(mark)
             with open(path, "ab") as out:
-                chunks = self.api.follow_log(name, CONTAINER)
+                chunks = self.api.follow_log(name, CONTAINER, timestamps=True,
+                                             since_time=_logs.since_time(mark) if mark else None)
                 async with aclosing(chunks):
                     async for chunk in chunks:
-                        if skip:
-                            cut = min(skip, len(chunk))
-                            chunk, skip = chunk[cut:], skip - cut
-                        out.write(chunk)
-                        out.flush()
+                        if data := lines.feed(chunk):
+                            out.write(data)
+                            out.flush()
+                            _logs.save_mark(marks, lines.mark)
+                if data := lines.end():
+                    out.write(data)
+                    out.flush()
+                    _logs.save_mark(marks, lines.mark)
         except (KubernetesError, httpx.HTTPError, OSError) as exc:
             if not self.is_gone(name):
                 log.warning("log of pod %s: %s", name, exc)
