@@ -22,7 +22,7 @@ from rankwarden.launcher import BOOTSTRAP_MODULE, ExitStatus, LaunchRequest, Pro
 from rankwarden.launcher._warm import PER_RANK_VARIABLES
 from rankwarden.spec import JobSpec
 
-from .conftest import JOB_PREFIX, SCRIPTS
+from .conftest import SESSION_MARKER, JOB_PREFIX, SCRIPTS
 
 PROBE = os.path.join(SCRIPTS, "warm_probe.py")
 WORKER = os.path.join(SCRIPTS, "worker.py")
@@ -45,7 +45,10 @@ def test_ranks_and_attempts_differ_only_in_the_variables_a_zygote_ignores():
 
 def _request(tmp_path, rank: int, warm: bool, *probe_args: str) -> LaunchRequest:
     # The environment `rank_env` gives a rank of a multi-rank job (OMP_NUM_THREADS=1 included).
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RANK=str(rank), LOCAL_RANK=str(rank))
+    # Nothing another test left in this process's environment (a launcher's variables) reaches the probe.
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("RANKWARDEN_", "TORCHELASTIC_", "PYTHONFAULTHANDLER")) or k == SESSION_MARKER}
+    env = dict(base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RANK=str(rank), LOCAL_RANK=str(rank))
     logs = tmp_path / "job" / "attempt_001"
     return LaunchRequest(
         job_id=f"{JOB_PREFIX}warm", rank=rank, local_rank=rank, attempt=1,
@@ -92,7 +95,7 @@ async def test_a_warm_rank_sees_what_a_fresh_one_sees(tmp_path):
         assert record["stderr"] == str(tmp_path / "job" / "attempt_001" / f"rank_{rank}.stderr")
         assert record["threads_at_start"] == 1
     for key in ("name", "file", "spec", "path0", "cwd", "stdin", "fds", "handlers", "sigmask", "torch_num_threads"):
-        assert fresh[key] == warm[key], key
+        assert fresh[key] == warm[key], (key, fresh.get("fd_targets"), warm.get("fd_targets"))
     assert (warm["name"], warm["file"], warm["spec"], warm["path0"]) == ("__main__", PROBE, "None", SCRIPTS)
     assert warm["cwd"] == str(tmp_path) and warm["stdin"] == "/dev/null"
     differing = {k for k in fresh["env"].keys() | warm["env"].keys() if fresh["env"].get(k) != warm["env"].get(k)}

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 
 threads_at_start = len(os.listdir("/proc/self/task"))
@@ -38,7 +39,9 @@ record = {
     "path0": sys.path[0],
     "cwd": os.getcwd(),
     "env": dict(os.environ),
-    "c_env_rank": os.popen("printenv RANK").read().strip(),  # what a C library or child sees
+    # What a C library or a child sees. (subprocess.run closes its pipes at once; os.popen's
+    # pipe stayed open until a garbage collection and showed up in "fds" below.)
+    "c_env_rank": subprocess.run(["printenv", "RANK"], capture_output=True, text=True).stdout.strip(),
     "pid": os.getpid(),
     "pgid": os.getpgid(0),
     "sid": os.getsid(0),
@@ -47,6 +50,8 @@ record = {
     "stdout": os.readlink("/proc/self/fd/1"),
     "stderr": os.readlink("/proc/self/fd/2"),
     "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2),
+    "fd_targets": {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if int(fd) > 2
+                   and os.path.exists(f"/proc/self/fd/{fd}")},
     "threads_at_start": threads_at_start,
     "handlers": handlers,
     "sigmask": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
