@@ -245,11 +245,14 @@ class RankCheckpointer:
                         f"step {step} was written by {manifest.world_size} rank(s), this job has {self.world_size}")
                 return step, self.store.read(manifest, self.file_name)
             except (CorruptCheckpoint, KeyError) as exc:
-                raise CheckpointError(
-                    f"rank {self.rank} cannot load step {step}, the step every rank of this attempt resumes "
-                    f"from: {exc}. Not falling back alone (ranks on different steps diverge silently); "
-                    "the coordinator chooses again before the next attempt"
-                ) from exc
+                raise self._cannot_load(step, exc) from exc
+
+    def _cannot_load(self, step: int, exc: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"rank {self.rank} cannot load step {step}, the step every rank of this attempt resumes "
+            f"from: {exc}. Not falling back alone (ranks on different steps diverge silently); "
+            "the coordinator chooses again before the next attempt"
+        )
 
     def load_latest_state(self, *, map_location: Any = "cpu") -> tuple[int, Any] | None:
         found = self.load_latest()
@@ -286,8 +289,4 @@ class RankCheckpointer:
                 return step, Resharded(world_size=manifest.world_size,
                                        ranks=[per_rank_of(r) for r in range(manifest.world_size)])
             except (CorruptCheckpoint, KeyError) as exc:
-                raise CheckpointError(
-                    f"rank {self.rank} cannot load step {step}, the step every rank of this attempt resumes "
-                    f"from: {exc}. Not falling back alone (ranks on different steps diverge silently); "
-                    "the coordinator chooses again before the next attempt"
-                ) from exc
+                raise self._cannot_load(step, exc) from exc
