@@ -42,12 +42,15 @@ __all__ = [
     "IGNORED", "StdSpec", "add_torchrun_arguments", "ignored_notes", "parse_ranks_filter", "parse_std", "resolve_nproc",
 ]
 
+_ONE_MACHINE = "one machine: the coordinator is the rendezvous (as with --standalone)"
+_GREP_FILES = "not supported: grep the rank files in the job directory"
+
 #: dest -> (flag, why it does not apply). Each is accepted with torchrun's type.
 IGNORED: dict[str, tuple[str, str]] = {
-    "rdzv_backend": ("--rdzv-backend", "one machine: the coordinator is the rendezvous (as with --standalone)"),
-    "rdzv_endpoint": ("--rdzv-endpoint", "one machine: the coordinator is the rendezvous (as with --standalone)"),
+    "rdzv_backend": ("--rdzv-backend", _ONE_MACHINE),
+    "rdzv_endpoint": ("--rdzv-endpoint", _ONE_MACHINE),
     "rdzv_id": ("--rdzv-id", "the job id is --run-id"),
-    "rdzv_conf": ("--rdzv-conf", "one machine: the coordinator is the rendezvous (as with --standalone)"),
+    "rdzv_conf": ("--rdzv-conf", _ONE_MACHINE),
     "monitor_interval": ("--monitor-interval", "exits are seen at once (pidfd) and frozen ranks by "
                                                "--heartbeat-timeout; nothing polls"),
     "start_method": ("--start-method", "applies to function entrypoints only; a script always starts in a new "
@@ -61,10 +64,8 @@ IGNORED: dict[str, tuple[str, str]] = {
                                                  "end rankwarden and, through PR_SET_PDEATHSIG, its ranks"),
     "virtual_local_rank": ("--virtual-local-rank", "not supported: LOCAL_RANK is the rank's index and "
                                                    "CUDA_VISIBLE_DEVICES is left as it is"),
-    "duplicate_stdout_filters": ("--duplicate-stdout-filters", "not supported: grep the rank files in the job "
-                                                               "directory"),
-    "duplicate_stderr_filters": ("--duplicate-stderr-filters", "not supported: grep the rank files in the job "
-                                                               "directory"),
+    "duplicate_stdout_filters": ("--duplicate-stdout-filters", _GREP_FILES),
+    "duplicate_stderr_filters": ("--duplicate-stderr-filters", _GREP_FILES),
 }
 
 def _spellings(flag: str) -> list[str]:

@@ -40,6 +40,13 @@ async def start_server(state_dir, *extra):
     return process, match.group(1).decode()
 
 
+async def stop_server(server):
+    """SIGTERM, as an operator would, and wait for the graceful exit."""
+    server.send_signal(signal.SIGTERM)
+    with trio.fail_after(LIMIT):
+        await server.wait()
+
+
 def client(url):
     return httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
 
@@ -79,9 +86,7 @@ async def test_sigkill_of_the_server_loses_no_job(tmp_path, policy, final):
             listed = (await api.get("/jobs")).json()
             assert [j["job_id"] for j in listed["jobs"]] == [job_id]
     finally:
-        server.send_signal(signal.SIGTERM)
-        with trio.fail_after(LIMIT):
-            await server.wait()
+        await stop_server(server)
 
 
 async def test_a_token_is_generated_once_with_mode_0600(tmp_path):
@@ -115,9 +120,7 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_violations(tmp_path):
         output = result.stdout.decode() + result.stderr.decode()
         assert result.returncode == 0, output[-6000:]
     finally:
-        server.send_signal(signal.SIGTERM)
-        with trio.fail_after(LIMIT):
-            await server.wait()
+        await stop_server(server)
 
 
 async def test_the_jobs_cli_drives_a_server(tmp_path):
@@ -138,9 +141,7 @@ async def test_the_jobs_cli_drives_a_server(tmp_path):
             missing = await trio.run_process([*jobs, "stop", "no-such-job"], capture_stderr=True, env=env, check=False)
             assert missing.returncode == 1 and b"404: no job no-such-job" in missing.stderr
     finally:
-        server.send_signal(signal.SIGTERM)
-        with trio.fail_after(LIMIT):
-            await server.wait()
+        await stop_server(server)
 
 
 async def sigkill(server):
@@ -166,9 +167,7 @@ async def test_a_crash_during_a_graceful_stop_keeps_the_stop(tmp_path):
             info = await wait_for(api, job_id, lambda j: j["state"] in ("stopped", "running", "succeeded"))
             assert info["state"] == "stopped" and "stopped through the API" in info["reason"]
     finally:
-        server.send_signal(signal.SIGTERM)
-        with trio.fail_after(LIMIT):
-            await server.wait()
+        await stop_server(server)
 
 
 async def test_attempts_and_the_restart_budget_survive_a_server_restart(tmp_path):
@@ -193,9 +192,7 @@ async def test_attempts_and_the_restart_budget_survive_a_server_restart(tmp_path
             ready = [l["attempt"] for l in lines if "ready" in l["line"]]
             assert len(ready) == len(set(ready)) and {1, 3, 4} <= set(ready) <= {1, 2, 3, 4}, ready
     finally:
-        server.send_signal(signal.SIGTERM)
-        with trio.fail_after(LIMIT):
-            await server.wait()
+        await stop_server(server)
 
 
 async def test_state_files_are_private_and_ranks_never_see_the_api_token(tmp_path):
@@ -211,9 +208,7 @@ async def test_state_files_are_private_and_ranks_never_see_the_api_token(tmp_pat
             assert (await api.post("/jobs", json=body)).status_code == 201
             await wait_for(api, job_id, lambda j: j["state"] == "succeeded")
     finally:
-        server.send_signal(signal.SIGTERM)
-        with trio.fail_after(LIMIT):
-            await server.wait()
+        await stop_server(server)
     env = json.loads((record / "r0_a1.json").read_text())["env"]
     assert "RANKWARDEN_API_TOKEN" not in env and TOKEN not in json.dumps(env)
     assert os.stat(state).st_mode & 0o777 == 0o700
@@ -280,15 +275,7 @@ async def test_the_jobs_cli_is_pleasant(tmp_path):
                 capture_stdout=True, capture_stderr=True, env=env)
             assert piped.stderr == b"" and piped.stdout.startswith(b"[rank")
     finally:
-        server.send_signal(signal.SIGTERM)
-        with trio.fail_after(LIMIT):
-            await server.wait()
-
-
-async def sigkill_and_wait(server):
-    server.kill()
-    with trio.fail_after(LIMIT):
-        await server.wait()
+        await stop_server(server)
 
 
 async def test_a_job_resumed_after_a_server_restart_continues_from_its_checkpoint(tmp_path):
@@ -303,7 +290,7 @@ async def test_a_job_resumed_after_a_server_restart_continues_from_its_checkpoin
         with trio.fail_after(LIMIT):
             while ((await api.get(f"/jobs/{job_id}/summary")).json().get("checkpoint_step") or 0) < 5:
                 await trio.sleep(0.05)
-    await sigkill_and_wait(server)  # mid-job: ranks lose their coordinator and exit
+    await sigkill(server)  # mid-job: ranks lose their coordinator and exit
     committed_before = CheckpointStore(str(state / "checkpoints"), job_id).latest().step
     server, url = await start_server(state)
     try:
@@ -318,9 +305,7 @@ async def test_a_job_resumed_after_a_server_restart_continues_from_its_checkpoin
         resumed = [json.loads((out / f"resume_r{r}_a{last}.json").read_text())["resumed_from"] for r in (0, 1)]
         assert resumed == [chosen[-1]["step"]] * 2
     finally:
-        server.send_signal(signal.SIGTERM)
-        with trio.fail_after(LIMIT):
-            await server.wait()
+        await stop_server(server)
 
 
 async def test_deleting_a_job_deletes_its_checkpoints_and_a_new_job_with_its_id_starts_fresh(tmp_path):
@@ -354,6 +339,4 @@ async def test_deleting_a_job_deletes_its_checkpoints_and_a_new_job_with_its_id_
             await wait_for(api, plain["job_id"], lambda j: j["state"] == "succeeded")
             assert (await api.delete(f"/jobs/{plain['job_id']}")).json()["checkpoints"] == "none"
     finally:
-        server.send_signal(signal.SIGTERM)
-        with trio.fail_after(LIMIT):
-            await server.wait()
+        await stop_server(server)
