@@ -242,6 +242,19 @@ class CheckpointStore:
                 found[step] = manifest
         return found
 
+    def manifest(self, step: int) -> Manifest:
+        """The manifest of committed ``step``, read and parsed, its files not checked.
+
+        For a rank that loads its own file of a step already verified for it
+        (``read`` checks that file's size and checksum): checking every
+        rank's files here would cost each rank one request per file, world
+        size squared in all, on an object store."""
+        path = self.backend.step_dirs().get(step)
+        manifest = None if path is None else self._committed_manifest(step, path)
+        if not manifest:
+            raise CorruptCheckpoint(f"{self.job} step {step}: no committed manifest that parses")
+        return manifest
+
     def _committed_manifest(self, step: int, path: str) -> Manifest | None | bool:
         """The manifest of ``step``; None if it does not parse or is another step's; False if there is none."""
         try:

@@ -236,7 +236,7 @@ class RankCheckpointer:
             return None
         with self.store.reading(step):
             try:
-                manifest = self.store.verify(step, checksums=False)  # each file's checksum is checked as it is read
+                manifest = self.store.manifest(step)  # this rank's file is checked (size, checksum) as it is read
                 if manifest.layout == "dcp":
                     raise CheckpointError(
                         f"step {step} holds sharded (DCP) state: restore it with `into=` the state to load into")
@@ -276,7 +276,7 @@ class RankCheckpointer:
             return None
         with self.store.reading(step):
             try:
-                manifest = self.store.verify(step, checksums=False)
+                manifest = self.store.manifest(step)  # each file is checked as it is read
                 load_sharded(self.store, manifest, state, process_group=process_group)
                 names = {f.name for f in manifest.files}
 
