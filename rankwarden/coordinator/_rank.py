@@ -81,7 +81,7 @@ _RATE_WINDOW = 30.0  # seconds of (time, step) samples kept for steps/s
 #: A silent rank is busy if it used at least this share of one CPU since the
 #: last sample: a GIL-holding call uses a whole one (less on a crowded host);
 #: a deadlocked rank's background threads (NCCL's watchdog) use next to none.
-BUSY_CPU_SHARE = 0.25
+BUSY_CPU_SHARE = 0.15  # a busy rank on an overloaded 2-core host still gets more; a waiting one ~0.07
 #: A busy rank is re-judged every heartbeat interval, but over no less than
 #: this: CPU time is counted in 10 ms ticks, and on a crowded host a rank gets
 #: a fraction of a CPU in bursts, so a shorter window misjudges a busy rank.

@@ -8,6 +8,7 @@ can compare the replicas bit for bit.
 """
 
 import argparse
+import gc
 import json
 import os
 
@@ -57,4 +58,9 @@ for step in range(start + 1, args.steps + 1):
 
 torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
            os.path.join(args.out, f"{args.tag}_final_r{rank}.pt"))
+dist.barrier()  # no rank tears gloo down while a peer still talks to it
 dist.destroy_process_group()
+# What still holds the process group goes now, while the interpreter is whole: torch 2.13's
+# gloo otherwise sometimes aborts in finalisation ("terminate called without an active exception").
+del ddp, model, opt
+gc.collect()
