@@ -374,3 +374,31 @@ async def test_real_ranks_through_a_real_relay_sigstop_is_detected_with_its_caus
     assert "relay on node local" in failure.message and "stopped (state T" in failure.message
     assert 1.0 <= failure.detected_after < 2.5
     assert [r.step for r in snapshot.ranks] == [5, 5]  # the last progress arrives before the goodbye
+
+
+# -- the per-rank path's collector tuning ----------------------------------------------------------
+
+
+def test_gc_tuning_raises_the_young_threshold_and_freezes_at_powers_of_two():
+    import gc
+
+    from rankwarden.coordinator._heartbeat import _GcTuner
+
+    threshold = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    try:
+        tuner = _GcTuner()
+        assert gc.get_threshold()[0] >= _GcTuner.YOUNG_THRESHOLD
+        freezes = []
+        for n in range(1, 300):
+            before = gc.get_freeze_count()
+            _ = [[] for _ in range(3)]  # something new to freeze each time
+            tuner.connected()
+            if gc.get_freeze_count() > before:
+                freezes.append(n)
+        assert freezes == [64, 128, 256]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+        if frozen:
+            gc.freeze()
