@@ -11,8 +11,11 @@ to the coordinator (``rankwarden.protocol``, "Aggregation"):
   the coordinator sends a rank (``Welcome``, ``Reject``, ``Committed``,
   ``Drain``) comes down in a ``RelayDeliver`` and is passed on;
 * heartbeats stop here. Every ``interval`` one ``RelayBeat`` goes up: it says
-  all the relay's ranks are alive and carries only the step, samples and
-  metrics that changed;
+  all the relay's ranks are alive. Every ``progress_interval`` (1 s) a beat
+  also carries the step, samples and metrics that changed: progress is for
+  ``progress_timeout`` (minutes) and the step rate, and sending it ten times
+  a second made the coordinator do per-rank work every interval after all.
+  A rank's own frames (a checkpoint, its goodbye) first flush its progress;
 * the relay applies ``heartbeat_timeout`` to each rank itself: a rank silent
   that long is named at once in a ``RelaySilent``, with what its process was
   doing (stopped by SIGSTOP, or asleep). A silent rank that is burning CPU
@@ -101,6 +104,7 @@ class Relay:
         heartbeat_interval: float,
         heartbeat_timeout: float,
         node: str = "",
+        progress_interval: float = 1.0,
         host: str = "127.0.0.1",
         connect: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
         listeners: list[trio.abc.Listener] | None = None,
@@ -114,6 +118,8 @@ class Relay:
         self.node = node
         self.interval = heartbeat_interval
         self.timeout = heartbeat_timeout
+        #: Progress goes up on every n-th beat.
+        self._progress_every = max(1, round(progress_interval / heartbeat_interval))
         self._token = token
         self._host = host
         self._connect = connect
@@ -226,8 +232,10 @@ class Relay:
             if now - due > self.interval:
                 due = now  # the loop was stalled: do not send a burst to catch up
             self._seq += 1
-            changed = [self._change(rank) for rank in self._changed.values()]
-            self._changed.clear()
+            changed = []
+            if self._seq % self._progress_every == 0:
+                changed = [self._change(rank) for rank in self._changed.values()]
+                self._changed.clear()
             self._send_up(protocol.RelayBeat(seq=self._seq, changed=changed))
 
     @staticmethod

@@ -138,11 +138,17 @@ async def serve_heartbeats(
     tune_gc: bool = False,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept connections forever (until cancelled), one task per peer."""
+    """Accept connections forever (until cancelled), one task per peer; relays' reads share one task."""
+    # Imported here: _aggregate builds on this module's Peer and helpers.
+    from rankwarden.coordinator._aggregate import RelayPoller
+
     tuner = _GcTuner() if tune_gc else None
-    await trio.serve_listeners(
-        lambda stream: handle_peer(stream, router, tuner), listeners, task_status=task_status
-    )
+    poller = RelayPoller()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poller.run)
+        await trio.serve_listeners(
+            lambda stream: handle_peer(stream, router, tuner, poller), listeners, task_status=task_status
+        )
 
 
 async def receive_some(stream: trio.abc.Stream) -> bytes:
@@ -160,7 +166,9 @@ def _peer_name(stream: trio.abc.Stream) -> str:
         return repr(stream)
 
 
-async def handle_peer(stream: trio.abc.Stream, router: PeerRouter, tuner: _GcTuner | None = None) -> None:
+async def handle_peer(
+    stream: trio.abc.Stream, router: PeerRouter, tuner: _GcTuner | None = None, poller=None
+) -> None:
     """One connection: a rank's own (first frame ``Hello``) or a relay's (``RelayHello``)."""
     name = _peer_name(stream)
     async with stream:
@@ -192,7 +200,7 @@ async def handle_peer(stream: trio.abc.Stream, router: PeerRouter, tuner: _GcTun
             # Imported here: _aggregate builds on this module's Peer and helpers.
             from rankwarden.coordinator._aggregate import serve_relay
 
-            await serve_relay(stream, name, first, pending[1:], decoder, router, tuner)
+            await serve_relay(stream, name, first, pending[1:], decoder, router, tuner, poller)
         else:
             await _serve_rank(stream, name, first, pending[1:], decoder, router, tuner)
 
