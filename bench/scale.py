@@ -51,7 +51,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+# --baseline runs the per-rank modes again with another checkout's rankwarden (e.g. main before a change).
+sys.path.insert(0, os.environ.get("RANKWARDEN_BENCH_CHECKOUT") or os.path.dirname(HERE))
 
 import logging  # noqa: E402
 
@@ -113,6 +114,7 @@ def sender(config: dict) -> None:
     silent_units = set(config["silent_units"])  # per-rank: ranks; aggregated: whole relays (frozen nodes)
     silent_ranks = set(config["silent_ranks"])  # aggregated: ranks their relay names frozen
     n = len(peers)
+    dead: set[int] = set()
     progress_every = max(1, round(config["progress_interval"] / interval))
     seq = [0] * n
     last_beat = [0.0] * n  # wall time of the last frame sent on each connection
@@ -146,10 +148,15 @@ def sender(config: dict) -> None:
                         last_sent[str(r)] = last_beat[i]
                         pending_silent.append((last_beat[i] + timeout, i, r))
                 frame = protocol.encode(protocol.RelayBeat(seq=seq[i], changed=live))
+            if i in dead:
+                continue
             try:
                 sock.send(frame)
             except BlockingIOError:
                 raise SystemExit("the coordinator stopped reading (a full socket buffer): the rate is not sustained")
+            except OSError:
+                dead.add(i)  # the coordinator dropped it (it judged the rank failed): counted on its side
+                continue
             last_beat[i] = time.time()
             if counted_from <= now < counted_until:
                 counted += 1
@@ -163,7 +170,7 @@ def sender(config: dict) -> None:
         next_due = go + (sent + 1) * interval / n
         time.sleep(max(0.0, min(0.002, next_due - time.time())))
     sent_rate = counted / (counted_until - counted_from)
-    print(json.dumps({"last_sent": last_sent, "frames_per_s": sent_rate}), flush=True)
+    print(json.dumps({"last_sent": last_sent, "frames_per_s": sent_rate, "dropped": len(dead)}), flush=True)
     for sock, _ in peers:
         sock.close()
 
@@ -229,7 +236,6 @@ def _p99(values: list[float]) -> float:
 
 async def coordinator_main(args) -> dict:
     from rankwarden.coordinator import Coordinator
-    from rankwarden.coordinator import _aggregate
     from rankwarden.events import RankFailed
     from rankwarden.spec import JobSpec
 
@@ -237,6 +243,8 @@ async def coordinator_main(args) -> dict:
     ranks = args.relays * args.per_relay if aggregated else args.ranks[0]
     frames = [0]
     if aggregated:
+        from rankwarden.coordinator import _aggregate
+
         # Count the relay frames the coordinator handled (one Python call each: counted against us).
         handle = _aggregate._RelayConnection.handle
 
@@ -250,7 +258,10 @@ async def coordinator_main(args) -> dict:
                    heartbeat_interval=args.interval, progress_timeout=0, startup_timeout=600,
                    restart_scope="rank", max_restarts=ranks, backoff={"initial": 1000.0, "max": 1000.0})
     launcher = _StubLauncher()
-    coordinator = Coordinator(spec, launcher=launcher, tune_gc=True)
+    try:
+        coordinator = Coordinator(spec, launcher=launcher, tune_gc=True)
+    except TypeError:  # a --baseline checkout from before tune_gc
+        coordinator = Coordinator(spec, launcher=launcher)
     rng = random.Random(0)
     units = list(range(args.relays)) if aggregated else list(range(ranks))
     if aggregated:
@@ -359,10 +370,14 @@ async def coordinator_main(args) -> dict:
                     relay_latencies.append(detected[r] - t)
         result["relay_latencies"] = relay_latencies
         result["relay_silent"] = len(silent_units) * args.per_relay
+        expected = set(silent_ranks) | {r for u in silent_units for r in range(u * args.per_relay, (u + 1) * args.per_relay)}
     else:
         latencies = [detected[u] - last_sent[str(u)] for u in silent_units if str(u) in last_sent and u in detected]
         result["rank_latencies"] = latencies
         result["rank_silent"] = len(silent_units)
+        expected = set(silent_units)
+    #: Ranks failed that were never silenced: the coordinator fell behind and misjudged them.
+    result["false_failures"] = len(set(detected) - expected)
     return result
 
 
@@ -393,10 +408,12 @@ async def log_copier_main(ranks: int, seconds: float) -> dict:
 # -- the driver ----------------------------------------------------------------------------------------------
 
 
-def _child(argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+def _child(argv: list[str], checkout: str | None = None) -> dict | None:
+    env = dict(os.environ, RANKWARDEN_BENCH_CHECKOUT=checkout) if checkout else None
+    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{out.stderr[-3000:]}")
+        print(f"{' '.join(argv)} failed:\n{out.stderr[-2000:]}", flush=True)
+        return None
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -426,6 +443,8 @@ def main() -> int:
     parser.add_argument("--frozen-relays", type=int, default=13, help="relays silenced in the aggregated mode")
     parser.add_argument("--log-copier", type=int, nargs="*", default=[1024, 10000],
                         help="rank counts for the log copier alone")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="also run the per-rank modes with the rankwarden of this checkout (e.g. /path/to/main)")
     parser.add_argument("--coordinator", choices=["per-rank", "aggregated"], help=argparse.SUPPRESS)
     parser.add_argument("--copier", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=float, default=5.0, help=argparse.SUPPRESS)
@@ -452,9 +471,15 @@ def main() -> int:
     rows = []
     for ranks in args.ranks:
         rows.append(_child(["--coordinator", "per-rank", "--ranks", str(ranks), *common]))
+        if args.baseline:
+            row = _child(["--coordinator", "per-rank", "--ranks", str(ranks), *common], args.baseline)
+            if row is not None:
+                row["mode"] = "baseline"
+            rows.append(row)
     if args.relays:
         rows.append(_child(["--coordinator", "aggregated", "--relays", str(args.relays), "--per-relay",
                             str(args.per_relay), "--frozen-relays", str(args.frozen_relays), *common]))
+    rows = [r for r in rows if r is not None]
     for r in rows:
         shape = f"{r['ranks']:6,} ranks" + (f" ({r['connections']:,} relays)" if r["mode"] == "aggregated" else "")
         per = (f"{r['cpu_us_per_heartbeat']:.1f} us per rank heartbeat, {r['cpu_us_per_frame']:.1f} us per frame"
@@ -464,12 +489,20 @@ def main() -> int:
               + (f" in {r['frames_per_s']:,.0f} frames/s" if r["mode"] == "aggregated" else "")
               + f" (senders sent {r['sent_per_s']:,.0f} frames/s); RSS {r['rss_mib']:.0f} MiB at {r['rss_at_s']:.0f} s; "
               f"loop stall max {r['stall_max_ms']:.0f} ms (p99 {r['stall_p99_ms']:.0f} ms; whole run "
-              f"{r['stall_max_all_ms']:.0f} ms); {r['connected']:,}/{r['ranks']:,} connected in {r['connect_s']:.1f} s")
+              f"{r['stall_max_all_ms']:.0f} ms); {r['connected']:,}/{r['ranks']:,} connected in {r['connect_s']:.1f} s; "
+              f"ranks failed that were never silenced: {r['false_failures']}")
         what = "frozen rank, named by its relay" if r["mode"] == "aggregated" else "silent rank"
         print(f"{'':>10}   detection of a {what}: {_latency(r['rank_latencies'], r['rank_silent'])}; "
               f"goal <= {args.timeout + args.interval:.1f}s (timeout + one interval)")
         if r["mode"] == "aggregated":
             print(f"{'':>10}   detection of a frozen relay's ranks: {_latency(r['relay_latencies'], r['relay_silent'])}")
+    for r in rows:
+        old = next((b for b in rows if b["mode"] == "baseline" and b["ranks"] == r["ranks"]), None)
+        if r["mode"] == "per-rank" and old is not None:
+            print(f"per-rank {r['ranks']:,} vs baseline: CPU {r['cpu_percent'] / old['cpu_percent']:.2f}x, "
+                  f"per heartbeat {r['cpu_us_per_heartbeat'] / old['cpu_us_per_heartbeat']:.2f}x, "
+                  f"RSS {r['rss_mib'] / old['rss_mib']:.2f}x, worst stall {r['stall_max_ms']:.0f} vs "
+                  f"{old['stall_max_ms']:.0f} ms")
     base = next((r for r in rows if r["mode"] == "per-rank"), None)
     agg = next((r for r in rows if r["mode"] == "aggregated"), None)
     if base and agg:
@@ -479,6 +512,8 @@ def main() -> int:
               f"{(agg['rss_mib'] / agg['ranks']) / (base['rss_mib'] / base['ranks']):.2f}x")
     for ranks in args.log_copier:
         c = _child(["--copier", str(ranks), "--window", "5" if args.quick else "10"])
+        if c is None:
+            continue
         print(f"API server log copier alone, {ranks:,} idle ranks: {c['cpu_percent']:.1f}% of one core "
               "(add it to a coordinator's figure when the API server runs the job)")
     return 0

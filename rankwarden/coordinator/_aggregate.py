@@ -18,7 +18,8 @@ not know the difference, except for liveness:
 
 A ``RelayBeat`` touches only the ranks whose progress changed; the liveness
 of all the others is the beat itself. So per interval the coordinator does
-one receive, one decode and one assignment per relay, plus the changes.
+one receive, one decode and one assignment per relay, plus the changes; the
+receives of all relays are done by one task (``SocketReader``).
 
 The hello of each rank is checked like a direct one (token, job, attempt):
 the relay's own hello grants nothing, so a relay can speak only for ranks that
@@ -30,33 +31,28 @@ their connection (and, at the grace, are failed as such).
 from __future__ import annotations
 
 import logging
-import os
-import select
-import socket
 
 import trio
 
 from rankwarden import protocol
 from rankwarden.coordinator._heartbeat import (
-    _RECEIVE_SIZE,
     Peer,
     PeerRouter,
     RankEndpoint,
+    SocketReader,
     _GcTuner,
     receive_some,
     writer,
 )
 from rankwarden.errors import ProtocolError
 
-__all__ = ["RelayPoller", "RelayedPeer", "serve_relay"]
+__all__ = ["RelayedPeer", "serve_relay"]
 
 log = logging.getLogger(__name__)
 
 #: Frames queued for one relay before it counts as not reading: a broadcast
 #: (Committed, Drain) puts one frame per rank behind it in the queue at once.
 _RELAY_QUEUE = 4096
-#: How long the relay reader lets frames gather after a wakeup (see RelayPoller.run).
-_COALESCE = 0.005
 
 
 class RelayedPeer(Peer):
@@ -198,86 +194,6 @@ class _RelayConnection:
             endpoint.on_silent(silent_for, why)
 
 
-class RelayPoller:
-    """Reads every relay connection of one heartbeat server from one task.
-
-    A task per connection costs trio a wakeup, two epoll registrations and a
-    failed ``recv`` per frame; with 1,250 relays at 10 Hz that alone was half
-    a core. Here the relays' sockets sit in an epoll set of their own, whose
-    descriptor trio waits on: one wakeup reads every relay that has data
-    (one ``recv`` each, non-blocking), so the cost per frame is a ``recv``,
-    a decode and the handling. The per-connection task still owns the
-    stream, the writer and the deadline; it only stops reading.
-
-    Linux (epoll); elsewhere, and for streams that are not sockets (tests'
-    memory streams), a relay connection reads in its own task.
-    """
-
-    def __init__(self) -> None:
-        self._epoll = select.epoll() if hasattr(select, "epoll") else None
-        self._relays: dict[int, tuple[_RelayConnection, socket.socket]] = {}
-
-    def accepts(self, stream: trio.abc.Stream) -> bool:
-        return self._epoll is not None and isinstance(stream, trio.SocketStream)
-
-    def add(self, relay: _RelayConnection, stream: trio.SocketStream) -> None:
-        assert self._epoll is not None
-        # A duplicate descriptor: the stream keeps its own for writing and closing.
-        sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
-        sock.setblocking(False)
-        self._relays[sock.fileno()] = (relay, sock)
-        self._epoll.register(sock.fileno(), select.EPOLLIN)
-
-    def remove(self, relay: _RelayConnection) -> None:
-        assert self._epoll is not None
-        for fd, (known, sock) in list(self._relays.items()):
-            if known is relay:
-                del self._relays[fd]
-                self._epoll.unregister(fd)
-                sock.close()
-
-    async def run(self) -> None:
-        if self._epoll is None:
-            return
-        epoll, relays = self._epoll, self._relays
-        try:
-            while True:
-                # Readable when any registered socket is (an empty set never is).
-                await trio.lowlevel.wait_readable(epoll.fileno())
-                # Let the frames of the next few milliseconds gather, then read
-                # them all in one pass: frames arrive evenly spread, so without
-                # this each wakeup (a full trip through trio's scheduler) reads one.
-                # A frame waits at most _COALESCE longer: nothing next to seconds
-                # of heartbeat_timeout.
-                await trio.sleep(_COALESCE)
-                now = trio.current_time()
-                for fd, _ in epoll.poll(0):
-                    entry = relays.get(fd)
-                    if entry is None:
-                        continue
-                    relay, sock = entry
-                    try:
-                        data = sock.recv(_RECEIVE_SIZE)
-                    except BlockingIOError:
-                        continue
-                    except OSError:
-                        data = b""  # reset: the connection is over
-                    if not data:
-                        self.remove(relay)
-                        relay.end()
-                        continue
-                    try:
-                        relay.feed(data, now)
-                    except ProtocolError as exc:
-                        self.remove(relay)
-                        relay.end(exc)
-        finally:
-            for relay, sock in list(relays.values()):
-                sock.close()
-            relays.clear()
-            epoll.close()
-
-
 async def serve_relay(
     stream: trio.abc.Stream,
     name: str,
@@ -286,7 +202,7 @@ async def serve_relay(
     decoder: protocol.FrameDecoder,
     router: PeerRouter,
     tuner: _GcTuner | None,
-    poller: RelayPoller | None,
+    poller: SocketReader | None,
 ) -> None:
     """Serve one relay connection until it ends; its ranks are told how it ended."""
     send_channel, receive_channel = trio.open_memory_channel(_RELAY_QUEUE)
