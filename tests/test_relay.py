@@ -402,3 +402,64 @@ def test_gc_tuning_raises_the_young_threshold_and_freezes_at_powers_of_two():
         gc.set_threshold(*threshold)
         if frozen:
             gc.freeze()
+
+
+async def test_real_sockets_two_relays_several_ranks_one_frozen(tmp_path):
+    # Real TCP everywhere (coordinator <- 2 relays <- 4 ranks), fake processes.
+    spec = make_spec(tmp_path, world_size=4, heartbeat_timeout=1.0, heartbeat_interval=0.1, progress_timeout=0,
+                     startup_timeout=20.0)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    relays = {node: Relay(address, job=spec.job_id, token=TOKEN, heartbeat_interval=0.1, heartbeat_timeout=1.0,
+                          node=node) for node in ("a", "b")}
+
+    async def rank(fake):
+        relay = relays["a" if fake.rank < 2 else "b"]
+        host, port = relay.address.rsplit(":", 1)
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            decoder = protocol.FrameDecoder(protocol.ToRank)
+            await stream.send_all(protocol.encode(protocol.Hello(
+                version=protocol.PROTOCOL_VERSION, job=spec.job_id, rank=fake.rank, attempt=1, pid=0, token=TOKEN)))
+            [welcome] = decoder.feed(await stream.receive_some(4096))
+            assert isinstance(welcome, protocol.Welcome)
+            for step in range(1, 16):
+                await trio.sleep(0.1)
+                await stream.send_all(protocol.encode(protocol.Heartbeat(seq=step, step=step)))
+                if fake.rank == 3 and step == 5:
+                    await trio.sleep_forever()
+            await stream.send_all(protocol.encode(protocol.Goodbye(exit_code=0)))
+        return 0
+
+    with trio.fail_after(30):
+        async with open_fake_launcher(rank, MemoryListener()) as launcher:
+            coordinator = Coordinator(spec, launcher=launcher, listeners=listeners, token=TOKEN)
+            async with trio.open_nursery() as nursery:
+                for relay in relays.values():
+                    await nursery.start(relay.serve)
+                await nursery.start(coordinator.run)
+                snapshot = await coordinator.wait()
+                nursery.cancel_scope.cancel()
+    [failure] = snapshot.failures
+    assert (failure.rank, failure.cause) == (3, FailureCause.HEARTBEAT_TIMEOUT)
+    assert "relay on node b" in failure.message and 1.0 <= failure.detected_after < 1.5
+    assert snapshot.state == JobState.FAILED
+
+
+async def test_a_rank_sending_relay_frames_is_rejected(tmp_path, autojump_clock):
+    got = {}
+
+    async def behaviour(fake):
+        if fake.rank == 0:
+            await fake.hello()
+            await fake.send(protocol.RelayBeat(seq=1))
+            got["reply"] = await fake.receive()
+            return 1
+        await fake.hello()
+        await trio.sleep_forever()
+
+    listener = MemoryListener()
+    async with open_fake_launcher(behaviour, listener) as launcher:
+        coordinator = Coordinator(make_spec(tmp_path), launcher=launcher, listeners=[listener], token=TOKEN)
+        snapshot = await coordinator.run()
+    assert isinstance(got["reply"], protocol.Reject) and got["reply"].reason == "relaybeat frame on a rank's connection"
+    assert snapshot.failures[0].rank == 0
