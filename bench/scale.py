@@ -44,6 +44,7 @@ import math
 import os
 import random
 import resource
+import select
 import socket
 import subprocess
 import sys
@@ -88,15 +89,17 @@ def sender(config: dict) -> None:
     job, token, interval, timeout = config["job"], config["token"], config["interval"], config["timeout"]
     mode = config["mode"]
     hello = dict(version=protocol.PROTOCOL_VERSION, job=job, attempt=1, pid=os.getpid(), token=token)
-    peers: list[tuple[socket.socket, list[int]]] = []  # (connection, ranks it carries)
-    for unit in config["units"]:
+    units = config["units"]
+    n = len(units)
+
+    def connect(unit: int) -> tuple[socket.socket, list[int]]:
         sock = _connect(config["address"])
         decoder = protocol.FrameDecoder(protocol.ToRank if mode == "per-rank" else protocol.ToRelay)
         if mode == "per-rank":
             sock.sendall(protocol.encode(protocol.Hello(rank=unit, **hello)))
             [welcome] = _recv_frames(sock, decoder, 1)
             assert isinstance(welcome, protocol.Welcome), welcome
-            peers.append((sock, [unit]))
+            ranks = [unit]
         else:
             ranks = list(range(unit * config["per_relay"], (unit + 1) * config["per_relay"]))
             frames = [protocol.encode(protocol.RelayHello(version=protocol.PROTOCOL_VERSION, job=job,
@@ -106,14 +109,17 @@ def sender(config: dict) -> None:
             sock.sendall(b"".join(frames))
             got = _recv_frames(sock, decoder, len(ranks))
             assert all(isinstance(m.message, protocol.Welcome) for m in got), got[:1]
-            peers.append((sock, ranks))
         sock.setblocking(False)
-    print("ready", flush=True)
-    line = sys.stdin.readline().split()  # "go <wall time to start> <silence after>"
-    go, silence_after = float(line[1]), float(line[2])
+        return sock, ranks
+
+    # Peers are connected one by one while the ones already connected heartbeat
+    # on schedule (a rank that waited for all the others would time out first).
+    peers: list = [None] * n  # (connection, ranks it carries)
+    connected = 0
+    start = time.time()
+    go = math.inf  # set by the coordinator's "go <wall time> <silence after>" once every sender is ready
     silent_units = set(config["silent_units"])  # per-rank: ranks; aggregated: whole relays (frozen nodes)
     silent_ranks = set(config["silent_ranks"])  # aggregated: ranks their relay names frozen
-    n = len(peers)
     dead: set[int] = set()
     progress_every = max(1, round(config["progress_interval"] / interval))
     seq = [0] * n
@@ -121,16 +127,29 @@ def sender(config: dict) -> None:
     sent = 0
     last_sent: dict[str, float] = {}  # "rank" or "relayN" -> wall time its last heartbeat was sent
     pending_silent: list[tuple[float, int, int]] = []  # (due wall time, connection, rank) of RelaySilent
-    stop_at = go + silence_after + timeout + config["tail"]
-    counted_from, counted_until, counted = go + config["count_from"], go + config["count_until"], 0
+    stop_at = silence_at = counted_from = counted_until = math.inf
+    counted = 0
     while (now := time.time()) < stop_at:
-        due = int((now - go) / interval * n) if now > go else 0
-        silencing = now >= go + silence_after
+        if connected < n:
+            peers[connected] = connect(units[connected])
+            connected += 1
+            if connected == n:
+                print("ready", flush=True)
+        elif go == math.inf and select.select([sys.stdin], [], [], 0)[0]:
+            line = sys.stdin.readline().split()
+            go, silence_after = float(line[1]), float(line[2])
+            silence_at = go + silence_after
+            stop_at = silence_at + timeout + config["tail"]
+            counted_from, counted_until = go + config["count_from"], go + config["count_until"]
+        due = int((now - start) / interval * n)
+        silencing = now >= silence_at
         while sent < due:
             i = sent % n
             sent += 1
+            if peers[i] is None:
+                continue
             sock, ranks = peers[i]
-            unit = config["units"][i]
+            unit = units[i]
             if silencing and unit in silent_units:
                 continue  # frozen: the connection stays open, nothing is sent
             seq[i] += 1
@@ -167,8 +186,9 @@ def sender(config: dict) -> None:
             _, i, r = item
             peers[i][0].send(protocol.encode(protocol.RelaySilent(rank=r, silent_for=timeout,
                                                                   detail="simulated frozen rank")))
-        next_due = go + (sent + 1) * interval / n
-        time.sleep(max(0.0, min(0.002, next_due - time.time())))
+        if connected == n:
+            next_due = start + (sent + 1) * interval / n
+            time.sleep(max(0.0, min(0.002, next_due - time.time())))
     sent_rate = counted / (counted_until - counted_from)
     print(json.dumps({"last_sent": last_sent, "frames_per_s": sent_rate, "dropped": len(dead)}), flush=True)
     for sock, _ in peers:
