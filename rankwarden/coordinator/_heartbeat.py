@@ -159,7 +159,8 @@ class SocketReader:
 
     def __init__(self) -> None:
         self._epoll = select.epoll() if hasattr(select, "epoll") else None
-        self._connections: dict[int, tuple[object, socket.socket]] = {}
+        self._connections: dict[int, tuple[object, socket.socket]] = {}  # fd -> (connection, its socket)
+        self._fds: dict[int, int] = {}  # id(connection) -> fd
 
     def accepts(self, stream: trio.abc.Stream) -> bool:
         return self._epoll is not None and isinstance(stream, trio.SocketStream)
@@ -170,15 +171,16 @@ class SocketReader:
         sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
         sock.setblocking(False)
         self._connections[sock.fileno()] = (connection, sock)
+        self._fds[id(connection)] = sock.fileno()
         self._epoll.register(sock.fileno(), select.EPOLLIN)
 
     def remove(self, connection) -> None:
-        assert self._epoll is not None
-        for fd, (known, sock) in list(self._connections.items()):
-            if known is connection:
-                del self._connections[fd]
-                self._epoll.unregister(fd)
-                sock.close()
+        fd = self._fds.pop(id(connection), None)
+        if fd is not None and fd in self._connections:
+            _, sock = self._connections.pop(fd)
+            assert self._epoll is not None
+            self._epoll.unregister(fd)
+            sock.close()
 
     async def run(self) -> None:
         if self._epoll is None:
@@ -219,9 +221,8 @@ class SocketReader:
             for _, sock in list(connections.values()):
                 sock.close()
             connections.clear()
+            self._fds.clear()
             epoll.close()
-
-
 
 async def serve_heartbeats(
     listeners: list[trio.abc.Listener],
