@@ -96,9 +96,9 @@ def sender(config: dict) -> None:
         sock = _connect(config["address"])
         decoder = protocol.FrameDecoder(protocol.ToRank if mode == "per-rank" else protocol.ToRelay)
         if mode == "per-rank":
+            # No wait for the welcome: a coordinator slow to answer must not hold up the
+            # heartbeats of the ranks already connected (the coordinator counts who is in).
             sock.sendall(protocol.encode(protocol.Hello(rank=unit, **hello)))
-            [welcome] = _recv_frames(sock, decoder, 1)
-            assert isinstance(welcome, protocol.Welcome), welcome
             ranks = [unit]
         else:
             ranks = list(range(unit * config["per_relay"], (unit + 1) * config["per_relay"]))
@@ -127,6 +127,7 @@ def sender(config: dict) -> None:
     sent = 0
     last_sent: dict[str, float] = {}  # "rank" or "relayN" -> wall time its last heartbeat was sent
     pending_silent: list[tuple[float, int, int]] = []  # (due wall time, connection, rank) of RelaySilent
+    named: dict[str, float] = {}  # rank -> wall time its RelaySilent was actually sent
     stop_at = silence_at = counted_from = counted_until = math.inf
     counted = 0
     while (now := time.time()) < stop_at:
@@ -186,11 +187,13 @@ def sender(config: dict) -> None:
             _, i, r = item
             peers[i][0].send(protocol.encode(protocol.RelaySilent(rank=r, silent_for=timeout,
                                                                   detail="simulated frozen rank")))
+            named[str(r)] = time.time()
         if connected == n:
             next_due = start + (sent + 1) * interval / n
             time.sleep(max(0.0, min(0.002, next_due - time.time())))
     sent_rate = counted / (counted_until - counted_from)
-    print(json.dumps({"last_sent": last_sent, "frames_per_s": sent_rate, "dropped": len(dead)}), flush=True)
+    print(json.dumps({"last_sent": last_sent, "named": named, "frames_per_s": sent_rate, "dropped": len(dead)}),
+          flush=True)
     for sock, _ in peers:
         sock.close()
 
@@ -324,6 +327,9 @@ async def coordinator_main(args) -> dict:
         for i in range(len(senders)):
             with trio.fail_after(600):
                 assert await read_line(i) == "ready"
+        with trio.move_on_after(60):
+            while sum(1 for r in coordinator.snapshot().ranks if r.heartbeat_age is not None) < ranks:
+                await trio.sleep(0.2)
         result["connect_s"] = time.perf_counter() - connect_started
         connected = sum(1 for r in coordinator.snapshot().ranks if r.heartbeat_age is not None)
         result["connected"] = connected
@@ -376,12 +382,17 @@ async def coordinator_main(args) -> dict:
         await coordinator.wait()
         nursery.cancel_scope.cancel()
     last_sent: dict[str, float] = {}
+    named: dict[str, float] = {}
     for o in outputs:
         last_sent.update(o["last_sent"])
+        named.update(o["named"])
     if aggregated:
         by_rank = {r: last_sent[str(r)] for r in silent_ranks if str(r) in last_sent}
         result["rank_latencies"] = [detected[r] - t for r, t in by_rank.items() if r in detected]
         result["rank_silent"] = len(by_rank)
+        # Split: the simulated relay's own lateness in naming (a loaded sender process) vs the coordinator's part.
+        result["relay_late"] = [named[str(r)] - (t + args.timeout) for r, t in by_rank.items() if str(r) in named]
+        result["coordinator_part"] = [detected[r] - named[str(r)] for r in by_rank if r in detected and str(r) in named]
         relay_latencies = []
         for u in silent_units:
             t = last_sent.get(f"relay{u}")
@@ -514,6 +525,10 @@ def main() -> int:
         what = "frozen rank, named by its relay" if r["mode"] == "aggregated" else "silent rank"
         print(f"{'':>10}   detection of a {what}: {_latency(r['rank_latencies'], r['rank_silent'])}; "
               f"goal <= {args.timeout + args.interval:.1f}s (timeout + one interval)")
+        if r["mode"] == "aggregated" and r["coordinator_part"]:
+            print(f"{'':>10}     of which the simulated relay named it late by p99 {_p99(r['relay_late']):.3f}s "
+                  f"(a starved sender process), and the coordinator took p99 {_p99(r['coordinator_part']):.3f}s "
+                  f"max {max(r['coordinator_part']):.3f}s from the RelaySilent sent to the failure")
         if r["mode"] == "aggregated":
             print(f"{'':>10}   detection of a frozen relay's ranks: {_latency(r['relay_latencies'], r['relay_silent'])}")
     for r in rows:
