@@ -325,7 +325,8 @@ def first_line(job_id: str, spec: JobSpec, job_dir) -> str:
 
 async def _run(spec: JobSpec, *, quiet: bool, plan: RunPlan | None = None) -> int:
     plan = plan or RunPlan([], None, lambda rank, stream: True, None)
-    coordinator = Coordinator(spec, master_port=plan.master_port)
+    # This process is the coordinator's: let it tune the collector for many ranks.
+    coordinator = Coordinator(spec, master_port=plan.master_port, tune_gc=True)
     logs = coordinator.job_dir.start_run()
     if plan.torchrun_logs is not None:
         coordinator.job_dir.torchrun = plan.torchrun_logs(coordinator.job_id)

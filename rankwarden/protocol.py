@@ -12,6 +12,18 @@ ignored, so an older peer still decodes. ``PROTOCOL_VERSION`` changes only
 when an old peer could misread a new message; the coordinator rejects a hello
 with another version, naming both.
 
+Aggregation (a relay inside each node's agent, ``rankwarden.agent``): the
+ranks of a node speak this same protocol to the relay, and the relay keeps one
+connection to the coordinator, on the same port. Its first frame is
+``RelayHello``; then each rank's own frames (``Hello``, ``CheckpointReady``,
+``CheckpointFailed``, ``Goodbye``) travel inside ``RelayForward`` and the
+coordinator's answers inside ``RelayDeliver``, so every rank still
+authenticates itself with the token. Heartbeats are not forwarded: one
+``RelayBeat`` per interval says "every rank I forwarded is alive" and carries
+only the progress that changed; a rank the relay found silent is named in
+``RelaySilent`` with the cause, one whose connection ended in ``RelayClosed``.
+``RelayDrop`` asks the relay to close one rank's connection.
+
 This module is sans-IO: ``encode`` makes a frame, ``FrameDecoder`` turns bytes
 into messages. The Trio server and the synchronous worker thread share it.
 """
@@ -38,9 +50,20 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Reject",
+    "RelayBeat",
+    "RelayClosed",
+    "RelayDeliver",
+    "RelayDrop",
+    "RelayForward",
+    "RelayHello",
+    "RelayRank",
+    "RelaySilent",
     "Resume",
+    "FromRelay",
     "ToCoordinator",
     "ToRank",
+    "ToRelay",
+    "Upstream",
     "Welcome",
     "encode",
 ]
@@ -142,6 +165,84 @@ class Drain(_Message, tag="drain"):
 
 ToCoordinator = Union[Hello, Heartbeat, CheckpointReady, CheckpointFailed, Goodbye]
 ToRank = Union[Welcome, Reject, Committed, Drain]
+
+
+# -- relay <-> coordinator (aggregation) ---------------------------------------------
+
+
+class RelayHello(_Message, tag="relay_hello"):
+    """First frame of a relay's connection. It grants nothing by itself: each
+    rank behind the relay still authenticates with its own ``Hello``."""
+
+    version: int
+    job: str
+    #: The node the relay runs on, for messages ("rank 5 on node gpu-17 ...").
+    node: str
+    #: The relay sends a ``RelayBeat`` at least this often; the coordinator
+    #: drops the connection (failing its ranks) after ``timeout`` without a frame.
+    interval: float
+    timeout: float
+
+
+class RelayRank(msgspec.Struct, frozen=True, array_like=True):
+    """Progress of one rank, in a ``RelayBeat``, sent only when it changed."""
+
+    rank: int
+    step: int | None = None
+    samples: int | None = None
+    #: None: unchanged since the last one sent.
+    metrics: dict[str, float] | None = None
+
+
+class RelayBeat(_Message, tag="relay_beat"):
+    """Every rank forwarded on this connection and not named silent or closed
+    is alive; ``changed`` holds the progress that changed since the last beat."""
+
+    seq: int
+    changed: list[RelayRank] = []
+
+
+class RelayForward(_Message, tag="relay_forward"):
+    """One rank's frame, relayed as it came (never a ``Heartbeat``)."""
+
+    rank: int
+    message: Union[Hello, CheckpointReady, CheckpointFailed, Goodbye]
+
+
+class RelaySilent(_Message, tag="relay_silent"):
+    """The relay's own deadline found ``rank`` silent for ``silent_for`` seconds."""
+
+    rank: int
+    silent_for: float
+    #: What the relay saw, for the failure message ("its process is stopped").
+    detail: str = ""
+
+
+class RelayClosed(_Message, tag="relay_closed"):
+    """``rank``'s connection to the relay ended (``clean``: after its Goodbye)."""
+
+    rank: int
+    clean: bool
+
+
+class RelayDeliver(_Message, tag="relay_deliver"):
+    """A coordinator frame for one rank behind the relay."""
+
+    rank: int
+    message: ToRank
+
+
+class RelayDrop(_Message, tag="relay_drop"):
+    """Close ``rank``'s connection (after delivering anything queued before this)."""
+
+    rank: int
+
+
+FromRelay = Union[RelayHello, RelayBeat, RelayForward, RelaySilent, RelayClosed]
+#: What the coordinator's port accepts: a rank's frames, or a relay's.
+Upstream = Union[Hello, Heartbeat, CheckpointReady, CheckpointFailed, Goodbye,
+                 RelayHello, RelayBeat, RelayForward, RelaySilent, RelayClosed]
+ToRelay = Union[RelayDeliver, RelayDrop, Reject]
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -435,3 +435,49 @@ async def test_snapshot_reports_steps_per_second_and_heartbeat_age(tmp_path, aut
 
     run = await Run(make_spec(tmp_path, heartbeat_timeout=30.0, heartbeat_interval=0, progress_timeout=0), behaviour)(during=look)
     assert run.snapshot.state == JobState.SUCCEEDED
+
+
+async def test_a_rank_heartbeating_at_odd_times_is_failed_exactly_timeout_after_its_last(tmp_path, autojump_clock):
+    # Heartbeats do not move the deadline (it is re-armed when it fires), so
+    # gaps just under the timeout must never fail the rank, and the silence
+    # after the last one must fail it at exactly last + timeout.
+    gaps = [0.3, 2.9, 0.05, 2.99, 1.7, 0.1, 2.95, 2.999, 0.4, 2.5]
+    last = {}
+
+    async def behaviour(fake):
+        if fake.rank == 1:
+            await fake.hello()
+            for step, gap in enumerate(gaps, 1):
+                await trio.sleep(gap)
+                await fake.heartbeat(step=step)
+            last[1] = trio.current_time()
+            await trio.sleep_forever()
+        return await healthy(fake, steps=30)
+
+    run = await Run(make_spec(tmp_path, max_restarts=0), behaviour)()
+    [failure] = run.snapshot.failures
+    assert (failure.rank, failure.cause) == (1, FailureCause.HEARTBEAT_TIMEOUT)
+    assert run.times(RankFailed) == [last[1] + HB_TIMEOUT]
+    assert failure.detected_after == pytest.approx(HB_TIMEOUT)
+
+
+async def test_the_step_rate_keeps_a_bounded_history(tmp_path, autojump_clock):
+    # One (time, step) sample per second at most: at 10 Hz the 30 s window held
+    # 300 tuples per rank (3 million at 10,000 ranks).
+    seen = {}
+
+    async def behaviour(fake):
+        await fake.hello()
+        await beat(fake, 400, interval=0.1)
+        await fake.goodbye(0)
+        return 0
+
+    async def during(coordinator):
+        await trio.sleep(35.05)
+        seen["rate"] = [r.steps_per_second for r in coordinator.snapshot().ranks]
+        seen["history"] = [len(runner._rate) for runner in coordinator._runners.values()]
+
+    run = await Run(make_spec(tmp_path, heartbeat_interval=0.1), behaviour)(during)
+    assert run.snapshot.state == JobState.SUCCEEDED
+    assert seen["rate"] == [pytest.approx(10.0), pytest.approx(10.0)]
+    assert all(n <= 35 for n in seen["history"]), seen["history"]

@@ -24,6 +24,7 @@ first failure observed in the whole job.
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
 import logging
 import random
@@ -111,6 +112,7 @@ class Coordinator:
         attempts_before: int = 0,
         restarts_before: int = 0,
         master_port: int | None = None,
+        tune_gc: bool = False,
     ) -> None:
         # Struct __init__ does not validate; a spec built in code is checked here,
         # so a bad one fails now with a SpecError naming the field.
@@ -124,6 +126,9 @@ class Coordinator:
         self._heartbeat_host = heartbeat_host
         self._advertise_host = advertise_host or heartbeat_host
         self._heartbeat_port = heartbeat_port
+        #: Tune this process's garbage collector for many connections (see
+        #: _heartbeat._GcTuner): for a process that is the coordinator's own.
+        self._tune_gc = tune_gc
         self._rng = rng or random.Random()
         # A coordinator that takes over a job from a predecessor (``adopt``)
         # reuses its token and port, so the ranks it adopts can reconnect.
@@ -202,7 +207,7 @@ class Coordinator:
             self.address = "memory"
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve_heartbeats, listeners, self)
+                await nursery.start(functools.partial(serve_heartbeats, listeners, self, tune_gc=self._tune_gc))
                 if self._committer is not None:
                     nursery.start_soon(self._committer.run)
                 self._started_at = self.wall_time()

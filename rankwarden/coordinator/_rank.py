@@ -5,8 +5,18 @@ Failure detection is two racing tasks and nothing else:
 * the exit watcher awaits the launcher's ``wait()`` (a pidfd on Linux, so a
   ``kill -9`` is seen at once);
 * the deadline watcher sleeps in a cancel scope whose deadline is the earliest
-  of the rank's liveness deadlines. Every heartbeat moves that deadline, so
-  nothing polls: if the scope expires, the deadline that expired is the cause.
+  of the rank's liveness deadlines. Nothing polls: if the scope expires, the
+  deadline that expired is the cause.
+
+A heartbeat only records when it came (``_last_heartbeat``); it does not move
+the scope. Moving a Trio deadline is a heap operation, and at 10 Hz times
+thousands of ranks it was 6% of the coordinator's CPU. A heartbeat can only
+make the rank's next deadline later, so the scope keeps the old, earlier one;
+when it fires, the watcher recomputes the deadline from what was last seen and
+re-arms (at most once per heartbeat_timeout for a healthy rank). A silent rank
+is still failed at exactly its last heartbeat + heartbeat_timeout, because the
+re-armed deadline is that time. Anything that can make a deadline *earlier*
+(a dropped connection, a goodbye, a busy check) moves the scope at once.
 
 Liveness deadlines, in the order a rank meets them:
 
@@ -36,6 +46,11 @@ heartbeat (or the last check):
   threads): frozen.
 
 A pod does not report CPU: for it the timeout alone decides, as before.
+
+A rank behind a relay (``_aggregate``: a node agent batches its ranks'
+liveness) has no heartbeat deadline here: the relay applies it on its node
+and names a silent rank (``on_silent``), and the coordinator keeps one
+deadline per relay connection. Its other deadlines are as above.
 
 The grace after an unclean drop exists because a killed process closes its
 socket a moment before the kernel reports its exit; within the grace the exit
@@ -78,6 +93,10 @@ log = logging.getLogger(__name__)
 
 CONNECTION_LOST_GRACE = 1.0
 _RATE_WINDOW = 30.0  # seconds of (time, step) samples kept for steps/s
+#: At most one (time, step) sample per this many seconds (the newest is kept
+#: up to date): the window is ~30 entries a rank, not one per step report
+#: (at 10 Hz and 10,000 ranks that was 3 million tuples).
+_RATE_RESOLUTION = 1.0
 #: A silent rank is busy if it used at least this share of one CPU since the
 #: last sample: a GIL-holding call uses a whole one (less on a crowded host);
 #: a deadlocked rank's background threads (NCCL's watchdog) use next to none.
@@ -132,6 +151,9 @@ class RankRunner:
         self._goodbye_at = math.inf
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self._deadline_scope: trio.CancelScope | None = None
+        self._run_scope: trio.CancelScope | None = None
+        #: Attached through a relay: the relay watches this rank's heartbeats.
+        self._relayed = False
         #: (time, sample) at the last heartbeat or the last busy check.
         self._cpu_mark: tuple[float, CpuSample] | None = None
         self._cpu_at_heartbeat: float | None = None
@@ -161,6 +183,7 @@ class RankRunner:
         job.emit(RankStarted, attempt=self.attempt, rank=self.rank, pid=self.process.pid, warm=warm)
         try:
             async with trio.open_nursery() as nursery:
+                self._run_scope = nursery.cancel_scope
                 nursery.start_soon(self._watch_exit, nursery.cancel_scope)
                 nursery.start_soon(self._watch_deadlines, nursery.cancel_scope)
         finally:
@@ -228,7 +251,10 @@ class RankRunner:
                 return self._spawned_at + spec.effective_startup_timeout, FailureCause.STARTUP_TIMEOUT
             return math.inf, ""
         assert self._last_heartbeat is not None
-        best = (self._last_heartbeat + spec.heartbeat_timeout, FailureCause.HEARTBEAT_TIMEOUT)
+        if self._relayed:
+            best = (math.inf, FailureCause.HEARTBEAT_TIMEOUT)  # the relay's deadline, not ours
+        else:
+            best = (self._last_heartbeat + spec.heartbeat_timeout, FailureCause.HEARTBEAT_TIMEOUT)
         if self._busy_check_at is not None:
             best = (self._busy_check_at, FailureCause.HEARTBEAT_TIMEOUT)
         if spec.progress_timeout:
@@ -282,8 +308,13 @@ class RankRunner:
         return True
 
     def _reschedule(self) -> None:
-        if self._deadline_scope is not None:
-            self._deadline_scope.deadline = self._next_deadline()[0]
+        # Only ever earlier: a later deadline is picked up when the old one fires
+        # (see the module docstring).
+        scope = self._deadline_scope
+        if scope is not None:
+            deadline = self._next_deadline()[0]
+            if deadline < scope.deadline:
+                scope.deadline = deadline
 
     def _deadline_expired(self, cause: str, now: float) -> None:
         spec = self.job.spec
@@ -364,6 +395,7 @@ class RankRunner:
     def attach(self, peer: "Peer", hello: protocol.Hello) -> None:
         now = trio.current_time()
         self.peer = peer
+        self._relayed = peer.covers_liveness
         self._hello_at = self._last_heartbeat = now
         self._mark_cpu(now)
         if self.state == RankState.STARTING:
@@ -381,16 +413,8 @@ class RankRunner:
             self._busy_check_at = None
             self._silence = ""
             self._mark_cpu(now)
-            if message.step is not None and (self.step is None or message.step > self.step):
-                self.step = message.step
-                self._last_progress = now
-                self._rate.append((now, message.step))
-                while self._rate and now - self._rate[0][0] > _RATE_WINDOW:
-                    self._rate.popleft()
-            if message.samples is not None:
-                self.samples = message.samples
-            if message.metrics:
-                self.metrics = dict(message.metrics)
+            self._progress(now, message.step, message.samples, message.metrics or None)
+            return  # a heartbeat never makes a deadline earlier: nothing to reschedule
         elif isinstance(message, protocol.Goodbye):
             self._goodbye = message
             self._goodbye_at = now
@@ -399,6 +423,40 @@ class RankRunner:
         elif isinstance(message, protocol.CheckpointFailed):
             self.job.checkpoint_failed(self, message)
         self._reschedule()
+
+    def _progress(self, now: float, step: int | None, samples: int | None, metrics: dict[str, float] | None) -> None:
+        if step is not None and (self.step is None or step > self.step):
+            self.step = step
+            self._last_progress = now
+            rate = self._rate
+            if len(rate) >= 2 and now - rate[-2][0] < _RATE_RESOLUTION:
+                rate[-1] = (now, step)
+            else:
+                rate.append((now, step))
+                while now - rate[0][0] > _RATE_WINDOW:
+                    rate.popleft()
+        if samples is not None:
+            self.samples = samples
+        if metrics is not None:
+            self.metrics = dict(metrics)
+
+    def on_progress(self, step: int | None, samples: int | None, metrics: dict[str, float] | None) -> None:
+        """From a relay's beat: only what changed (never moves a deadline earlier)."""
+        self._progress(trio.current_time(), step, samples, metrics)
+
+    def on_silent(self, silent_for: float, why: str) -> None:
+        """The relay found this rank silent (or the relay itself went silent): it is frozen."""
+        if self._outcome is not None:
+            return
+        spec = self.job.spec
+        self._fail(
+            FailureCause.HEARTBEAT_TIMEOUT,
+            f"rank {self.rank} stopped sending heartbeats {silent_for:.1f}s ago "
+            f"(heartbeat_timeout={spec.heartbeat_timeout:g}); {why}",
+            detected_after=silent_for,
+        )
+        if self._run_scope is not None:
+            self._run_scope.cancel()
 
     def on_disconnect(self, peer: "Peer", clean: bool) -> None:
         if peer is not self.peer:
@@ -424,7 +482,10 @@ class RankRunner:
                 rate = (s1 - s0) / (t1 - t0)
         age = None
         if self._last_heartbeat is not None and self._outcome is None:
-            age = max(0.0, now - self._last_heartbeat)
+            last = self._last_heartbeat
+            if self._relayed and self.peer is not None:
+                last = self.peer.last_seen  # type: ignore[attr-defined]
+            age = max(0.0, now - last)
         return RankSnapshot(
             rank=self.rank,
             attempt=self.attempt,

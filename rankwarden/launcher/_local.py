@@ -26,6 +26,24 @@ log = logging.getLogger(__name__)
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def sample_pid(pid: int) -> CpuSample | None:
+    """``/proc/<pid>/stat``'s state and CPU seconds; None if gone or a zombie.
+
+    Also the node relay's view of a local rank it did not start (by the pid in its hello)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # The command name (field 2) may hold spaces and ')': split after the last one.
+        fields = stat[stat.rindex(b")") + 2:].split()
+        state = fields[0].decode()
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    except (OSError, ValueError, IndexError):
+        return None
+    if state in ("Z", "X"):
+        return None
+    return CpuSample(state, ticks / _TICKS)
+
+
 class LocalProcess:
     """A rank that is a direct child of this process (``subprocess.Popen``)."""
 
@@ -61,18 +79,7 @@ class LocalProcess:
         None: its exit is the exit watcher's to report."""
         if self._status is not None:
             return None
-        try:
-            with open(f"/proc/{self._pid}/stat", "rb") as f:
-                stat = f.read()
-            # The command name (field 2) may hold spaces and ')': split after the last one.
-            fields = stat[stat.rindex(b")") + 2:].split()
-            state = fields[0].decode()
-            ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-        except (OSError, ValueError, IndexError):
-            return None
-        if state in ("Z", "X"):
-            return None
-        return CpuSample(state, ticks / _TICKS)
+        return sample_pid(self._pid)
 
     def signal(self, sig: int) -> None:
         if self._status is not None:
