@@ -69,8 +69,8 @@ from rankwarden.events import (
 from rankwarden.launcher import CpuSample, ExitStatus, RankProcess, ReportsCpu, WarmAware
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rankwarden.coordinator._job import Coordinator
     from rankwarden.coordinator._heartbeat import Peer
+    from rankwarden.coordinator._host import RankHost
 
 __all__ = ["BUSY_CPU_SHARE", "RankOutcome", "RankRunner", "CONNECTION_LOST_GRACE"]
 
@@ -98,7 +98,7 @@ class RankRunner:
 
     def __init__(
         self,
-        job: "Coordinator",
+        job: "RankHost",
         rank: int,
         attempt: int,
         adopted: RankProcess | None = None,
