@@ -43,6 +43,9 @@ class RankHost(_Emits, Protocol):
 
     def checkpoint_failed(self, runner: "RankRunner", message: "protocol.CheckpointFailed") -> None: ...
 
+    def live_message(self, runner: "RankRunner", message: Any) -> None:
+        """A live-recovery message of a rank (``protocol.LiveReady``, ``protocol.LiveJoined``)."""
+
 
 class CommitHost(_Emits, Protocol):
     """The job as its checkpoint committer sees it."""

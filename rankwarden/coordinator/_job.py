@@ -34,6 +34,7 @@ from rankwarden.coordinator._eventlog import EventLog
 from rankwarden.coordinator._failfast import EarlyFailure
 from rankwarden.coordinator._heartbeat import Peer, serve_heartbeats
 from rankwarden.coordinator._jobdir import JobDir
+from rankwarden.coordinator._live import LiveSession
 from rankwarden.coordinator._policy import RestartPolicy
 from rankwarden.coordinator._rank import RankRunner
 from rankwarden.coordinator._request import default_job_id, rank_argv, rank_env
@@ -137,6 +138,8 @@ class Coordinator:
         self._stop_requested = trio.Event()
         self._force_requested = trio.Event()
         self._committer: Committer | None = None
+        #: The current group attempt's live session (live jobs only), set by the policy.
+        self._live: LiveSession | None = None
         if spec.checkpoint_url:
             from rankwarden.checkpoint import CheckpointStore
 
@@ -369,6 +372,13 @@ class Coordinator:
     def checkpoint_failed(self, runner: RankRunner, message: protocol.CheckpointFailed) -> None:
         if self._committer is not None:
             self._committer.failed(runner.rank, runner.attempt, message)
+
+    def live_message(self, runner: RankRunner, message) -> None:
+        if self._live is not None and self._runners.get(runner.rank) is runner:
+            self._live.on_message(runner, message)
+        else:
+            log.warning("job=%s rank=%d sent %s, but the job is not live (JobSpec.live)",
+                        self.job_id, runner.rank, type(message).__name__)
 
     def broadcast(self, message) -> None:
         for runner in list(self._runners.values()):

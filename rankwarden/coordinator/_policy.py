@@ -3,7 +3,9 @@
 Scope ``group``: an attempt is all ranks together. The first rank that fails
 cancels the attempt, every other rank is stopped (in parallel, SIGTERM ->
 kill_grace -> SIGKILL), and if budget is left the whole group relaunches
-after the backoff with a fresh MASTER_PORT. Scope ``rank``: each rank loops
+after the backoff with a fresh MASTER_PORT. In live mode (``JobSpec.live``) a failed rank of a group
+attempt is replaced while the others keep running (``_live.LiveSession``);
+only when that cannot proceed does the group restart. Scope ``rank``: each rank loops
 on its own and only a failed rank relaunches. Both draw on one budget of
 ``max_restarts``; restart ``n`` waits ``backoff.delay(n)``. The job fails when
 a failure finds the budget spent, and its report leads with the first failure
@@ -25,6 +27,7 @@ import trio
 
 from rankwarden import protocol
 from rankwarden.coordinator._failfast import TAIL_LINES, EarlyFailure, configuration_error, early_failure
+from rankwarden.coordinator._live import LiveSession
 from rankwarden.coordinator._rank import RankRunner
 from rankwarden.coordinator._request import free_port
 from rankwarden.errors import CheckpointRefused
@@ -131,9 +134,24 @@ class RestartPolicy:
         remaining = len(runners)
         async with trio.open_nursery() as nursery:
 
+            def fall_back(reason: str) -> None:
+                nonlocal failed
+                failed = True
+                nursery.cancel_scope.cancel()
+
+            live = LiveSession(self.job, attempt, fall_back) if self.job.spec.live else None
+            self.job._live = live
+
             async def run_one(runner: RankRunner) -> None:
                 nonlocal failed, remaining
                 outcome = await runner.run()
+                if outcome.state == RankState.FAILED and live is not None and not failed and not self.job.stopping:
+                    # Live mode: the failed rank is gone (killed, reaped); a
+                    # replacement joins the survivors, who keep training.
+                    replacement = live.replace(runner)
+                    if replacement is not None:
+                        nursery.start_soon(run_one, replacement)
+                        return
                 remaining -= 1
                 if outcome.state == RankState.FAILED:
                     failed = True
@@ -142,7 +160,10 @@ class RestartPolicy:
 
             for runner in runners:
                 nursery.start_soon(run_one, runner)
-            nursery.start_soon(self._stop_on_request, lambda: runners, nursery.cancel_scope)
+            if live is not None:
+                nursery.start_soon(live.watch)
+            nursery.start_soon(self._stop_on_request, lambda: list(self.job._runners.values()), nursery.cancel_scope)
+        self.job._live = None
         return RankState.FAILED if failed else RankState.SUCCEEDED
 
     async def _run_rank_scope(self) -> JobState:
