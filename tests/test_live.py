@@ -151,3 +151,74 @@ async def test_kill_9_of_one_rank_is_recovered_live_and_ends_bit_identical(tmp_p
     expected = await reference(tmp_path_factory)
     for rank in range(WORLD):
         assert_same_state(expected, load(out / f"final_r{rank}.pt"), f"final state of rank {rank}")
+
+
+async def test_sigstop_of_one_rank_is_recovered_live(tmp_path, tmp_path_factory):
+    # A frozen rank holds its sockets open: the coordinator's verdict (heartbeat
+    # timeout) SIGKILLs it, and only then do the survivors' collectives fail.
+    spec = live_spec(tmp_path, "live-stop")
+    out = tmp_path / "out"
+    victim, seen = 2, {}
+
+    async def freeze(coordinator):
+        seen["pids"] = {rank: await wait_for_step(coordinator, rank, 0) for rank in range(WORLD)}
+        seen["victim"] = await wait_for_step(coordinator, victim, KILL_AT)
+        os.kill(seen["victim"], signal.SIGSTOP)
+
+    coordinator, snapshot = await run(spec, freeze)
+    check_live_recovery(coordinator, snapshot, out, victim, seen["victim"], seen["pids"])
+    [failure] = snapshot.failures
+    assert (failure.rank, failure.cause) == (victim, FailureCause.HEARTBEAT_TIMEOUT)
+    expected = await reference(tmp_path_factory)
+    assert_same_state(expected, load(out / "final_r0.pt"), "final state")
+
+
+async def test_hung_rank_is_the_one_killed_and_recovered_live(tmp_path, tmp_path_factory):
+    # Alive and heartbeating but stuck: the survivors' collectives time out
+    # first (RANKWARDEN_LIVE_COLLECTIVE_TIMEOUT = progress_timeout / 2), they
+    # report themselves ready, so the progress deadline kills the hung rank
+    # and not a survivor that waits for it.
+    spec = live_spec(tmp_path, "live-hang")
+    out = tmp_path / "out"
+    victim, seen = 0, {}
+
+    async def hang(coordinator):
+        seen["pids"] = {rank: await wait_for_step(coordinator, rank, 0) for rank in range(WORLD)}
+        seen["victim"] = await wait_for_step(coordinator, victim, KILL_AT)
+        os.kill(seen["victim"], signal.SIGUSR1)
+
+    coordinator, snapshot = await run(spec, hang)
+    check_live_recovery(coordinator, snapshot, out, victim, seen["victim"], seen["pids"])
+    [failure] = snapshot.failures
+    assert (failure.rank, failure.cause) == (victim, FailureCause.PROGRESS_TIMEOUT)
+    expected = await reference(tmp_path_factory)
+    assert_same_state(expected, load(out / "final_r1.pt"), "final state")
+
+
+async def test_second_failure_during_reconfiguration_falls_back_to_a_group_restart(tmp_path, tmp_path_factory):
+    spec = live_spec(tmp_path, "live-second")
+    out = tmp_path / "out"
+    victim, seen = 1, {}
+
+    async def kill_twice(coordinator):
+        seen["victim"] = await wait_for_step(coordinator, victim, KILL_AT)
+        os.kill(seen["victim"], signal.SIGKILL)
+        async for event in coordinator.events():
+            if isinstance(event, RankStarted) and event.rank == victim and event.pid != seen["victim"]:
+                os.kill(event.pid, signal.SIGKILL)  # the replacement dies while generation 1 forms
+                seen["replacement"] = event.pid
+                return
+
+    coordinator, snapshot = await run(spec, kill_twice)
+    assert snapshot.state == JobState.SUCCEEDED, coordinator.failure_report()
+    history = coordinator.history()
+    assert [e.generation for e in history if isinstance(e, LiveReconfiguring)] == [1]
+    [fallback] = [e for e in history if isinstance(e, LiveFallback)]
+    assert "rank 1 failed while generation 1 was being formed" in fallback.reason
+    assert not [e for e in history if isinstance(e, LiveRecovered)]
+    assert [e.attempt for e in history if isinstance(e, AttemptStarted)] == [1, 2]
+    assert [f.rank for f in snapshot.failures] == [victim, victim]
+    # The group restart resumed from the agreed checkpoint, and the result is the same all the same.
+    expected = await reference(tmp_path_factory)
+    for rank in range(WORLD):
+        assert_same_state(expected, load(out / f"final_r{rank}.pt"), f"final state of rank {rank}")

@@ -12,6 +12,7 @@ SIGUSR1 makes a rank hang for real (alive, heartbeating, no progress).
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import signal
@@ -68,6 +69,15 @@ def full_state():
 dumped = set()
 
 
+def digest():
+    # Of the weights after the step: where two runs part, the logs say at which step.
+    h = hashlib.sha1()
+    for value in model.state_dict().values():
+        h.update(value.detach().numpy().tobytes())
+    h.update(torch.get_rng_state().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def train_step(step, ddp):
     if live.recoveries and step == live.recoveries[-1][2] + 1 and live.generation not in dumped:
         # The state every rank loaded, before any rank trains on it.
@@ -83,17 +93,18 @@ def train_step(step, ddp):
     return loss.item()
 
 
-# One bucket per parameter: the flattened layout of a bucket decides the order in which gloo's ring
-# sums 3+ ranks' gradients, and a new wrapper's first step uses a layout other than the one DDP
-# rebuilds after it; with a bucket per parameter the layout never changes (see README, live recovery).
-live = rw.live(model, opt, wrap=lambda m: DDP(m, bucket_cap_mb=1e-6))
+# One bucket per parameter from the first step on: a bucket's flattened layout decides the order in
+# which gloo's ring sums 3+ ranks' gradients, and a new wrapper otherwise starts with one bucket of
+# everything and rebuilds it after its first step (find_unused_parameters keeps the first bucketing
+# by size). With 2 ranks the order does not matter (a + b == b + a). See README, live recovery.
+live = rw.live(model, opt, wrap=lambda m: DDP(m, bucket_cap_mb=1e-6, find_unused_parameters=True))
 recoveries = 0
 for step, loss in live.steps(start, args.steps, train_step):
     while recoveries < len(live.recoveries):
         generation, source, applied, _ = live.recoveries[recoveries]
         recoveries += 1
         note("recovered", generation=generation, source=source, applied=applied)
-    note("step", step=step)
+    note("step", step=step, digest=digest())
     rw.report(step)
     if step % args.every == 0:
         rw.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rw.rng_state()}, wait=False)
