@@ -126,7 +126,8 @@ class ChaosReport:
             f"chaos run: {self.state} after {self.attempts} attempts in {self.seconds:.1f}s; fault-free run: {self.clean_seconds:.1f}s",
             f"committed steps never went backwards: {'yes' if self.monotonic else 'NO'} ({len(self.committed)} commits, "
             f"last {self.committed[-1] if self.committed else None})",
-            f"faults resumed from a committed step (not step 0): {self.resumed_from_a_checkpoint} "
+            f"faults resumed from {'a survivor' if self.live else 'a committed step'} (not step 0): "
+            f"{self.resumed_from_a_checkpoint} "
             f"({'enough' if self.resumed_from_a_checkpoint >= self.resume_needed else 'NOT enough'}: "
             f"at least {self.resume_needed} needed to prove resume)",
             f"final weights bit-identical to the fault-free run: {'yes' if self.identical else 'NO ' + self.mismatch}",

@@ -113,6 +113,7 @@ class Live:
         #: The last step whose optimizer update this rank applied.
         self.applied = -1
         self._current: int | None = None
+        self._backend = "gloo"
         self._snapshot: tuple[int, dict, Any] | None = None
         #: Set from the heartbeat thread by ``Abort``: the group this rank is in is broken.
         self._aborted = threading.Event()
@@ -138,6 +139,7 @@ class Live:
         import torch.distributed as dist
 
         self.applied = start - 1
+        self._backend = dist.get_backend()
         self._take_snapshot(self.applied)
         if self._joining:
             self._sync(dist)  # a replacement: the script's own init joined the new group
@@ -178,7 +180,7 @@ class Live:
                          f"waiting for the coordinator to reconfigure\n")
         sys.stderr.flush()
         self._client.send(protocol.LiveReady(generation=old, step=self.applied, error=error))
-        backend = dist.get_backend() if dist.is_initialized() else "gloo"
+        backend = self._backend  # an aborted NCCL group may already be gone from the registry
         self.model = None  # the old wrapper's reducer holds the old group
         gc.collect()
         if dist.is_initialized():
