@@ -124,7 +124,7 @@ def collective_timeout():
     """The ``init_process_group`` timeout of a live job (a timedelta), or None outside one."""
     from rankwarden.worker._live import collective_timeout as timeout
 
-    return timeout()
+    return timeout(_client or connect())
 
 
 def graceful_stop() -> None:

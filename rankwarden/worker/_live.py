@@ -76,14 +76,28 @@ log = logging.getLogger(__name__)
 _WAIT_MARGIN = 30.0
 
 
-def collective_timeout() -> datetime.timedelta | None:
+def collective_timeout(client=None) -> datetime.timedelta | None:
     """The timeout to give ``init_process_group`` in a live job, or None outside one.
 
     A rank blocked in a collective on a hung peer gives up after it (gloo) and
     reports itself ready, before the hung peer's progress deadline fires: so
-    the coordinator kills the hung rank, not a survivor that waits for it."""
+    the coordinator kills the hung rank, not a survivor that waits for it.
+
+    A replacement gets the rendezvous timeout instead (``Live`` sets the
+    collective one once it has joined): it may start before the new group's
+    store is up, and c10d's store client gives up on its first try after the
+    timeout and then backs off for seconds (seen: 4 s, then a 5 s delay)."""
     value = os.environ.get("RANKWARDEN_LIVE_COLLECTIVE_TIMEOUT")
-    return datetime.timedelta(seconds=float(value)) if value else None
+    if not value:
+        return None
+    welcome = getattr(client, "welcome", None)
+    if welcome is not None and welcome.live_generation > 0:
+        return _rendezvous_timeout()
+    return datetime.timedelta(seconds=float(value))
+
+
+def _rendezvous_timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get("RANKWARDEN_LIVE_TIMEOUT") or 120.0))
 
 
 class Live:
@@ -149,16 +163,23 @@ class Live:
         step = self.applied + 1
         while step < stop:
             self._current = step
+            error = ""
             try:
                 result = train_step(step, self.model)
             except Exception as exc:  # noqa: BLE001 - only a failed collective is recovered; see _recoverable
                 if not self._recoverable(exc):
                     raise
-                self._recover(dist, exc)
-                step = self.applied + 1
-                continue
+                # Only the text goes on: the exception's traceback holds the step's frames, and
+                # through them the old DDP wrapper and its process group. While they live, the
+                # group's sockets stay open and a survivor blocked on *this* rank waits for its
+                # whole collective timeout (seen: 4 s with 3 ranks) instead of failing at once.
+                error = f"{type(exc).__name__}: {exc}"
             finally:
                 self._current = None
+            if error:
+                self._recover(dist, error)
+                step = self.applied + 1
+                continue
             self.applied = step
             self._take_snapshot(step)
             yield step, result
@@ -172,11 +193,11 @@ class Live:
         # Anything else is the script's own bug: recovering would repeat it.
         return self.enabled and (isinstance(exc, RuntimeError) or self._aborted.is_set())
 
-    def _recover(self, dist, exc: BaseException) -> None:
+    def _recover(self, dist, error: str) -> None:
         began = time.monotonic()
         old = self.generation
-        error = f"{type(exc).__name__}: {exc}"[:500]
-        sys.stderr.write(f"rankwarden: live: step {self._current} failed in process group {old} ({error.splitlines()[0]}); "
+        error = error[:500]
+        sys.stderr.write(f"rankwarden: live: step {self.applied + 1} failed in process group {old} ({error.splitlines()[0]}); "
                          f"waiting for the coordinator to reconfigure\n")
         sys.stderr.flush()
         self._client.send(protocol.LiveReady(generation=old, step=self.applied, error=error))
@@ -190,14 +211,13 @@ class Live:
         if message is None:
             raise RuntimeError(
                 f"live recovery: no reconfiguration from the coordinator within {timeout:g}s of the failure "
-                f"of step {self._current}; giving up (the coordinator restarts the group)"
-            ) from exc
+                f"of step {self.applied + 1} ({error}); giving up (the coordinator restarts the group)"
+            )
         os.environ.update({"MASTER_ADDR": message.master_addr, "MASTER_PORT": str(message.master_port),
                            "WORLD_SIZE": str(message.world_size), "RANK": str(message.rank)})
-        kwargs = {}
-        if (limit := collective_timeout()) is not None:
-            kwargs["timeout"] = limit
-        dist.init_process_group(backend, **kwargs)
+        # Rendezvous with the long timeout (the replacement may still be starting), then
+        # the group gets the collective timeout (_sync).
+        dist.init_process_group(backend, timeout=_rendezvous_timeout())
         self.generation = message.generation
         self._aborted.clear()
         self._sync(dist)
@@ -209,6 +229,10 @@ class Live:
         import torch
 
         world, rank = dist.get_world_size(), dist.get_rank()
+        if (limit := collective_timeout()) is not None:
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+
+            _set_pg_timeout(limit)
         mine = -2 if self._joining else self.applied  # a replacement has nothing to give
         device = _device_of(self.module)
         gathered = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
