@@ -62,6 +62,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator
 
 from rankwarden import protocol
@@ -202,8 +203,7 @@ class Live:
         sys.stderr.flush()
         self._client.send(protocol.LiveReady(generation=old, step=self.applied, error=error))
         backend = self._backend  # an aborted NCCL group may already be gone from the registry
-        self.model = None  # the old wrapper's reducer holds the old group
-        gc.collect()
+        self._drop_wrapper()
         if dist.is_initialized():
             dist.destroy_process_group()
         timeout = float(os.environ.get("RANKWARDEN_LIVE_TIMEOUT") or 120.0) + _WAIT_MARGIN
@@ -223,6 +223,23 @@ class Live:
         self._sync(dist)
         self.model = self._wrap(self.module)
         self.recoveries[-1] = self.recoveries[-1][:3] + (time.monotonic() - began,)
+
+    def _drop_wrapper(self) -> None:
+        """Free the old DDP wrapper now: its reducer's hooks on the parameters would
+        otherwise fire in the next backward and reduce over the dead group.
+
+        Reference counting frees it at once when nothing else holds it; a full
+        collection (0.15 to 0.6 s with torch loaded, on the recovery's critical
+        path) runs only when something does."""
+        old = weakref.ref(self.model) if self.model is not None else None
+        self.model = None
+        if old is not None and old() is not None:
+            gc.collect()
+            if old() is not None:
+                raise RuntimeError(
+                    "live recovery: something still holds the old DistributedDataParallel wrapper; "
+                    "train with the model that live.steps passes to the step function, and keep no other reference"
+                )
 
     def _sync(self, dist) -> None:
         """Agree on the source rank in the current group and load its state on every rank."""
