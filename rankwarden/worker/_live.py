@@ -125,6 +125,8 @@ class Live:
         #: The process group generation this rank trains in (0: the script's own).
         self.generation = welcome.live_generation if welcome is not None else 0
         self._joining = self.generation > 0
+        #: The current group was formed with the rendezvous timeout (collective_timeout()).
+        self._joined_with_long_timeout = self._joining
         #: The last step whose optimizer update this rank applied.
         self.applied = -1
         self._current: int | None = None
@@ -161,6 +163,7 @@ class Live:
         else:
             self._announce(0, -1)
         self.model = self._wrap(self.module)
+        self._set_collective_timeout()
         step = self.applied + 1
         while step < stop:
             self._current = step
@@ -218,11 +221,23 @@ class Live:
         # Rendezvous with the long timeout (the replacement may still be starting), then
         # the group gets the collective timeout (_sync).
         dist.init_process_group(backend, timeout=_rendezvous_timeout())
+        self._joined_with_long_timeout = True
         self.generation = message.generation
         self._aborted.clear()
         self._sync(dist)
         self.model = self._wrap(self.module)
+        self._set_collective_timeout()
         self.recoveries[-1] = self.recoveries[-1][:3] + (time.monotonic() - began,)
+
+    def _set_collective_timeout(self) -> None:
+        """From the first step in a new group on: until then its members may still be
+        starting (a replacement builds its model between its rendezvous and the
+        state hand-over), which the rendezvous timeout covers."""
+        if self._joined_with_long_timeout and (limit := collective_timeout()) is not None:
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+
+            _set_pg_timeout(limit)
+            self._joined_with_long_timeout = False
 
     def _drop_wrapper(self) -> None:
         """Free the old DDP wrapper now: its reducer's hooks on the parameters would
@@ -246,10 +261,6 @@ class Live:
         import torch
 
         world, rank = dist.get_world_size(), dist.get_rank()
-        if (limit := collective_timeout()) is not None:
-            from torch.distributed.distributed_c10d import _set_pg_timeout
-
-            _set_pg_timeout(limit)
         mine = -2 if self._joining else self.applied  # a replacement has nothing to give
         device = _device_of(self.module)
         gathered = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
