@@ -28,6 +28,10 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
+# Deterministic cuBLAS (torch.use_deterministic_algorithms refuses CUDA matmuls
+# without it); read when the first cuBLAS handle is made, so setting it here is enough.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -94,7 +98,13 @@ signal.signal(signal.SIGUSR2, crash_in_next_save)
 if not args.no_graceful_stop:
     rw.graceful_stop()  # a stop request: checkpoint, then exit 0
 
-use_cuda = torch.cuda.is_available()
+# NCCL wants a GPU of its own per rank ("Duplicate GPU detected" otherwise):
+# with fewer GPUs than local ranks, train on CPU with gloo and say so.
+local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
+if torch.cuda.is_available() and not use_cuda and os.environ.get("LOCAL_RANK", "0") == "0":
+    print(f"{torch.cuda.device_count()} GPU(s) for {local_world} local ranks: NCCL needs one per rank; "
+          "training on CPU with gloo", flush=True)
 _timeout = rw.collective_timeout()  # a live job: a rank blocked on a hung peer gives up first
 dist.init_process_group("nccl" if use_cuda else "gloo", **({"timeout": _timeout} if _timeout else {}))
 rank, world = dist.get_rank(), dist.get_world_size()

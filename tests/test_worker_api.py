@@ -32,6 +32,26 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     assert random.random() == expected[0] and torch.equal(torch.rand(3), expected[1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rng_states_loaded_onto_the_gpu_are_restored():
+    """A checkpoint loaded with map_location="cuda" brings the RNG states back on
+    the GPU; found on an H100, where every resumed rank failed with "RNG state
+    must be a torch.ByteTensor"."""
+    from rankwarden.checkpoint import load_torch, torch_payload
+
+    torch.cuda.init()
+    torch.manual_seed(5)
+    saved = rw.rng_state()
+    assert "cuda" in saved
+    expected = (torch.rand(3), torch.rand(3, device="cuda"))
+    data = b"".join(bytes(c) for c in torch_payload({"rng": saved}).chunks())
+    torch.manual_seed(99)
+    loaded = load_torch(data, map_location="cuda")["rng"]
+    assert loaded["torch"].is_cuda
+    rw.set_rng_state(loaded)
+    assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, device="cuda"), expected[1])
+
+
 def run_script(tmp_path, body: str, **kwargs) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RANKWARDEN_") or k == "RANKWARDEN_TEST_SESSION"}
     env.update(RANK="0", WORLD_SIZE="1")

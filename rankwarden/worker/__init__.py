@@ -246,9 +246,11 @@ def set_rng_state(state: dict) -> None:
 
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
+    # A generator's state must be a CPU ByteTensor: a checkpoint loaded with
+    # map_location="cuda" brings these back on the GPU, so move them home.
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if "numpy" in state:
         import numpy
 
