@@ -21,7 +21,11 @@ process-group init, checkpoint load, first step.
 
 "rankwarden" forks restarted ranks from its zygote (the default; the trace
 says whether it did: "warm" counts the trials whose next attempt was forked),
-"rankwarden-fresh" is ``rankwarden run --no-warm``. Trials rotate between
+"rankwarden-fresh" is ``rankwarden run --no-warm``, "rankwarden-live" is
+``rankwarden run --live`` with the script's ``--live``: only the failed rank
+is replaced (warm), the survivor keeps its process and state; for it
+"recover" is fault -> every rank has finished a step after the replacement
+joined, and "redone" counts completed steps trained again. Trials rotate between
 the launchers (rankwarden, rankwarden-fresh, torchrun, rankwarden, ...), so a
 machine that slows down or warms up over the run weighs on all alike.
 
@@ -48,8 +52,8 @@ KILL_AT = 40
 #: The line each launcher prints when it has noticed a failed rank.
 ANNOUNCES = {"rankwarden": re.compile(r"rankwarden: attempt \d+: .*\[[\w-]+\]\s*$"),
              "torchrun": re.compile(r"Worker group (FAILED|UNHEALTHY)")}
-ANNOUNCES["rankwarden-fresh"] = ANNOUNCES["rankwarden"]
-TOOLS = ("rankwarden", "rankwarden-fresh", "torchrun")
+ANNOUNCES["rankwarden-fresh"] = ANNOUNCES["rankwarden-live"] = ANNOUNCES["rankwarden"]
+TOOLS = ("rankwarden", "rankwarden-fresh", "rankwarden-live", "torchrun")
 
 
 def torchrun_monitor_interval() -> float | None:
@@ -94,7 +98,8 @@ def read_trace(path: str) -> list[dict]:
 def launch(tool: str, work: str, data: str, trace: str) -> tuple[subprocess.Popen, Output]:
     # Without the script's SIGTERM handler: with it, torchrun waits its 30 s SIGTERM
     # timeout for a survivor blocked in a collective (measured: ~36 s recovery).
-    script = [TRAIN, "--data", data, "--epochs", "1", "--step-time", "0.02", "--trace", trace, "--no-graceful-stop"]
+    script = [TRAIN, "--data", data, "--epochs", "1", "--step-time", "0.02", "--trace", trace, "--no-graceful-stop",
+              *(["--live"] if tool == "rankwarden-live" else [])]
     if tool == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "3",
                *script, "--ckpt-url", os.path.join(work, "ckpt")]
@@ -102,7 +107,8 @@ def launch(tool: str, work: str, data: str, trace: str) -> tuple[subprocess.Pope
         cmd = [sys.executable, "-m", "rankwarden", "run", "--nproc-per-node", "2", "--max-restarts", "3", "--quiet",
                "--heartbeat-timeout", "3", "--backoff-initial", "0.05", "--kill-grace", "2", "--run-id", "bench-recovery",
                "--job-dir", os.path.join(work, "job"), "--checkpoint", os.path.join(work, "ckpt"),
-               *(["--no-warm"] if tool == "rankwarden-fresh" else []), *script]
+               *(["--no-warm"] if tool == "rankwarden-fresh" else []),
+               *(["--live", "--progress-timeout", "8"] if tool == "rankwarden-live" else []), *script]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RANKWARDEN_")}
     env["PYTHONUNBUFFERED"] = "1"
     if tool == "torchrun":
@@ -136,6 +142,9 @@ def trial(tool: str, fault: int, data: str, limit: float) -> dict:
                 return {"error": "never reached the fault step"}
             t_fault = time.time()
             os.kill(hit["pid"], fault)
+            if tool == "rankwarden-live":
+                return _live_result(trace, hit["pid"], t_fault, output, limit)
+
             def every_rank_stepped():
                 steps = [e for e in read_trace(trace) if e["event"] == "step" and e["restart"] >= 1]
                 return steps if len({e["rank"] for e in steps}) == 2 else None
@@ -183,6 +192,38 @@ def trial(tool: str, fault: int, data: str, limit: float) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             output.join()
+
+
+def _live_result(trace: str, victim: int, t_fault: float, output, limit: float) -> dict:
+    """Live: the survivor keeps its process; recovered once every rank has finished a step in the new group."""
+    def every_rank_stepped():
+        events = read_trace(trace)
+        new = [e for e in events if e["event"] == "step" and e["rank"] == 1 and e["pid"] != victim]
+        if not new:
+            return None
+        first = new[0]["step"]
+        done = {}
+        for e in events:
+            if e["event"] == "step" and e["t"] > t_fault and e["step"] >= first:
+                done.setdefault(e["rank"], e["t"])
+        return (first, done) if len(done) == 2 else None
+
+    found = wait_until(every_rank_stepped, limit)
+    events = read_trace(trace)
+    result = {"steps_per_s": _rate([e for e in events if e["event"] == "step"]), "recovered": bool(found)}
+    if not found:
+        return result
+    first, done = found
+    survivor_pids = {e["pid"] for e in events if e["rank"] == 0}
+    reached = max(e["step"] for e in events if e["event"] == "step" and e["t"] <= t_fault)
+    survivor_steps = [e["step"] for e in events if e["event"] == "step" and e["rank"] == 0]
+    announced = output.first(ANNOUNCES["rankwarden-live"], t_fault)
+    starts = [e["t"] for e in events if e["event"] == "start" and e["pid"] != victim and e["rank"] == 1]
+    result.update(recover=max(done.values()) - t_fault, first_rank=min(done.values()) - t_fault,
+                  redone=max(0, reached - (first - 1)), detect=None if announced is None else announced - t_fault,
+                  respawned=min(starts) - t_fault if starts else None, survivor_kept=len(survivor_pids) == 1,
+                  survivor_repeated=len(survivor_steps) - len(set(survivor_steps)), warm=True)
+    return result
 
 
 def _rate(steps: list[dict]) -> float | None:
@@ -296,11 +337,16 @@ def main() -> int:
         return statistics.median(values) if values else None
 
     theirs = median_recover("torchrun")
-    for tool in ("rankwarden", "rankwarden-fresh"):
+    goals = {"rankwarden": "  goal <= 0.15x", "rankwarden-live": "  goal <= 0.10x and below rankwarden's"}
+    for tool in ("rankwarden", "rankwarden-fresh", "rankwarden-live"):
         ours = median_recover(tool)
         if ours and theirs:
             print(f"ratio kill -9 recovery: {tool} / torchrun median = {ours / theirs:.3f}x "
-                  f"(torchrun / {tool} = {theirs / ours:.2f}x){'  goal <= 0.15x' if tool == 'rankwarden' else ''}")
+                  f"(torchrun / {tool} = {theirs / ours:.2f}x){goals.get(tool, '')}")
+    live_rows = [r for r in results.get(("rankwarden-live", "kill"), []) if r.get("recovered")]
+    if live_rows:
+        print(f"live: survivor kept its process in {sum(bool(r.get('survivor_kept')) for r in live_rows)}/{len(live_rows)} "
+              f"trials; steps the survivor completed twice: {sum(r.get('survivor_repeated', 0) for r in live_rows)}")
     if ("rankwarden", "stop") in results:
         ok = [r for r in results[("rankwarden", "stop")] if r.get("recovered")]
         if ok:

@@ -57,6 +57,9 @@ parser.add_argument("--no-graceful-stop", action="store_true",
                     help="do not turn stop requests into checkpoint-and-exit (benchmarks compare launchers without it)")
 parser.add_argument("--sharded", action="store_true",
                     help="FSDP2 (fully_shard) instead of DDP, checkpointed sharded through torch.distributed.checkpoint")
+parser.add_argument("--live", action="store_true",
+                    help="train through rankwarden.worker.live: under a live job a failed rank is replaced and the "
+                         "survivors keep their processes and state")
 parser.add_argument("--trace", default=None, help="append timestamped phases and steps here (JSON lines; benchmarks)")
 args = parser.parse_args()
 _trace_file = open(args.trace, "a", buffering=1) if args.trace else None
@@ -102,7 +105,8 @@ use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= local_worl
 if torch.cuda.is_available() and not use_cuda and os.environ.get("LOCAL_RANK", "0") == "0":
     print(f"{torch.cuda.device_count()} GPU(s) for {local_world} local ranks: NCCL needs one per rank; "
           "training on CPU with gloo", flush=True)
-dist.init_process_group("nccl" if use_cuda else "gloo")
+_timeout = rw.collective_timeout()  # a live job: a rank blocked on a hung peer gives up first
+dist.init_process_group("nccl" if use_cuda else "gloo", **({"timeout": _timeout} if _timeout else {}))
 rank, world = dist.get_rank(), dist.get_world_size()
 device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
 if use_cuda:
@@ -176,7 +180,9 @@ else:
         records.load_state_dict(state["data"])
         rw.set_rng_state(state["rng"])
 trace("restored", step=start)
-ddp = model if args.sharded else DDP(model, device_ids=[device.index] if use_cuda else None)
+live = args.live and not args.sharded
+# In live mode the wrapper is made by rw.live (a replacement must not run DDP's collectives before it joins).
+ddp = model if args.sharded or live else DDP(model, device_ids=[device.index] if use_cuda else None)
 restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
 print(f"rank {rank}/{world} on {device}, restart {restart}: step {start} of {total_steps}", flush=True)
 
@@ -186,8 +192,9 @@ def checkpoint(step):
         rw.save(step, sharded_state(step), per_rank={"data": records.state_dict(), "rng": rw.rng_state()},
                 url=args.ckpt_url)
         return
+    # Live: do not block on the commit (a survivor waiting for a dead peer's commit is not at its step boundary).
     rw.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(), "data": records.state_dict(),
-                   "rng": rw.rng_state(), "step": step}, url=args.ckpt_url)
+                   "rng": rw.rng_state(), "step": step}, url=args.ckpt_url, wait=not live)
 
 
 step = start
@@ -203,7 +210,37 @@ def stop_requested():
     return bool(flag.item())
 
 
-while step < total_steps:
+def train_step(number, model_):
+    """Step ``number`` (1-based) on the live group's wrapper ``model_``."""
+    batch = [next(records) for _ in range(args.batch)]
+    x = torch.stack([b[0] for b in batch]).unsqueeze(1).float().div(255).to(device)
+    y = torch.stack([b[1] for b in batch]).to(device)
+    loss = F.cross_entropy(model_(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if args.step_time:
+        time.sleep(args.step_time)
+    return loss
+
+
+if live:
+    trainer = rw.live(model, opt, wrap=lambda m: DDP(m, device_ids=[device.index] if use_cuda else None),
+                      # the data position is the same on every rank at a step (equal shards): replicated state
+                      state=records.state_dict, load_state=lambda s: records.load_state_dict({**s, "rank": rank}))
+    for step, loss in trainer.steps(start + 1, total_steps + 1, train_step):
+        rw.report(step, samples=step * args.batch * world, loss=loss.item())
+        trace("step", step=step)
+        if step % args.ckpt_every == 0 or step == total_steps:
+            checkpoint(step)
+        if stop_requested():
+            checkpoint(step)
+            print(f"rank {rank}: stop requested; checkpointed step {step}", flush=True)
+            sys.exit(0)
+    ddp = trainer.model
+    step = max(step, start)
+
+while not live and step < total_steps:
     if stop_requested():
         checkpoint(step)
         print(f"rank {rank}: stop requested; checkpointed step {step}", flush=True)

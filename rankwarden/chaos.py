@@ -44,7 +44,7 @@ from typing import Callable
 import trio
 
 from rankwarden.coordinator import Coordinator
-from rankwarden.events import CheckpointCommitted, JobState, ResumeChosen
+from rankwarden.events import CheckpointCommitted, JobState, LiveFallback, LiveRecovered, ResumeChosen
 from rankwarden.spec import JobSpec
 
 __all__ = ["KINDS", "ChaosReport", "FaultRecord", "run_chaos"]
@@ -78,6 +78,10 @@ class ChaosReport:
     accuracy: str = ""
     seconds: float = 0.0
     clean_seconds: float = 0.0
+    #: ``--live``: faults are recovered by replacing the failed rank; each may redo only the interrupted step.
+    live: bool = False
+    #: Live mode: reconfigurations that fell back to a group restart.
+    fallbacks: int = 0
 
     @property
     def monotonic(self) -> bool:
@@ -93,10 +97,16 @@ class ChaosReport:
         return min(2, self.planned)
 
     @property
+    def live_ok(self) -> bool:
+        """Live mode: every fault was recovered live (no group restart) and redid at most the interrupted step."""
+        return self.fallbacks == 0 and self.attempts <= 1 and all(f.redone <= 1 for f in self.faults)
+
+    @property
     def ok(self) -> bool:
         return (self.state == "succeeded" and self.identical and self.monotonic and len(self.faults) == self.planned
                 and all(not math.isnan(f.recover) for f in self.faults)
-                and self.resumed_from_a_checkpoint >= self.resume_needed)
+                and self.resumed_from_a_checkpoint >= self.resume_needed
+                and (not self.live or self.live_ok))
 
     def render(self) -> str:
         by_kind: dict[str, int] = {}
@@ -116,11 +126,18 @@ class ChaosReport:
             f"chaos run: {self.state} after {self.attempts} attempts in {self.seconds:.1f}s; fault-free run: {self.clean_seconds:.1f}s",
             f"committed steps never went backwards: {'yes' if self.monotonic else 'NO'} ({len(self.committed)} commits, "
             f"last {self.committed[-1] if self.committed else None})",
-            f"faults resumed from a committed step (not step 0): {self.resumed_from_a_checkpoint} "
+            f"faults resumed from {'a survivor' if self.live else 'a committed step'} (not step 0): "
+            f"{self.resumed_from_a_checkpoint} "
             f"({'enough' if self.resumed_from_a_checkpoint >= self.resume_needed else 'NOT enough'}: "
             f"at least {self.resume_needed} needed to prove resume)",
             f"final weights bit-identical to the fault-free run: {'yes' if self.identical else 'NO ' + self.mismatch}",
         ]
+        if self.live:
+            worst = max((f.redone for f in self.faults), default=0)
+            lines.append(
+                f"live: every fault recovered without a group restart, at most the interrupted step redone: "
+                f"{'yes' if self.live_ok else 'NO'} ({self.attempts} attempt(s), {self.fallbacks} fallback(s), "
+                f"most steps redone by one fault: {worst})")
         if self.accuracy:
             lines.append(self.accuracy)
         lines.append(f"RESULT: {'OK: nothing was lost' if self.ok else 'FAILED'}")
@@ -159,7 +176,8 @@ async def _observe(predicate: Callable[[], object], limit: float):
 
 
 async def _inject(coordinator: Coordinator, plan, chaos_dir: str, report: ChaosReport, limit: float,
-                  echo: Callable[[str], None], resumes: dict[int, int | None], ckpt_every: int) -> None:
+                  echo: Callable[[str], None], resumes: dict[int, int | None], ckpt_every: int,
+                  lives: list[LiveRecovered]) -> None:
     for kind, rank, at_step in plan:
         def training():
             snap = coordinator.snapshot()
@@ -174,6 +192,7 @@ async def _inject(coordinator: Coordinator, plan, chaos_dir: str, report: ChaosR
             return
         pid, step, attempt = snap.ranks[rank].pid, snap.ranks[rank].step, snap.attempt
         seen = len(coordinator.failures)
+        lives_before = len(lives)
         t_fault = time.time()
         os.kill(pid, KINDS[kind])
         record = FaultRecord(kind=kind, rank=rank, attempt=attempt, step=step)
@@ -189,15 +208,22 @@ async def _inject(coordinator: Coordinator, plan, chaos_dir: str, report: ChaosR
         reached = max(r.step or 0 for r in at_detection.ranks)
 
         def recovered():
+            # Training again: a new attempt, or (live) a new process group, and every
+            # rank, the replacement included, has reported a step in it.
             now = coordinator.snapshot()
-            if now.attempt > attempt and now.state == JobState.RUNNING and all(r.step is not None for r in now.ranks):
+            if ((now.attempt > attempt or len(lives) > lives_before) and now.state == JobState.RUNNING
+                    and all(r.step is not None for r in now.ranks)):
                 return now
             return None
 
         now = await _observe(recovered, limit)
         record.recover = time.time() - t_fault
-        # What the coordinator told every rank of the new attempt to load.
-        record.resumed_from = resumes.get(now.attempt) or 0
+        if now.attempt > attempt:
+            # What the coordinator told every rank of the new attempt to load.
+            record.resumed_from = resumes.get(now.attempt) or 0
+        else:
+            # Live: the step whose state every rank took from a survivor.
+            record.resumed_from = lives[lives_before].step
         record.redone = max(0, reached - record.resumed_from)
         report.faults.append(record)
         echo(f"fault {len(report.faults)}/{len(plan)}: {kind} rank {rank} at step {step} -> detected as "
@@ -210,6 +236,7 @@ async def _run_job(spec: JobSpec, plan, chaos_dir: str, report: ChaosReport | No
     coordinator = Coordinator(spec)
     committed: list[int] = []
     resumes: dict[int, int | None] = {}
+    lives: list[LiveRecovered] = []
 
     async def watch():
         async for event in coordinator.events():
@@ -217,13 +244,17 @@ async def _run_job(spec: JobSpec, plan, chaos_dir: str, report: ChaosReport | No
                 committed.append(event.step)
             elif isinstance(event, ResumeChosen):
                 resumes[event.attempt] = event.step
+            elif isinstance(event, LiveRecovered):
+                lives.append(event)
+            elif isinstance(event, LiveFallback) and report is not None:
+                report.fallbacks += 1
 
     with trio.fail_after(limit * (len(plan) + 2)):
         async with trio.open_nursery() as nursery:
             await nursery.start(coordinator.run)
             nursery.start_soon(watch)
             if plan:
-                nursery.start_soon(_inject, coordinator, plan, chaos_dir, report, limit, echo, resumes, ckpt_every)
+                nursery.start_soon(_inject, coordinator, plan, chaos_dir, report, limit, echo, resumes, ckpt_every, lives)
             snapshot = await coordinator.wait()
             nursery.cancel_scope.cancel()
     return snapshot.state, snapshot.attempt, committed
@@ -259,8 +290,11 @@ def run_chaos(
     limit: float = 120.0,
     echo: Callable[[str], None] = print,
     sharded: bool = False,
+    live: bool = False,
 ) -> ChaosReport:
-    """Both runs; ``sharded`` trains with FSDP2 and checkpoints through DCP (the script's ``--sharded``)."""
+    """Both runs; ``sharded`` trains with FSDP2 and checkpoints through DCP (the script's ``--sharded``);
+    ``live`` runs the faulty job live (the script's ``--live``, ``JobSpec.live``): the fault-free run is
+    the same plain job, so the comparison also proves that live recovery changes nothing."""
     kinds = kinds or list(KINDS)
     unknown = set(kinds) - set(KINDS)
     if unknown:
@@ -270,27 +304,30 @@ def run_chaos(
         echo(f"making the dataset in {data}")
         subprocess.run([sys.executable, make_dataset, "--out", data], check=True, stdout=subprocess.DEVNULL)
     shutil.rmtree(job_dir, ignore_errors=True)
-    report = ChaosReport(planned=faults)
+    if live and sharded:
+        raise ValueError("live recovery is for replicated (DDP) training: --live and --sharded cannot be combined")
+    report = ChaosReport(planned=faults, live=live)
     plan = plan_faults(faults, kinds, world_size, seed, ckpt_every)
 
-    def spec(name: str, n_faults: int) -> JobSpec:
+    def spec(name: str, n_faults: int, live: bool = False) -> JobSpec:
         root = os.path.abspath(os.path.join(job_dir, name))
         os.makedirs(root, exist_ok=True)
         return JobSpec(
             entrypoint=script,
             args=["--data", data, "--epochs", str(epochs), "--seed", str(seed), "--ckpt-every", str(ckpt_every),
-                  "--final-weights", os.path.join(root, "final.pt"), *(["--sharded"] if sharded else [])],
+                  "--final-weights", os.path.join(root, "final.pt"), *(["--sharded"] if sharded else []),
+                  *(["--live"] if live else [])],
             world_size=world_size, job_id=f"chaos-{name}", job_dir=os.path.join(root, "job"),
             checkpoint_url=os.path.join(root, "checkpoints"), heartbeat_timeout=heartbeat_timeout,
             heartbeat_interval=min(0.1, heartbeat_timeout / 5),
             progress_timeout=progress_timeout, max_restarts=n_faults + 2, backoff={"initial": 0.1, "max": 1.0},
-            kill_grace=2.0, env={"RANKWARDEN_CHAOS_DIR": root},
+            kill_grace=2.0, env={"RANKWARDEN_CHAOS_DIR": root}, live=live,
         )
 
     started = time.time()
     echo(f"chaos run: {faults} faults ({', '.join(kinds)}), seed {seed}, {world_size} ranks"
-         + (", FSDP2 with sharded checkpoints" if sharded else ""))
-    state, attempts, report.committed = trio.run(_run_job, spec("faults", faults), plan,
+         + (", FSDP2 with sharded checkpoints" if sharded else "") + (", live recovery" if live else ""))
+    state, attempts, report.committed = trio.run(_run_job, spec("faults", faults, live), plan,
                                                 os.path.abspath(os.path.join(job_dir, "faults")), report, limit, echo,
                                                 ckpt_every)
     report.state, report.attempts, report.seconds = state.value, attempts, time.time() - started

@@ -120,6 +120,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="group: any failure restarts all ranks (DDP); rank: only the failed rank restarts")
     r.add_argument("--backoff-initial", type=_seconds, default=1.0, metavar="S", help="delay before the first restart")
     r.add_argument("--backoff-max", type=_seconds, default=30.0, metavar="S", help="cap on the restart delay (it doubles each restart, with 10%% jitter)")
+    r.add_argument("--live", action="store_true",
+                   help="live recovery: a failed rank is killed and replaced while the other ranks keep their "
+                        "processes and state (the script trains through rankwarden.worker.live; restart scope group)")
+    r.add_argument("--live-timeout", type=_seconds, default=120.0, metavar="S",
+                   help="with --live: seconds for every rank to rejoin after a failure before the group restarts")
     r.add_argument("--no-warm", action="store_true",
                    help="start every rank as a fresh interpreter; by default restarted ranks of a script or module "
                         "are forked from a zygote that has already imported torch")
@@ -171,6 +176,8 @@ def _build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--sharded", action="store_true",
                        help="train with FSDP2 and checkpoint sharded through torch.distributed.checkpoint")
     chaos.add_argument("--progress-timeout", type=_seconds, default=4.0, metavar="S", help="hung-rank detection")
+    chaos.add_argument("--live", action="store_true",
+                       help="recover faults live: replace the failed rank, the survivors keep their processes and state")
     from rankwarden._api_cli import add_api_commands
 
     add_api_commands(sub)
@@ -224,6 +231,8 @@ def spec_from_args(args: argparse.Namespace, *, python: str = sys.executable) ->
             kill_grace=args.kill_grace,
             stop_grace=stop_grace,
             warm=not args.no_warm,
+            live=args.live,
+            live_timeout=args.live_timeout,
         )
     )
     # The job id, directory and checkpoint store are fixed here, so that the
@@ -372,13 +381,15 @@ def _chaos(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.exit(EXIT_USAGE, f"rankwarden chaos: error: unknown fault kinds {bad}; choose from {', '.join(KINDS)}\n")
     if not os.path.exists(args.script):
         parser.exit(EXIT_USAGE, f"rankwarden chaos: error: {args.script} not found; run from the repository root or pass --script\n")
+    if args.live and args.sharded:
+        parser.exit(EXIT_USAGE, "rankwarden chaos: error: --live is for replicated (DDP) training; drop --sharded\n")
     if args.faults < 0 or args.nproc_per_node < 1:
         parser.exit(EXIT_USAGE, "rankwarden chaos: error: --faults must be >= 0 and --nproc-per-node >= 1\n")
     report = run_chaos(
         script=args.script, data=args.data, job_dir=args.job_dir, faults=args.faults, kinds=kinds, seed=args.seed,
         world_size=args.nproc_per_node, epochs=args.epochs, heartbeat_timeout=args.heartbeat_timeout,
         progress_timeout=args.progress_timeout, echo=lambda line: print(f"[chaos] {line}", flush=True),
-        sharded=args.sharded,
+        sharded=args.sharded, live=args.live,
     )
     print()
     print(report.render())

@@ -22,6 +22,12 @@ checkpoint_failed  a step could not be written or committed (it never will be)
 resume_chosen      the step every rank of the attempt resumes from, and the
                    newer steps skipped with why (None: from scratch)
 restarting         a restart was granted; ``delay`` is the backoff
+live_reconfiguring live mode: ``ranks`` are being replaced (already killed);
+                   the survivors keep their processes; new MASTER_PORT
+live_recovered     live mode: every rank trains in process group
+                   ``generation``, with rank ``source``'s state after ``step``
+live_fallback      live mode: live recovery could not proceed (``reason``);
+                   the group restarts from the agreed checkpoint instead
 stopping           a graceful stop was requested
 job_succeeded      every rank exited 0
 job_failed         restart budget spent; ``failures`` leads with the first
@@ -49,6 +55,9 @@ __all__ = [
     "JobState",
     "JobStopped",
     "JobSucceeded",
+    "LiveFallback",
+    "LiveReconfiguring",
+    "LiveRecovered",
     "PeerRejected",
     "RankBusy",
     "RankConnected",
@@ -214,6 +223,33 @@ class Restarting(Event, tag="restarting"):
     max_restarts: int
     delay: float
     scope: str
+
+
+class LiveReconfiguring(Event, tag="live_reconfiguring"):
+    #: The process group generation being formed (the first failure's is 1).
+    generation: int
+    #: Ranks replaced so far (a survivor-first report starts with none).
+    ranks: list[int]
+    master_port: int
+    reason: str
+    restart: int = 0
+    max_restarts: int = 0
+
+
+class LiveRecovered(Event, tag="live_recovered"):
+    generation: int
+    #: The rank whose state every rank loaded, and the last step it applied:
+    #: training resumes at ``step + 1``.
+    source: int
+    step: int
+    #: Seconds from the start of the reconfiguration to the last rank rejoining.
+    seconds: float
+    ranks: list[int] = []
+
+
+class LiveFallback(Event, tag="live_fallback"):
+    generation: int
+    reason: str
 
 
 class Stopping(Event, tag="stopping"):

@@ -39,6 +39,7 @@ from rankwarden.errors import ProtocolError
 
 __all__ = [
     "MAX_FRAME",
+    "Abort",
     "PROTOCOL_VERSION",
     "CheckpointFailed",
     "CheckpointReady",
@@ -49,6 +50,9 @@ __all__ = [
     "Goodbye",
     "Heartbeat",
     "Hello",
+    "LiveJoined",
+    "LiveReady",
+    "Reconfigure",
     "Reject",
     "RelayBeat",
     "RelayClosed",
@@ -122,6 +126,25 @@ class CheckpointFailed(_Message, tag="checkpoint_failed"):
     error: str
 
 
+class LiveReady(_Message, tag="live_ready"):
+    """Live mode: a collective of process group ``generation`` failed on this
+    rank; it stopped at its step boundary and waits for ``Reconfigure``.
+    ``step`` is the last step whose optimizer update it applied (-1: none)."""
+
+    generation: int
+    step: int
+    error: str = ""
+
+
+class LiveJoined(_Message, tag="live_joined"):
+    """Live mode: this rank trains in process group ``generation`` (0: the
+    script's own), holding the state of rank ``source`` after ``step``."""
+
+    generation: int
+    step: int
+    source: int = -1
+
+
 class Goodbye(_Message, tag="goodbye"):
     """The script finished; ``exit_code`` is what the process is about to exit with."""
 
@@ -145,6 +168,10 @@ class Welcome(_Message, tag="welcome"):
     attempt: int
     #: Set when the job has a checkpoint store; a rank never picks a step itself.
     resume: Resume | None = None
+    #: Live mode: >0 when this process replaces a failed rank and joins that
+    #: process group generation (its MASTER_PORT is the new group's); it takes
+    #: its state from a survivor, not from storage.
+    live_generation: int = 0
 
 
 class Reject(_Message, tag="reject"):
@@ -163,8 +190,29 @@ class Drain(_Message, tag="drain"):
     reason: str = ""
 
 
-ToCoordinator = Union[Hello, Heartbeat, CheckpointReady, CheckpointFailed, Goodbye]
-ToRank = Union[Welcome, Reject, Committed, Drain]
+class Abort(_Message, tag="abort"):
+    """Live mode: process group ``generation`` lost a member, which the
+    coordinator has already killed. Abort what is blocked in it (NCCL does not
+    always notice a dead peer) and wait at the step boundary for ``Reconfigure``."""
+
+    generation: int
+    reason: str = ""
+
+
+class Reconfigure(_Message, tag="reconfigure"):
+    """Live mode: join process group ``generation`` at ``master_addr:master_port``
+    (a fresh rendezvous), as ``rank`` of ``world_size``. Sent once every failed
+    rank has been killed and replaced, and every survivor is ready."""
+
+    generation: int
+    master_addr: str
+    master_port: int
+    world_size: int
+    rank: int
+
+
+ToCoordinator = Union[Hello, Heartbeat, CheckpointReady, CheckpointFailed, LiveReady, LiveJoined, Goodbye]
+ToRank = Union[Welcome, Reject, Committed, Drain, Abort, Reconfigure]
 
 
 # -- relay <-> coordinator (aggregation) ---------------------------------------------

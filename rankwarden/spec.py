@@ -135,6 +135,13 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     kill_grace: NonNegativeFloat = 5.0
     #: How long a graceful stop waits for ranks to checkpoint and exit.
     stop_grace: NonNegativeFloat = 30.0
+    #: Live recovery (scope ``group``, scripts that train through
+    #: ``rankwarden.worker.live``): a failed rank is killed and replaced while
+    #: the survivors keep their processes and state; see coordinator/_live.py.
+    live: bool = False
+    #: Seconds from a failure until every rank trains in the new process group;
+    #: past it the attempt falls back to a group restart.
+    live_timeout: PositiveFloat = 120.0
 
     def __post_init__(self) -> None:
         # msgspec turns a ValueError here into a ValidationError; from_dict
@@ -165,6 +172,8 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
                     f"resources.{name}",
                     f"{value!r} is not a Kubernetes quantity (examples: '4', '500m', '16Gi')",
                 )
+        if self.live and self.restart_scope != RestartScope.GROUP:
+            _invalid("live", "live recovery replaces one rank of a process group: it needs restart_scope 'group'")
         if any(c.isspace() for c in self.image):
             _invalid("image", f"image {self.image!r} contains whitespace")
         if "\0" in self.entrypoint:

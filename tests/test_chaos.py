@@ -149,3 +149,34 @@ def test_the_chaos_verdict_says_when_commits_went_backwards():
     assert not backwards.monotonic and not backwards.ok
     assert "committed steps never went backwards: NO" in backwards.render()
     assert backwards.render().endswith("RESULT: FAILED")
+
+
+def test_live_chaos_recovers_kill_stop_and_hang_live_and_ends_bit_identical(tmp_path, dataset):
+    # `rankwarden chaos --live`: each fault replaces one rank; the other keeps its
+    # process and state; the fault-free run is the plain job.
+    from rankwarden.chaos import run_chaos
+
+    report = run_chaos(script=TRAIN, data=dataset, job_dir=str(tmp_path / "chaos"), faults=3, seed=1, epochs=1,
+                       kinds=["kill", "stop", "hang"], live=True, echo=lambda line: None)
+    print(report.render())
+    assert {f.cause for f in report.faults} == {"signaled", "heartbeat_timeout", "progress_timeout"}
+    assert report.state == "succeeded" and report.attempts == 1 and report.fallbacks == 0
+    assert all(f.redone <= 1 for f in report.faults), report.render()
+    assert report.monotonic and report.identical, report.mismatch
+    assert report.ok
+
+
+def test_the_live_chaos_verdict_says_no_to_a_group_restart_or_redone_steps():
+    from rankwarden.chaos import ChaosReport, FaultRecord
+
+    def report(redone: int, fallbacks: int = 0, attempts: int = 1) -> ChaosReport:
+        faults = [FaultRecord(kind="kill", rank=0, attempt=1, step=20, cause="signaled", detect=0.01, recover=0.5,
+                              resumed_from=20, redone=redone)]
+        return ChaosReport(faults=faults, planned=1, state="succeeded", attempts=attempts, committed=[16, 32],
+                           identical=True, live=True, fallbacks=fallbacks)
+
+    assert report(0).ok and report(1).ok
+    for bad in (report(5), report(0, fallbacks=1, attempts=2)):
+        assert not bad.ok
+        assert "at most the interrupted step redone: NO" in bad.render()
+        assert bad.render().endswith("RESULT: FAILED")

@@ -31,7 +31,7 @@ from rankwarden.errors import CheckpointError
 from rankwarden.events import CheckpointCommitted, CheckpointFailedEvent, ResumeChosen, SkippedStepInfo
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rankwarden.coordinator._job import Coordinator
+    from rankwarden.coordinator._host import CommitHost
 
 __all__ = ["Committer"]
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 class Committer:
-    def __init__(self, job: "Coordinator", store: CheckpointStore) -> None:
+    def __init__(self, job: "CommitHost", store: CheckpointStore) -> None:
         self.job = job
         self.store = store
         self.committed_step: int | None = None

@@ -11,28 +11,20 @@ Usage from a custom launcher (the CLI and the API server do exactly this)::
 ``run`` owns every task and process of the job; when it returns, nothing of
 the job is left running. Everything it hands out (events, snapshots) is frozen.
 
-Restart policy. In scope ``group`` an attempt is all ranks together: the first
-rank that fails cancels the attempt, every other rank is stopped (in parallel,
-SIGTERM -> kill_grace -> SIGKILL), and if budget is left the whole group
-relaunches after the backoff with a fresh MASTER_PORT. In scope ``rank`` each
-rank loops on its own and only a failed rank relaunches. Both draw on one
-budget of ``max_restarts``; restart ``n`` waits ``backoff.delay(n)``. The job
-fails when a failure finds the budget spent, and its report leads with the
-first failure observed in the whole job.
+The restart policy (what a failure costs: the group, one rank, or, in live
+mode, only the failed rank's replacement) is in ``_policy``.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 import hmac
 import logging
 import random
 import secrets
-import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 import trio
@@ -40,14 +32,15 @@ import trio
 from rankwarden import protocol
 from rankwarden.coordinator._checkpoints import Committer
 from rankwarden.coordinator._eventlog import EventLog
-from rankwarden.coordinator._failfast import TAIL_LINES, EarlyFailure, configuration_error, early_failure
+from rankwarden.coordinator._failfast import EarlyFailure
 from rankwarden.coordinator._heartbeat import Peer, serve_heartbeats
 from rankwarden.coordinator._jobdir import JobDir
+from rankwarden.coordinator._live import LiveSession
+from rankwarden.coordinator._policy import RestartPolicy
 from rankwarden.coordinator._rank import RankRunner
-from rankwarden.coordinator._request import default_job_id, free_port, rank_argv, rank_env
-from rankwarden.errors import AuthError, CheckpointError, CheckpointRefused, ProtocolError
+from rankwarden.coordinator._request import default_job_id, rank_argv, rank_env
+from rankwarden.errors import AuthError, CheckpointError, ProtocolError
 from rankwarden.events import (
-    AttemptStarted,
     Event,
     Failure,
     JobFailedEvent,
@@ -59,7 +52,6 @@ from rankwarden.events import (
     PeerRejected,
     RankSnapshot,
     RankState,
-    Restarting,
     Stopping,
     event_to_json,
     failure_report,
@@ -82,16 +74,6 @@ log = logging.getLogger(__name__)
 
 #: How long a finished job waits for commits of steps its ranks already reported.
 COMMIT_DRAIN_TIMEOUT = 600.0
-
-
-class _Refused(Exception):
-    """No attempt can start: the checkpoint to resume is not this job's (the reason is in ``_fatal``)."""
-
-
-class _Grant(enum.Enum):
-    GRANTED = "granted"
-    EXHAUSTED = "exhausted"
-    STOPPED = "stopped"
 
 
 class Coordinator:
@@ -161,6 +143,8 @@ class Coordinator:
         self._stop_requested = trio.Event()
         self._force_requested = trio.Event()
         self._committer: Committer | None = None
+        #: The current group attempt's live session (live jobs only), set by the policy.
+        self._live: LiveSession | None = None
         if spec.checkpoint_url:
             from rankwarden.checkpoint import CheckpointStore
 
@@ -221,10 +205,7 @@ class Coordinator:
                 )
                 log.info("job=%s started: %d ranks, logs in %s", self.job_id, self.spec.world_size, self.job_dir.path)
                 task_status.started(self)
-                if self.spec.restart_scope == RestartScope.GROUP:
-                    final = await self._run_group()
-                else:
-                    final = await self._run_rank_scope()
+                final = await RestartPolicy(self).run()
                 if self._committer is not None:
                     # Steps every rank reported (a last save(wait=False), a stop's
                     # checkpoint) are committed before the job is over.
@@ -319,213 +300,6 @@ class Coordinator:
         return failure_report(self.job_id, self._failures, restarts_used=self._restarts_used,
                               max_restarts=self.spec.max_restarts, fatal=self._fatal)
 
-    # -- the restart policy ---------------------------------------------------------
-
-    async def _run_group(self) -> JobState:
-        adopted = await self._take_adopted_group()
-        while True:
-            self._attempt += 1
-            try:
-                result = await self._run_group_attempt(self._attempt, adopted)
-            except _Refused:
-                return JobState.FAILED
-            adopted = {}
-            if self.stopping:
-                return JobState.STOPPED
-            if result == RankState.SUCCEEDED:
-                return JobState.SUCCEEDED
-            if self._repeats_early_failure(None, self._attempt):
-                return JobState.FAILED
-            grant = await self._grant_restart(rank=None)
-            if grant == _Grant.EXHAUSTED:
-                return JobState.FAILED
-            if grant == _Grant.STOPPED:
-                return JobState.STOPPED
-
-    async def _take_adopted_group(self) -> dict[int, RankProcess]:
-        """The ranks to adopt in scope ``group``: all of one attempt, or none.
-
-        A partial group cannot be resumed (its process group is broken), so
-        its survivors are stopped and the job goes on with the next attempt
-        number, which keeps the new ranks' names apart from the old ones."""
-        if not self._adopted:
-            return {}
-        attempts = {attempt for attempt, _ in self._adopted.values()}
-        attempt = max(attempts)
-        if len(attempts) == 1 and len(self._adopted) == self.spec.world_size:
-            log.info("job=%s: adopting the %d running ranks of attempt %d", self.job_id, len(self._adopted), attempt)
-            self._attempt = attempt - 1
-            return {rank: process for rank, (_, process) in self._adopted.items()}
-        log.warning(
-            "job=%s: found %d of %d ranks still running (attempts %s); stopping them and starting attempt %d",
-            self.job_id, len(self._adopted), self.spec.world_size, sorted(attempts), attempt + 1,
-        )
-        with trio.CancelScope(shield=True):
-            async with trio.open_nursery() as nursery:
-                for _, process in self._adopted.values():
-                    nursery.start_soon(process.stop, self.spec.kill_grace)
-        if self._committer is not None:
-            await self._committer.new_attempt(self._checkpoint_tag(attempt + 1))
-        self._attempt = attempt
-        return {}
-
-    async def _run_group_attempt(self, attempt: int, adopted: dict[int, RankProcess] | None = None) -> RankState:
-        adopted = adopted or {}
-        if self._committer is not None and attempt > 1 and not adopted:
-            await self._committer.new_attempt(self._checkpoint_tag(attempt))
-        resume = await self._plan_resume(attempt)
-        if self._placement is not None:
-            self._master_port = self._placement.master_port  # each pod has a network of its own
-        elif self._first_master_port:
-            self._master_port, self._first_master_port = self._first_master_port, None
-        else:
-            self._master_port = free_port(self.spec.master_addr, exclude=self._master_port)
-        runners = [RankRunner(self, rank, attempt, adopted.get(rank), resume) for rank in range(self.spec.world_size)]
-        self._runners = {runner.rank: runner for runner in runners}
-        if not self.stopping:
-            self._state = JobState.RUNNING
-        self.emit(AttemptStarted, attempt=attempt, master_port=self._master_port, adopted=bool(adopted))
-        log.info("job=%s attempt=%d: %s %d ranks (MASTER_PORT=%d)", self.job_id, attempt,
-                 "adopting" if adopted else "starting", len(runners), self._master_port)
-        failed = False
-        remaining = len(runners)
-        async with trio.open_nursery() as nursery:
-
-            async def run_one(runner: RankRunner) -> None:
-                nonlocal failed, remaining
-                outcome = await runner.run()
-                remaining -= 1
-                if outcome.state == RankState.FAILED:
-                    failed = True
-                if failed or remaining == 0:
-                    nursery.cancel_scope.cancel()  # group teardown, or everyone is done
-
-            for runner in runners:
-                nursery.start_soon(run_one, runner)
-            nursery.start_soon(self._stop_on_request, lambda: runners, nursery.cancel_scope)
-        return RankState.FAILED if failed else RankState.SUCCEEDED
-
-    async def _run_rank_scope(self) -> JobState:
-        exhausted = False
-        remaining = self.spec.world_size
-        self._attempt = self._attempts_before + 1
-        async with trio.open_nursery() as nursery:
-
-            async def rank_loop(rank: int) -> None:
-                nonlocal exhausted, remaining
-                attempt, adopted = self._adopted.get(rank, (self._attempts_before + 1, None))
-                attempt -= 1
-                while True:
-                    attempt += 1
-                    try:
-                        resume = None if adopted is not None else await self._plan_resume(attempt, rank)
-                    except _Refused:
-                        exhausted = True
-                        nursery.cancel_scope.cancel()
-                        return
-                    runner = RankRunner(self, rank, attempt, adopted, resume)
-                    adopted = None
-                    self._runners[rank] = runner
-                    self._attempt = max(self._attempt, attempt)
-                    outcome = await runner.run()
-                    if outcome.state != RankState.FAILED or self.stopping:
-                        break
-                    if self._repeats_early_failure(rank, attempt):
-                        exhausted = True
-                        nursery.cancel_scope.cancel()
-                        return
-                    grant = await self._grant_restart(rank=rank)
-                    if grant != _Grant.GRANTED:
-                        exhausted = grant == _Grant.EXHAUSTED
-                        nursery.cancel_scope.cancel()
-                        return
-                remaining -= 1
-                if remaining == 0:
-                    nursery.cancel_scope.cancel()
-
-            for rank in range(self.spec.world_size):
-                nursery.start_soon(rank_loop, rank)
-            nursery.start_soon(self._stop_on_request, lambda: list(self._runners.values()), nursery.cancel_scope)
-        if self.stopping:
-            return JobState.STOPPED
-        return JobState.FAILED if exhausted else JobState.SUCCEEDED
-
-    async def _plan_resume(self, attempt: int, rank: int | None = None) -> protocol.Resume | None:
-        """The step the ranks about to start load (told in their Welcome), or None
-        without a checkpoint store. Raises _Refused when no attempt may start."""
-        if self._committer is None:
-            return None
-        try:
-            plan = await self._committer.plan_resume(attempt, rank)
-        except CheckpointRefused as exc:
-            self._fatal = str(exc)
-        except OSError as exc:
-            self._fatal = f"cannot read checkpoint store {self.spec.checkpoint_url!r} to choose the resume step: {exc}"
-        else:
-            return protocol.Resume(step=plan.step)
-        log.error("job=%s: %s", self.job_id, self._fatal)
-        raise _Refused(self._fatal)
-
-    def _repeats_early_failure(self, rank: int | None, attempt: int) -> bool:
-        """A failure before the first step, the same as the previous attempt's: a
-        configuration error (see _failfast); records it as the job's fatal reason."""
-        current: dict[EarlyFailure, int] = {}
-        for failure in self._failures:
-            if failure.attempt == attempt and rank in (None, failure.rank):
-                runner = self._runners.get(failure.rank)
-                step = runner.snapshot().step if runner is not None else None
-                tail = self.job_dir.stderr_tail(failure.rank, attempt, TAIL_LINES)
-                if (early := early_failure(failure, step, tail)) is not None:
-                    current.setdefault(early, failure.rank)
-        previous = self._early_failures.get(rank, {})
-        self._early_failures[rank] = current
-        message = configuration_error(previous, current, attempt, self.spec.max_restarts - self._restarts_used)
-        if message:
-            self._fatal = message
-        return bool(message)
-
-    async def _grant_restart(self, rank: int | None) -> _Grant:
-        if self._restarts_used >= self.spec.max_restarts:
-            return _Grant.EXHAUSTED
-        self._restarts_used += 1
-        delay = self.spec.backoff.delay(self._restarts_used, self._rng.random())
-        if rank is None:
-            self._state = JobState.RESTARTING
-        self.emit(
-            Restarting,
-            attempt=self._attempt,
-            rank=rank,
-            restart=self._restarts_used,
-            max_restarts=self.spec.max_restarts,
-            delay=delay,
-            scope=self.spec.restart_scope.value,
-        )
-        log.info(
-            "job=%s: restart %d of %d in %.2fs%s", self.job_id, self._restarts_used,
-            self.spec.max_restarts, delay, "" if rank is None else f" (rank {rank})",
-        )
-        with trio.move_on_after(delay):
-            await self._stop_requested.wait()
-        return _Grant.STOPPED if self.stopping else _Grant.GRANTED
-
-    async def _stop_on_request(self, runners: Callable[[], list[RankRunner]], scope: trio.CancelScope) -> None:
-        # Graceful stop: a connected rank gets Drain (a drain-aware script
-        # checkpoints and exits 0; the worker SIGTERMs any other script at
-        # once); a rank that is not connected gets SIGTERM. SIGKILL once
-        # stop_grace is over, or at once on a forced stop.
-        await self._stop_requested.wait()
-        for runner in runners():
-            if runner.peer is not None:
-                runner.send(protocol.Drain(reason=self._stop_reason))
-            elif runner.process is not None:
-                runner.process.signal(signal.SIGTERM)
-                runner.process.signal(signal.SIGCONT)
-        with trio.move_on_after(self.spec.stop_grace):
-            await self._force_requested.wait()
-        for runner in runners():
-            runner.kill_grace = 0.0
-        scope.cancel()
-
     def _end(self, state: JobState) -> None:
         self._state = state
         self._ended_at = self.wall_time()
@@ -603,6 +377,13 @@ class Coordinator:
     def checkpoint_failed(self, runner: RankRunner, message: protocol.CheckpointFailed) -> None:
         if self._committer is not None:
             self._committer.failed(runner.rank, runner.attempt, message)
+
+    def live_message(self, runner: RankRunner, message) -> None:
+        if self._live is not None and self._runners.get(runner.rank) is runner:
+            self._live.on_message(runner, message)
+        else:
+            log.warning("job=%s rank=%d sent %s, but the job is not live (JobSpec.live)",
+                        self.job_id, runner.rank, type(message).__name__)
 
     def broadcast(self, message) -> None:
         for runner in list(self._runners.values()):

@@ -84,8 +84,8 @@ from rankwarden.events import (
 from rankwarden.launcher import CpuSample, ExitStatus, RankProcess, ReportsCpu, WarmAware
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rankwarden.coordinator._job import Coordinator
     from rankwarden.coordinator._heartbeat import Peer
+    from rankwarden.coordinator._host import RankHost
 
 __all__ = ["BUSY_CPU_SHARE", "RankOutcome", "RankRunner", "CONNECTION_LOST_GRACE"]
 
@@ -117,11 +117,12 @@ class RankRunner:
 
     def __init__(
         self,
-        job: "Coordinator",
+        job: "RankHost",
         rank: int,
         attempt: int,
         adopted: RankProcess | None = None,
         resume: protocol.Resume | None = None,
+        live_generation: int = 0,
     ) -> None:
         self.job = job
         #: A rank that was already running when this coordinator started (a pod
@@ -137,6 +138,7 @@ class RankRunner:
             heartbeat_interval=job.spec.effective_heartbeat_interval,
             attempt=attempt,
             resume=resume,
+            live_generation=live_generation,
         )
         self.step: int | None = None
         self.samples: int | None = None
@@ -165,6 +167,11 @@ class RankRunner:
         self._disconnected = trio.Event()
         #: Lowered to 0 by a forced stop: then teardown goes straight to SIGKILL.
         self.kill_grace = job.spec.kill_grace
+        #: Live mode: the process group generation this rank announced it trains in.
+        self.live_generation: int | None = None
+        #: Live mode: while the rank waits at its step boundary for a new
+        #: process group, its step cannot advance; heartbeats still must.
+        self._progress_paused = False
 
     # -- the incarnation -------------------------------------------------------
 
@@ -257,7 +264,7 @@ class RankRunner:
             best = (self._last_heartbeat + spec.heartbeat_timeout, FailureCause.HEARTBEAT_TIMEOUT)
         if self._busy_check_at is not None:
             best = (self._busy_check_at, FailureCause.HEARTBEAT_TIMEOUT)
-        if spec.progress_timeout:
+        if spec.progress_timeout and not self._progress_paused:
             since = self._last_progress
             if self._busy_check_at is not None and since is None:
                 since = self._last_heartbeat  # busy before its first step: bounded all the same
@@ -378,6 +385,10 @@ class RankRunner:
         )
         self.state = RankState.FAILED
         self._outcome = RankOutcome(RankState.FAILED, failure)
+        if self.job.spec.live:
+            # Its peers are blocked in a collective with it: their recovery starts
+            # when its sockets close, so no grace (SIGKILL also ends a SIGSTOPped rank).
+            self.kill_grace = 0.0
         log.warning("job=%s attempt=%d rank=%d: %s", self.job.job_id, self.attempt, self.rank, message)
         self.job.record_failure(failure)
         self.job.emit(RankFailed, attempt=self.attempt, rank=self.rank, failure=failure)
@@ -422,6 +433,19 @@ class RankRunner:
             self.job.checkpoint_ready(self, message)
         elif isinstance(message, protocol.CheckpointFailed):
             self.job.checkpoint_failed(self, message)
+        elif isinstance(message, (protocol.LiveReady, protocol.LiveJoined)):
+            self.job.live_message(self, message)
+        self._reschedule()
+
+    def pause_progress(self) -> None:
+        """Live mode: the rank waits at its step boundary; only heartbeats are watched."""
+        self._progress_paused = True
+        self._reschedule()
+
+    def resume_progress(self) -> None:
+        """Live mode: the rank trains again; its progress deadline restarts now."""
+        self._progress_paused = False
+        self._last_progress = trio.current_time()
         self._reschedule()
 
     def _progress(self, now: float, step: int | None, samples: int | None, metrics: dict[str, float] | None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from rankwarden.launcher import BOOTSTRAP_MODULE, Placement
 from rankwarden.spec import JobSpec
 
-__all__ = ["BOOTSTRAP_MODULE", "free_port", "rank_argv", "rank_env"]
+__all__ = ["BOOTSTRAP_MODULE", "free_port", "live_collective_timeout", "rank_argv", "rank_env"]
 
 
 def rank_argv(spec: JobSpec, placement: Placement | None = None) -> list[str]:
@@ -102,6 +102,16 @@ def rank_env(
         del env["TORCHELASTIC_ERROR_FILE"]  # a path on the coordinator's host
         if placement.reconnect_grace:
             env["RANKWARDEN_RECONNECT_GRACE"] = repr(placement.reconnect_grace)
+    if spec.live:
+        # A rank blocked in a collective on a hung peer gives up after this
+        # (gloo's timeout) and reports itself ready, well before the hung
+        # rank's progress deadline: so the hung rank is the one killed.
+        env["RANKWARDEN_LIVE"] = "1"
+        env["RANKWARDEN_LIVE_TIMEOUT"] = repr(spec.live_timeout)
+        env["RANKWARDEN_LIVE_COLLECTIVE_TIMEOUT"] = repr(live_collective_timeout(spec))
+    else:
+        for key in ("RANKWARDEN_LIVE", "RANKWARDEN_LIVE_TIMEOUT", "RANKWARDEN_LIVE_COLLECTIVE_TIMEOUT"):
+            env.pop(key, None)
     if spec.checkpoint_url:
         env["RANKWARDEN_CHECKPOINT_URL"] = spec.checkpoint_url
         env["RANKWARDEN_CHECKPOINT_TAG"] = checkpoint_tag
@@ -109,6 +119,11 @@ def rank_env(
         env.pop("RANKWARDEN_CHECKPOINT_URL", None)
         env.pop("RANKWARDEN_CHECKPOINT_TAG", None)
     return env
+
+
+def live_collective_timeout(spec: JobSpec) -> float:
+    """Half the progress timeout (10 minutes without one): long for a collective, short for a hang."""
+    return spec.progress_timeout / 2 if spec.progress_timeout else 600.0
 
 
 def free_port(host: str, exclude: int | None = None) -> int:

@@ -29,10 +29,12 @@ __all__ = [
     "EXIT_COORDINATOR_LOST",
     "RankCheckpointer",
     "checkpointer",
+    "collective_timeout",
     "connect",
     "drain_requested",
     "graceful_stop",
     "is_managed",
+    "live",
     "report",
     "restore",
     "rng_state",
@@ -94,6 +96,35 @@ def report(step: int, samples: int | None = None, **metrics: float) -> None:
     client = _client or connect()
     if client is not None:
         client.report(int(step), None if samples is None else int(samples), {k: float(v) for k, v in metrics.items()})
+
+
+def live(module, optimizer, *, wrap=None, state=None, load_state=None):
+    """Opt into live recovery: a failed peer is replaced while this process keeps its state.
+
+    ``module`` is the bare model (not wrapped), ``optimizer`` its optimizer,
+    ``wrap`` what makes the model of one process group (``DistributedDataParallel``;
+    it is called again on every new group), ``state``/``load_state`` save and
+    restore what else must be identical on every rank after a recovery (the
+    data position), as a picklable value. Train through the returned object::
+
+        live = rw.live(model, opt, wrap=DDP)
+        for step, loss in live.steps(start, total, train_step):   # train_step(step, model)
+            rw.report(step)
+
+    The job must be live (``rankwarden run --live``, ``JobSpec(live=True)``);
+    otherwise, and without rankwarden, ``steps`` is a plain loop. Give
+    ``init_process_group`` ``timeout=rw.collective_timeout()`` so that a rank
+    blocked on a hung peer gives up first. See ``rankwarden.worker._live``."""
+    from rankwarden.worker._live import Live
+
+    return Live(module, optimizer, wrap=wrap, state=state, load_state=load_state, client=_client or connect())
+
+
+def collective_timeout():
+    """The ``init_process_group`` timeout of a live job (a timedelta), or None outside one."""
+    from rankwarden.worker._live import collective_timeout as timeout
+
+    return timeout(_client or connect())
 
 
 def graceful_stop() -> None:

@@ -59,6 +59,10 @@ class HeartbeatClient:
         self._seq = 0
         #: The coordinator's first Welcome to this process (its resume decision).
         self.welcome: protocol.Welcome | None = None
+        #: Live mode: called on this thread when the coordinator aborts our process group.
+        self.live_abort = None
+        self._reconfigure: protocol.Reconfigure | None = None
+        self._reconfigured = threading.Condition()
 
     def connect(self, timeout: float = 30.0) -> protocol.Welcome:
         """Say hello and wait for the welcome; raise ProtocolError if rejected."""
@@ -105,6 +109,15 @@ class HeartbeatClient:
             return self._committed.wait_for(
                 lambda: self.committed_step is not None and self.committed_step >= step, timeout
             )
+
+    def wait_reconfigure(self, generation: int, timeout: float) -> protocol.Reconfigure | None:
+        """Live mode: block until the coordinator's ``Reconfigure`` for ``generation`` (or later) arrives."""
+        with self._reconfigured:
+            self._reconfigured.wait_for(
+                lambda: self._reconfigure is not None and self._reconfigure.generation >= generation, timeout
+            )
+            message = self._reconfigure
+        return message if message is not None and message.generation >= generation else None
 
     def flush(self) -> None:
         """Send the newest progress now (at interpreter exit, so the last step is not lost)."""
@@ -224,6 +237,13 @@ class HeartbeatClient:
             with self._committed:
                 self.committed_step = max(message.step, self.committed_step or message.step)
                 self._committed.notify_all()
+        elif isinstance(message, protocol.Reconfigure):
+            with self._reconfigured:
+                self._reconfigure = message
+                self._reconfigured.notify_all()
+        elif isinstance(message, protocol.Abort):
+            if self.live_abort is not None:
+                self.live_abort(message)
         elif isinstance(message, protocol.Reject):
             self._closed.set()
             self._lost_now(f"the coordinator dropped this rank: {message.reason}")
