@@ -41,6 +41,7 @@ __all__ = [
     "MAX_FRAME",
     "Abort",
     "PROTOCOL_VERSION",
+    "RANK_FRAMES",
     "CheckpointFailed",
     "CheckpointReady",
     "Committed",
@@ -213,6 +214,8 @@ class Reconfigure(_Message, tag="reconfigure"):
 
 ToCoordinator = Union[Hello, Heartbeat, CheckpointReady, CheckpointFailed, LiveReady, LiveJoined, Goodbye]
 ToRank = Union[Welcome, Reject, Committed, Drain, Abort, Reconfigure]
+#: What a rank sends after its hello, other than heartbeats (a relay forwards these as they came).
+RANK_FRAMES = (CheckpointReady, CheckpointFailed, LiveReady, LiveJoined, Goodbye)
 
 
 # -- relay <-> coordinator (aggregation) ---------------------------------------------
@@ -254,7 +257,7 @@ class RelayForward(_Message, tag="relay_forward"):
     """One rank's frame, relayed as it came (never a ``Heartbeat``)."""
 
     rank: int
-    message: Union[Hello, CheckpointReady, CheckpointFailed, Goodbye]
+    message: Union[Hello, CheckpointReady, CheckpointFailed, LiveReady, LiveJoined, Goodbye]
 
 
 class RelaySilent(_Message, tag="relay_silent"):
@@ -288,7 +291,7 @@ class RelayDrop(_Message, tag="relay_drop"):
 
 FromRelay = Union[RelayHello, RelayBeat, RelayForward, RelaySilent, RelayClosed]
 #: What the coordinator's port accepts: a rank's frames, or a relay's.
-Upstream = Union[Hello, Heartbeat, CheckpointReady, CheckpointFailed, Goodbye,
+Upstream = Union[Hello, Heartbeat, CheckpointReady, CheckpointFailed, LiveReady, LiveJoined, Goodbye,
                  RelayHello, RelayBeat, RelayForward, RelaySilent, RelayClosed]
 ToRelay = Union[RelayDeliver, RelayDrop, Reject]
 

@@ -376,7 +376,7 @@ def _deliver(endpoint: "RankEndpoint", message, clean: bool) -> bool:
         return clean
     if isinstance(message, protocol.Hello):
         raise ProtocolError("second hello on an authenticated connection")
-    if not isinstance(message, (protocol.CheckpointReady, protocol.CheckpointFailed, protocol.Goodbye)):
+    if not isinstance(message, protocol.RANK_FRAMES):
         raise ProtocolError(f"{type(message).__name__.lower()} frame on a rank's connection")
     endpoint.on_message(message)
     return clean or isinstance(message, protocol.Goodbye)
