@@ -12,6 +12,15 @@ ignored, so an older peer still decodes. ``PROTOCOL_VERSION`` changes only
 when an old peer could misread a new message; the coordinator rejects a hello
 with another version, naming both.
 
+Node agents (``rankwarden.agent``) speak the same framing on a connection of
+their own to the coordinator's agent endpoint: the first frame is
+``AgentHello`` with the job's secret, answered by ``AgentWelcome`` or
+``Reject``. The agent heartbeats every interval and the coordinator answers
+each heartbeat, so either side notices a silent peer (a frozen host, a
+network partition: TCP does not close then) within ``heartbeat_timeout``.
+Their tags start with ``agent_``; they form the unions ``FromAgent`` and
+``ToAgent``, apart from the ranks' ones.
+
 This module is sans-IO: ``encode`` makes a frame, ``FrameDecoder`` turns bytes
 into messages. The Trio server and the synchronous worker thread share it.
 """
@@ -27,6 +36,20 @@ from rankwarden.errors import ProtocolError
 
 __all__ = [
     "MAX_FRAME",
+    "AgentExited",
+    "AgentHeartbeat",
+    "AgentHello",
+    "AgentOutput",
+    "AgentPong",
+    "AgentShutdown",
+    "AgentSignal",
+    "AgentStart",
+    "AgentStop",
+    "AgentStarted",
+    "AgentWelcome",
+    "FromAgent",
+    "HeartbeatAck",
+    "ToAgent",
     "PROTOCOL_VERSION",
     "CheckpointFailed",
     "CheckpointReady",
@@ -122,6 +145,16 @@ class Welcome(_Message, tag="welcome"):
     attempt: int
     #: Set when the job has a checkpoint store; a rank never picks a step itself.
     resume: Resume | None = None
+    #: The coordinator answers every heartbeat with ``HeartbeatAck``: a rank
+    #: whose heartbeat stays unanswered for heartbeat_timeout has lost its
+    #: coordinator (a partition, where TCP goes silent rather than closing).
+    acks: bool = False
+
+
+class HeartbeatAck(_Message, tag="heartbeat_ack"):
+    """Answers the heartbeat ``seq`` (and every earlier one)."""
+
+    seq: int
 
 
 class Reject(_Message, tag="reject"):
@@ -140,8 +173,103 @@ class Drain(_Message, tag="drain"):
     reason: str = ""
 
 
+# -- node agent -> coordinator ------------------------------------------------------
+
+
+class AgentHello(_Message, tag="agent_hello"):
+    version: int
+    token: str
+    #: The node this agent runs (torchrun's --node-rank); -1: any free slot.
+    node_rank: int
+    #: Ranks this node runs (torchrun's --nproc-per-node).
+    nproc: int
+    host: str = ""
+    pid: int = 0
+    #: An address of this node that the other nodes reach (MASTER_ADDR when it
+    #: is node 0); empty: the address the coordinator sees the agent connect from.
+    address: str = ""
+
+
+class AgentHeartbeat(_Message, tag="agent_heartbeat"):
+    seq: int
+
+
+class AgentStarted(_Message, tag="agent_started"):
+    """The rank ``key`` runs as ``pid`` on the agent's host."""
+
+    key: str
+    pid: int
+
+
+class AgentExited(_Message, tag="agent_exited"):
+    """The rank ``key`` ended (reaped, its output sent): exactly how, as ``ExitStatus`` says."""
+
+    key: str
+    code: int | None = None
+    signal: int | None = None
+    reason: str | None = None
+    message: str = ""
+    started: bool = True
+
+
+class AgentOutput(_Message, tag="agent_output"):
+    """Bytes the rank ``key`` wrote to ``stream`` ("stdout" or "stderr")."""
+
+    key: str
+    stream: str
+    data: bytes
+
+
+# -- coordinator -> node agent ------------------------------------------------------
+
+
+class AgentWelcome(_Message, tag="agent_welcome"):
+    version: int
+    node_rank: int
+    job: str
+    heartbeat_interval: float
+    heartbeat_timeout: float
+
+
+class AgentPong(_Message, tag="agent_pong"):
+    seq: int
+
+
+class AgentStart(_Message, tag="agent_start"):
+    """Start one rank: ``env`` holds what the coordinator sets; the agent adds its own environment."""
+
+    key: str
+    rank: int
+    local_rank: int
+    attempt: int
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None = None
+
+
+class AgentSignal(_Message, tag="agent_signal"):
+    key: str
+    signal: int
+
+
+class AgentStop(_Message, tag="agent_stop"):
+    """SIGTERM the rank ``key``, SIGKILL it after ``grace`` seconds, reap it, report ``AgentExited``."""
+
+    key: str
+    grace: float
+
+
+class AgentShutdown(_Message, tag="agent_shutdown"):
+    """The job is over (``ok``: it succeeded); the agent stops its ranks and exits."""
+
+    ok: bool
+    reason: str = ""
+
+
 ToCoordinator = Union[Hello, Heartbeat, CheckpointReady, CheckpointFailed, Goodbye]
-ToRank = Union[Welcome, Reject, Committed, Drain]
+ToRank = Union[Welcome, Reject, Committed, Drain, HeartbeatAck]
+FromAgent = Union[AgentHello, AgentHeartbeat, AgentStarted, AgentExited, AgentOutput]
+ToAgent = Union[AgentWelcome, Reject, AgentPong, AgentStart, AgentSignal, AgentStop, AgentShutdown]
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -118,6 +118,7 @@ class RankRunner:
             heartbeat_interval=job.spec.effective_heartbeat_interval,
             attempt=attempt,
             resume=resume,
+            acks=True,
         )
         self.step: int | None = None
         self.samples: int | None = None
@@ -375,6 +376,9 @@ class RankRunner:
         now = trio.current_time()
         if isinstance(message, protocol.Heartbeat):
             self._last_heartbeat = now
+            # Answered, so that a rank cut off by a partition (TCP goes silent,
+            # it does not close) sees its heartbeats unanswered and stops itself.
+            self.send(protocol.HeartbeatAck(seq=message.seq))
             if self._busy_check_at is not None:
                 log.info("job=%s attempt=%d rank=%d: heartbeats again after a busy spell",
                          self.job.job_id, self.attempt, self.rank)
