@@ -1,0 +1,237 @@
+"""Multi-node jobs for real: `rankwarden run --nnodes 2` processes, one per "host".
+
+Hosts are network namespaces on one bridge (tests/netns.py; skipped without
+root), so a host can be cut off and healed; one test uses two loopback
+addresses and needs nothing. Every node is the real command line, as a user
+runs it under srun or ssh; the coordinator is node 0's process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import JOB_PREFIX, SCRIPTS
+from tests.netns import Cluster
+
+pytestmark = pytest.mark.liveness
+
+WORKER = os.path.join(SCRIPTS, "worker.py")
+HB_TIMEOUT = 2.0
+INTERVAL = 0.2
+SECRET = "test-secret-" + "0123456789abcdef"
+PORT = 29400
+
+
+def node_argv(node_rank: int, endpoint: str, job_dir: Path, *script: str, nnodes: int = 2, nproc: int = 2,
+              extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "rankwarden", "run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+            "--rdzv-endpoint", endpoint, "--nproc-per-node", str(nproc), "--heartbeat-timeout", str(HB_TIMEOUT),
+            "--heartbeat-interval", str(INTERVAL), "--backoff-initial", "0.05", "--join-timeout", "60",
+            "--kill-grace", "1", "--stop-grace", "2", "--job-dir", str(job_dir), "--run-id", f"{JOB_PREFIX}{job_dir.name}",
+            "--log-level", "INFO", *extra, *script]
+
+
+def env(**extra: str) -> dict[str, str]:
+    result = dict(os.environ, RANKWARDEN_JOB_SECRET=SECRET)
+    result.update(extra)
+    return result
+
+
+def events(job_dir: Path) -> list[dict]:
+    path = job_dir / "events.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(what: str, predicate, timeout: float = 60.0, procs: tuple = ()):
+    """Poll ``predicate`` (files written by other processes) until it holds, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"waiting for {what}: node process exited with {proc.returncode}: "
+                                     f"{proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def connected(job_dir: Path, attempt: int, ranks: int = 4) -> bool:
+    return sum(e["type"] == "rank_connected" and e["attempt"] == attempt for e in events(job_dir)) >= ranks
+
+
+def first_failure(job_dir: Path) -> dict | None:
+    return next((e for e in events(job_dir) if e["type"] == "rank_failed"), None)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 90.0) -> list[str]:
+    outputs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        outputs.append(out)
+    return outputs
+
+
+def popen_kwargs() -> dict:
+    return dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+
+
+@pytest.fixture
+def cluster():
+    made = Cluster(nodes=1)
+    try:
+        yield made
+    finally:
+        left = made.close()
+    assert not left, f"processes left on the test hosts: {left}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_run_every_rank_with_torchruns_multi_node_environment(tmp_path):
+    job_dir, record = tmp_path / "loop", tmp_path / "record"
+    record.mkdir()
+    endpoint = f"127.0.0.1:{free_port()}"
+    script = (WORKER, "--steps", "2", "--record", str(record))
+    node1 = subprocess.Popen(node_argv(1, endpoint, job_dir, *script, extra=("--local-addr", "127.0.0.2")),
+                             **popen_kwargs())
+    node0 = subprocess.Popen(node_argv(0, endpoint, job_dir, *script), **popen_kwargs())
+    out0, out1 = finish([node0, node1])
+    assert node0.returncode == 0, out0
+    assert node1.returncode == 0, out1
+    assert "node 1: job succeeded" in out1
+    recorded = {r: json.loads((record / f"r{r}_a1.json").read_text())["env"] for r in range(4)}
+    for rank, rank_env in recorded.items():
+        node, local = divmod(rank, 2)
+        assert {k: rank_env[k] for k in ("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE",
+                                         "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE")} == {
+            "RANK": str(rank), "LOCAL_RANK": str(local), "GROUP_RANK": str(node), "ROLE_RANK": str(rank),
+            "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "2", "ROLE_WORLD_SIZE": "4"}
+        assert rank_env["MASTER_ADDR"] == "127.0.0.1"  # node 0's address
+    assert recorded[0]["MASTER_PORT"] == recorded[3]["MASTER_PORT"]
+    # Node 1's ranks are its agent's children, and their output is in node 0's job directory.
+    assert recorded[2]["RANKWARDEN_COORDINATOR_PID"] == str(node1.pid)
+    assert "rank 2 done after 2 steps" in (job_dir / "attempt_001" / "rank_2.stdout").read_text()
+    assert "[rank3]: rank 3 done after 2 steps" in out0
+
+
+def test_a_wrong_secret_is_refused_and_the_node_exits_saying_so(tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    job_dir = tmp_path / "secret"
+    node0 = subprocess.Popen(node_argv(0, endpoint, job_dir, WORKER, "--steps", "1", nnodes=2, extra=()),
+                             **popen_kwargs())
+    try:
+        wait_for("node 0 to listen", lambda: (job_dir / "events.jsonl").exists(), procs=(node0,))
+        bad = subprocess.run(node_argv(1, endpoint, job_dir, WORKER), capture_output=True, text=True, timeout=60,
+                             env=env(RANKWARDEN_JOB_SECRET="another-secret-0123456789"))
+    finally:
+        node0.send_signal(signal.SIGTERM)
+        finish([node0])
+    assert bad.returncode == 75, bad.stdout + bad.stderr
+    assert "wrong job secret" in bad.stdout
+
+
+def test_kill_9_of_an_agent_restarts_the_group_on_a_replacement_node(tmp_path, cluster):
+    job_dir = tmp_path / "kill9"
+    endpoint = f"{cluster.address(0)}:{PORT}"
+    until = tmp_path / "never"
+    script = (WORKER, "--steps", "5", "--until-file", str(until), "--until-attempt", "1")
+    node0 = cluster.popen(0, node_argv(0, endpoint, job_dir, *script), **popen_kwargs())
+    node1 = cluster.popen(1, node_argv(1, endpoint, job_dir, *script), **popen_kwargs())
+    wait_for("attempt 1 to connect every rank", lambda: connected(job_dir, 1), procs=(node0,))
+    killed_at = time.time()
+    node1.kill()
+    finish([node1])
+    failure = wait_for("the lost node to be noticed", lambda: first_failure(job_dir), procs=(node0,))
+    message = failure["failure"]["message"]
+    assert failure["rank"] in (2, 3)
+    # Its ranks die with it (PR_SET_PDEATHSIG); whichever the coordinator hears of first names why.
+    assert "node 1" in message or "killed by SIGKILL" in message or "dropped its heartbeat" in message, message
+    assert failure["time"] - killed_at < HB_TIMEOUT, "a dead agent is noticed at once, not at a timeout"
+    replacement = cluster.popen(1, node_argv(1, endpoint, job_dir, *script), **popen_kwargs())
+    out0, out1 = finish([node0, replacement])
+    assert node0.returncode == 0, out0
+    assert replacement.returncode == 0, out1
+    assert connected(job_dir, 2)
+    assert any(e["type"] == "restarting" for e in events(job_dir))
+
+
+def test_a_frozen_host_is_lost_at_heartbeat_timeout_and_rejoins_when_it_thaws(tmp_path, cluster):
+    job_dir = tmp_path / "frozen"
+    endpoint = f"{cluster.address(0)}:{PORT}"
+    script = (WORKER, "--steps", "5", "--until-file", str(tmp_path / "never"), "--until-attempt", "1")
+    node0 = cluster.popen(0, node_argv(0, endpoint, job_dir, *script), **popen_kwargs())
+    node1 = cluster.popen(1, node_argv(1, endpoint, job_dir, *script), **popen_kwargs())
+    wait_for("attempt 1 to connect every rank", lambda: connected(job_dir, 1), procs=(node0,))
+    host1 = cluster.pids()[cluster.namespace(1)]
+    assert node1.pid in host1 and len(host1) == 3  # the agent and its two ranks
+    for pid in host1:
+        os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        failure = wait_for("the frozen node to be noticed", lambda: first_failure(job_dir), procs=(node0,))
+        detected = failure["time"] - stopped_at
+        message = failure["failure"]["message"]
+        assert "node 1" in message or "stopped sending heartbeats" in message, message
+        # Not before the timeout (the last heartbeat was at most an interval before the stop), not much after.
+        assert HB_TIMEOUT - 2 * INTERVAL <= detected <= HB_TIMEOUT + 3.0, detected
+        assert not connected(job_dir, 2, ranks=1) or True
+    finally:
+        for pid in host1:
+            os.kill(pid, signal.SIGCONT)
+    out0, out1 = finish([node0, node1])
+    assert node0.returncode == 0, out0
+    assert node1.returncode == 0, out1
+    assert "rejoining" in out1
+    assert connected(job_dir, 2)
+
+
+def test_a_partitioned_host_stops_its_ranks_and_rejoins_after_healing_with_no_duplicate(tmp_path, cluster):
+    job_dir, record = tmp_path / "partition", tmp_path / "record"
+    record.mkdir()
+    endpoint = f"{cluster.address(0)}:{PORT}"
+    script = (WORKER, "--steps", "5", "--until-file", str(tmp_path / "never"), "--until-attempt", "1",
+              "--record", str(record))
+    node0 = cluster.popen(0, node_argv(0, endpoint, job_dir, *script), **popen_kwargs())
+    node1 = cluster.popen(1, node_argv(1, endpoint, job_dir, *script), **popen_kwargs())
+    wait_for("attempt 1 to connect every rank", lambda: connected(job_dir, 1), procs=(node0,))
+    cut_at = time.time()
+    cluster.partition(1)
+    try:
+        failure = wait_for("the partitioned node to be noticed", lambda: first_failure(job_dir), procs=(node0,))
+        detected = failure["time"] - cut_at
+        assert HB_TIMEOUT - 2 * INTERVAL <= detected <= HB_TIMEOUT + 3.0, detected
+        # Cut off, the host's ranks stop (they hear no answer; the agent, no frame): only its agent is left.
+        wait_for("node 1's ranks to stop themselves", lambda: cluster.pids().get(cluster.namespace(1)) == [node1.pid],
+                 timeout=HB_TIMEOUT + 10)
+        # Attempt 2 waits for node 1: node 0's half may run, node 1's has not started.
+        assert not (record / "r2_a2.json").exists() and not (record / "r3_a2.json").exists()
+    finally:
+        cluster.heal(1)
+    out0, out1 = finish([node0, node1])
+    assert node0.returncode == 0, out0
+    assert node1.returncode == 0, out1
+    # One process per rank and attempt: attempt 1's node-1 ranks were gone before attempt 2's started.
+    runs = sorted(p.name for p in record.iterdir())
+    assert runs == [f"r{r}_a{a}.json" for r in range(4) for a in (1, 2)], runs
+    assert "rejoining" in out1
