@@ -235,3 +235,47 @@ def test_a_partitioned_host_stops_its_ranks_and_rejoins_after_healing_with_no_du
     runs = sorted(p.name for p in record.iterdir())
     assert runs == [f"r{r}_a{a}.json" for r in range(4) for a in (1, 2)], runs
     assert "rejoining" in out1
+
+
+DDP = os.path.join(SCRIPTS, "ddp_resume.py")
+
+
+@pytest.mark.torch
+@pytest.mark.timeout(200)
+def test_a_two_node_ddp_job_survives_losing_a_node_and_ends_with_a_verified_checkpoint(tmp_path, cluster):
+    pytest.importorskip("torch")
+    import torch
+
+    from rankwarden.checkpoint import CheckpointStore
+
+    job_dir, out, ckpt = tmp_path / "ddp", tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    endpoint = f"{cluster.address(0)}:{PORT}"
+    job_id = f"{JOB_PREFIX}{job_dir.name}"
+    script = (DDP, "--steps", "40", "--every", "4", "--out", str(out))
+    extra = ("--checkpoint", str(ckpt), "--no-warm")
+    # gloo finds its peers by interface: each "host" has its own.
+    node_env = [env(GLOO_SOCKET_IFNAME="br0", RW_TEST_STEP_TIME="0.1"),
+                env(GLOO_SOCKET_IFNAME="eth0", RW_TEST_STEP_TIME="0.1")]
+    kwargs = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = [node_argv(k, endpoint, job_dir, *script, nproc=1, extra=extra) for k in (0, 1)]
+    for k in (0, 1):  # heavier ranks: a loaded 2-core host must not look frozen
+        argv[k][argv[k].index("--heartbeat-timeout") + 1] = "10"
+        argv[k][argv[k].index("--heartbeat-interval") + 1] = "0.5"
+    node0 = cluster.popen(0, argv[0], env=node_env[0], **kwargs)
+    node1 = cluster.popen(1, argv[1], env=node_env[1], **kwargs)
+    store = CheckpointStore(str(ckpt), job_id)
+    wait_for("a committed checkpoint", lambda: store.steps(), timeout=100, procs=(node0,))
+    node1.kill()  # the whole host: its agent, and with it (PR_SET_PDEATHSIG) its rank
+    finish([node1])
+    replacement = cluster.popen(1, argv[1], env=node_env[1], **kwargs)
+    out0, out1 = finish([node0, replacement], timeout=150)
+    assert node0.returncode == 0, out0
+    assert replacement.returncode == 0, out1
+    resumed = [json.loads((out / f"run_resume_r{r}.json").read_text())["resumed_from"] for r in (0, 1)]
+    assert resumed[0] == resumed[1] > 0, resumed  # attempt 2 resumed one committed step on both nodes
+    final = [torch.load(out / f"run_final_r{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    latest = store.latest()
+    assert latest is not None and latest.step == 40
+    store.verify(latest.step, checksums=True)  # raises if any file is damaged

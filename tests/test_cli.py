@@ -44,7 +44,7 @@ def test_help_documents_every_flag():
         (["--nnodes", "2", "x.py"], "give --node-rank"),
         (["--nnodes", "1:2", "--node-rank", "0", "x.py"], "elastic node counts are not supported yet"),
         (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1", "x.py"], "expected 0 to 1"),
-        (["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "127.0.0.1:9:9", "x.py"], "expected HOST or HOST:PORT"),
+        (["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:http", "x.py"], "expected HOST or HOST:PORT"),
         (["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "127.0.0.1:1", "x.py"], "set RANKWARDEN_JOB_SECRET"),
         (["-m", "--no-python", "x"], "`module` and `no_python` cannot both be set"),
         (["--heartbeat-interval", "9", "--heartbeat-timeout", "3", "x.py"], "must be shorter than heartbeat_timeout"),
