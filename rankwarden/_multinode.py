@@ -93,8 +93,9 @@ def node_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> NodePlan 
         if node_id is None or not node_id.isdigit():
             raise SpecError(f"--nnodes {nnodes}: give --node-rank (0 to {nnodes - 1}); it is SLURM_NODEID under srun")
         node_rank = int(node_id)
-    if not 0 <= node_rank < nnodes:
-        raise SpecError(f"--node-rank {node_rank}: expected 0 to {nnodes - 1} for --nnodes {nnodes}")
+    if not -1 <= node_rank < nnodes:
+        raise SpecError(f"--node-rank {node_rank}: expected 0 to {nnodes - 1} for --nnodes {nnodes} "
+                        "(or -1: a replacement agent that takes any free node slot)")
     endpoint = args.rdzv_endpoint
     if not endpoint:
         nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
@@ -104,7 +105,10 @@ def node_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> NodePlan 
         endpoint = first_host(nodelist)
     host, port = _split_endpoint(endpoint)
     secret = environ.get(SECRET_ENV, "")
-    if len(secret) < 16:
+    if secret and len(secret) < 16:
+        raise SpecError(f"{SECRET_ENV} has {len(secret)} characters: use a random string of 16 or more, "
+                        f"e.g. $(openssl rand -hex 16)")
+    if not secret:
         raise SpecError(f"--nnodes {nnodes}: set {SECRET_ENV} to the same random string (16+ characters) on "
                         f"every node, e.g. export {SECRET_ENV}=$(openssl rand -hex 16) before srun")
     return NodePlan(nnodes, node_rank, host, port, secret, args.local_addr or "",
@@ -133,7 +137,7 @@ def _split_endpoint(endpoint: str) -> tuple[str, int]:
 
 async def run_node(spec: JobSpec, nodes: NodePlan, *, quiet: bool, plan) -> int:
     """This node's part of the job; the exit status of ``rankwarden run`` on it."""
-    if nodes.node_rank != 0:
+    if nodes.node_rank != 0:  # -1 too: a replacement for whichever node is missing
         return await _run_agent_only(spec, nodes)
     return await _run_coordinator_node(spec, nodes, quiet=quiet, plan=plan)
 
@@ -145,8 +149,8 @@ def _agent_config(spec: JobSpec, nodes: NodePlan) -> AgentConfig:
 
 
 async def _run_agent_only(spec: JobSpec, nodes: NodePlan) -> int:
-    print(f"rankwarden: node {nodes.node_rank} of {nodes.nnodes}: agent for the coordinator at {nodes.endpoint}",
-          flush=True)
+    which = "any free node slot" if nodes.node_rank == -1 else f"node {nodes.node_rank} of {nodes.nnodes}"
+    print(f"rankwarden: {which}: agent for the coordinator at {nodes.endpoint}", flush=True)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             stopped_by: int | None = None

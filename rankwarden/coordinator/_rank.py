@@ -67,6 +67,7 @@ from rankwarden.events import (
     RankStopped,
 )
 from rankwarden.launcher import CpuSample, ExitStatus, RankProcess, ReportsCpu, WarmAware
+from rankwarden.launcher._agent import NODE_LOST
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwarden.coordinator._job import Coordinator
@@ -193,6 +194,9 @@ class RankRunner:
             self._record_stopped(status)
         elif status.ok:
             self._succeed()
+        elif status.reason == NODE_LOST:
+            # The message names the node, its host and why (AgentLauncher).
+            self._fail(FailureCause.NODE_LOST, f"rank {self.rank}: {status.message}", status=status)
         else:
             if not status.started:
                 cause = FailureCause.LAUNCH_FAILED
