@@ -2,7 +2,9 @@
 
 Node 0 (the node whose ``--rdzv-endpoint`` host it is, as with torchrun's
 c10d rendezvous) runs the coordinator, the agents' endpoint at HOST:PORT and
-its own agent; every other node runs an agent only. Under Slurm the flags may
+its own agent; every other node runs an agent only. ``rankwarden
+coordinator`` runs the coordinator alone on a host of its own, and then every
+node, node 0 included, runs ``rankwarden agent``. Under Slurm the flags may
 be left out: an ``srun`` step's ``SLURM_STEP_NUM_NODES``, ``SLURM_NODEID``
 and the first host of ``SLURM_STEP_NODELIST`` fill them in. Every node must
 have the same ``RANKWARDEN_JOB_SECRET`` in its environment (``srun`` passes
@@ -47,6 +49,8 @@ class NodePlan(NamedTuple):
     secret: str
     local_addr: str
     join_timeout: float
+    #: "auto": node 0 is coordinator and agent, others agents; "coordinator" or "agent": only that.
+    role: str = "auto"
 
     @property
     def endpoint(self) -> str:
@@ -76,24 +80,30 @@ def _nnodes(text: str) -> int:
     return high
 
 
-def node_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> NodePlan | None:
-    """The multi-node plan from the flags (else an ``srun`` step's environment); None for one node."""
+def node_plan(args: argparse.Namespace, environ: Mapping[str, str], *, role: str = "auto") -> NodePlan | None:
+    """The multi-node plan from the flags (else an ``srun`` step's environment); None for one node.
+
+    ``role`` fixes what this process is (``rankwarden coordinator`` / ``agent``)."""
     text = args.nnodes
     if text is None:
         text = environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_NNODES") if "SLURM_NODEID" in environ \
             and "SLURM_STEP_ID" in environ else None
     nnodes = _nnodes(text or "1")
-    if nnodes == 1:
+    if nnodes == 1 and role == "auto":
         if args.node_rank not in (None, 0):
             raise SpecError(f"--node-rank {args.node_rank}: a one-node job has only node 0")
         return None
     node_rank = args.node_rank
-    if node_rank is None:
+    if role == "coordinator":
+        node_rank = -1  # runs no ranks: every node slot is an agent's
+    elif node_rank is None:
         node_id = environ.get("SLURM_NODEID")
         if node_id is None or not node_id.isdigit():
             raise SpecError(f"--nnodes {nnodes}: give --node-rank (0 to {nnodes - 1}); it is SLURM_NODEID under srun")
         node_rank = int(node_id)
-    if not -1 <= node_rank < nnodes:
+    if role == "coordinator":
+        pass
+    elif not -1 <= node_rank < nnodes:
         raise SpecError(f"--node-rank {node_rank}: expected 0 to {nnodes - 1} for --nnodes {nnodes} "
                         "(or -1: a replacement agent that takes any free node slot)")
     endpoint = args.rdzv_endpoint
@@ -112,7 +122,7 @@ def node_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> NodePlan 
         raise SpecError(f"--nnodes {nnodes}: set {SECRET_ENV} to the same random string (16+ characters) on "
                         f"every node, e.g. export {SECRET_ENV}=$(openssl rand -hex 16) before srun")
     return NodePlan(nnodes, node_rank, host, port, secret, args.local_addr or "",
-                    float(getattr(args, "join_timeout", 300.0)))
+                    float(getattr(args, "join_timeout", 300.0)), role)
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -137,8 +147,8 @@ def _split_endpoint(endpoint: str) -> tuple[str, int]:
 
 async def run_node(spec: JobSpec, nodes: NodePlan, *, quiet: bool, plan) -> int:
     """This node's part of the job; the exit status of ``rankwarden run`` on it."""
-    if nodes.node_rank != 0:  # -1 too: a replacement for whichever node is missing
-        return await _run_agent_only(spec, nodes)
+    if nodes.role == "agent" or (nodes.role == "auto" and nodes.node_rank != 0):
+        return await _run_agent_only(spec, nodes)  # node_rank -1: a replacement for whichever node is missing
     return await _run_coordinator_node(spec, nodes, quiet=quiet, plan=plan)
 
 
@@ -210,7 +220,8 @@ async def _run_coordinator_node(spec: JobSpec, nodes: NodePlan, *, quiet: bool, 
 
                 nursery.start_soon(on_signals)
                 nursery.start_soon(console.show_events)
-                snapshot = await serve_coordinator_node(coordinator, launcher, listeners, _agent_config(spec, nodes),
+                local = _agent_config(spec, nodes) if nodes.role == "auto" else None
+                snapshot = await serve_coordinator_node(coordinator, launcher, listeners, local,
                                                         on_started=lambda: nursery.start_soon(console.refresh))
                 nursery.cancel_scope.cancel()
     finally:

@@ -179,7 +179,18 @@ def _build_parser() -> argparse.ArgumentParser:
     from rankwarden._api_cli import add_api_commands
 
     add_api_commands(sub)
+    # Listed for --help only: main() reads them as `run` with this node's role fixed.
+    for name, text in _ROLE_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
+
+
+#: `rankwarden coordinator|agent ARGS` is `rankwarden run ARGS` with the role fixed (multi-node).
+_ROLE_COMMANDS = {
+    "coordinator": "multi-node: only the coordinator, on a host of its own (takes `run`'s flags; every node "
+                   "runs `rankwarden agent`)",
+    "agent": "multi-node: only this node's agent, even as node 0 (takes `run`'s flags)",
+}
 
 
 class RunPlan(NamedTuple):
@@ -392,6 +403,10 @@ def _chaos(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    role = "auto"
+    if argv and argv[0] in _ROLE_COMMANDS:
+        role, argv = argv[0], ["run", *argv[1:]]
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "ERROR"), format="rankwarden %(levelname)s %(name)s: %(message)s")
     if args.command == "run":
@@ -399,11 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rankwarden._torchrun import IGNORED
 
         try:
-            nodes = node_plan(args, os.environ)
+            nodes = node_plan(args, os.environ, role=role)
             spec = spec_from_args(args, nnodes=nodes.nnodes if nodes else 1)
             plan = plan_from_args(args)
         except SpecError as exc:
-            parser.exit(EXIT_USAGE, f"rankwarden run: error: {exc}\n")
+            parser.exit(EXIT_USAGE, f"rankwarden {'run' if role == 'auto' else role}: error: {exc}\n")
         problem = check_entrypoint(spec)
         if problem is not None:
             parser.exit(EXIT_USAGE, f"rankwarden run: error: {problem}; nothing was started\n")

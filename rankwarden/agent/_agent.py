@@ -53,6 +53,7 @@ _OUTPUT_CHUNK = 65536
 _SEND_QUEUE = 64
 #: How long a rank's pipes may stay open after the rank exited (a child of it holds them).
 _OUTPUT_DRAIN = 1.0
+_CONNECT_TIMEOUT = 5.0
 
 
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,7 +108,8 @@ async def run_agent(config: AgentConfig, *, connect: Callable | None = None,
             log.error("agent node=%d: %s; exiting", config.node_rank, reason)
             return AgentResult(False, reason, EXIT_COORDINATOR_LOST)
         try:
-            with trio.fail_after(max(0.1, min(10.0, lost_since + config.join_timeout - trio.current_time()))):
+            # Short: across a partition a SYN goes nowhere, and a healed host should rejoin promptly.
+            with trio.fail_after(max(0.1, min(_CONNECT_TIMEOUT, lost_since + config.join_timeout - trio.current_time()))):
                 stream = await connect()
         except (OSError, trio.TooSlowError) as exc:
             why = f"connect: {exc or 'timed out'}"

@@ -210,8 +210,14 @@ class AgentLauncher:
             process._resolve(ExitStatus(reason=NODE_LOST, message=f"{node.describe()} stopped reading"))
         # Bounded twice: a lost node resolves it; an agent that is alive but never
         # answers (a bug, a wedged fork) is given up on after heartbeat_timeout + 30 s.
-        with trio.move_on_after(self.heartbeat_timeout + 30.0):
-            await process._started.wait()
+        try:
+            with trio.move_on_after(self.heartbeat_timeout + 30.0):
+                await process._started.wait()
+        except BaseException:
+            # Cancelled (the job stops, the group restarts): the start is already
+            # on its way, so the rank must be stopped there too, or it would run unwatched.
+            node.send(protocol.AgentStop(key=key, grace=0.0))
+            raise
         if not process._started.is_set():
             node.send(protocol.AgentStop(key=key, grace=0.0))
             process._resolve(ExitStatus(started=False, reason="StartTimeout",
