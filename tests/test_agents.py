@@ -135,6 +135,40 @@ def test_two_nodes_on_loopback_run_every_rank_with_torchruns_multi_node_environm
     assert "[rank3]: rank 3 done after 2 steps" in out0
 
 
+@pytest.mark.parametrize("mode, cause, exit_code, signum", [
+    ("exit1", "exited", 1, None), ("kill", "signaled", None, signal.SIGKILL)])
+def test_a_rank_on_another_node_is_reported_exactly_as_it_ended(tmp_path, mode, cause, exit_code, signum):
+    job_dir = tmp_path / mode
+    endpoint = f"127.0.0.1:{free_port()}"
+    script = (WORKER, "--steps", "3", "--fail-rank", "3", "--fail-step", "1", "--fail-mode", mode)
+    node1 = subprocess.Popen(node_argv(1, endpoint, job_dir, *script), **popen_kwargs())
+    node0 = subprocess.Popen(node_argv(0, endpoint, job_dir, *script), **popen_kwargs())
+    out0, out1 = finish([node0, node1])
+    assert node0.returncode == 0 and node1.returncode == 0, out0 + out1
+    failure = first_failure(job_dir)["failure"]
+    assert (failure["rank"], failure["cause"], failure["exit_code"], failure["signal"]) == (3, cause, exit_code, signum)
+    if mode == "exit1":
+        assert "rank 3 failing on purpose" in (job_dir / "attempt_001" / "rank_3.stderr").read_text()
+
+
+def test_a_configuration_error_on_another_node_is_judged_from_its_streamed_stderr(tmp_path):
+    # Fail-fast compares the last lines of stderr of two attempts when it judges
+    # an exit: they must have arrived from node 1 before its exit was reported.
+    script = tmp_path / "broken_on_node_1.py"
+    script.write_text("import os, time\n"
+                      "if os.environ['GROUP_RANK'] == '1':\n"
+                      "    raise ImportError(\"No module named 'only_on_node_0'\")\n"
+                      "time.sleep(60)\n")
+    job_dir = tmp_path / "config"
+    endpoint = f"127.0.0.1:{free_port()}"
+    node1 = subprocess.Popen(node_argv(1, endpoint, job_dir, str(script), nproc=1), **popen_kwargs())
+    node0 = subprocess.Popen(node_argv(0, endpoint, job_dir, str(script), nproc=1), **popen_kwargs())
+    out0, out1 = finish([node0, node1])
+    assert node0.returncode == 1 and node1.returncode == 1, out0 + out1
+    assert "configuration error" in out0 and "only_on_node_0" in out0, out0
+    assert sum(e["type"] == "attempt_started" for e in events(job_dir)) == 2  # not the whole budget
+
+
 def test_a_coordinator_on_a_host_of_its_own_with_an_agent_on_every_node(tmp_path):
     job_dir, record = tmp_path / "own", tmp_path / "record"
     record.mkdir()
