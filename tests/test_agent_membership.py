@@ -2,7 +2,8 @@
 
 No process, no socket: each fake agent is the far end of a memory stream
 pair handed to the launcher's connection handler, speaking the agent_*
-messages of rankwarden.protocol. Virtual times are asserted exactly.
+messages of rankwarden.protocol. Virtual times are asserted exactly. The
+last tests run the real agent (``run_agent``) against the launcher on loopback.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import trio
 import trio.testing
 
 from rankwarden import protocol
+from rankwarden.agent import AgentConfig, run_agent
 from rankwarden.errors import LaunchError
 from rankwarden.launcher import AgentLauncher, ExitStatus, LaunchRequest
 from rankwarden.launcher._agent import NODE_LOST
@@ -265,3 +267,54 @@ async def test_shutdown_tells_every_agent_and_turns_new_ones_away(autojump_clock
         reject = await late.receive()
         assert isinstance(reject, protocol.Reject) and "the job is over" in reject.reason
         nursery.cancel_scope.cancel()
+
+
+# -- the agent's side of a refusal (real loopback TCP, real time) -----------------------
+
+
+async def serving(nursery, launcher) -> str:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(launcher.serve, listeners)
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def test_an_agent_refused_for_good_exits_at_once_naming_why():
+    launcher = make_launcher()
+    async with trio.open_nursery() as nursery:
+        endpoint = await serving(nursery, launcher)
+        with trio.fail_after(10):  # join_timeout is 300: a refusal that cannot pass is not retried
+            result = await run_agent(AgentConfig(endpoint=endpoint, token=TOKEN, node_rank=1, nproc=3))
+        nursery.cancel_scope.cancel()
+    assert (result.ok, result.exit_code) == (False, 75)
+    assert "--nproc-per-node must be the same on every node" in result.reason
+
+
+async def test_an_agent_refused_for_a_held_slot_retries_and_joins_once_it_frees():
+    launcher = make_launcher()
+    async with trio.open_nursery() as nursery:
+        endpoint = await serving(nursery, launcher)
+        holder = await connect(nursery, launcher, node_rank=1)
+        await holder.receive()
+        joined = trio.Event()
+
+        async def second():
+            await run_agent(AgentConfig(endpoint=endpoint, token=TOKEN, node_rank=1, nproc=2),
+                            task_status=_Started(joined))
+
+        nursery.start_soon(second)
+        with trio.move_on_after(1.0):
+            await joined.wait()
+        assert not joined.is_set()  # refused while the slot is held, and still trying
+        await holder.stream.aclose()  # the holder's host is lost
+        with trio.fail_after(10):
+            await joined.wait()
+        assert launcher.nodes()[1].joined
+        nursery.cancel_scope.cancel()
+
+
+class _Started:
+    def __init__(self, event: trio.Event) -> None:
+        self._event = event
+
+    def started(self, value=None) -> None:
+        self._event.set()

@@ -28,9 +28,7 @@ stderr is complete when it judges the exit.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import signal
 import socket
 import subprocess
 from typing import Callable
@@ -40,7 +38,7 @@ import trio
 
 from rankwarden import protocol
 from rankwarden.errors import AuthError, ProtocolError
-from rankwarden.launcher._base import ExitStatus, LaunchRequest
+from rankwarden.launcher._base import LaunchRequest
 from rankwarden.launcher._local import LocalProcess
 
 __all__ = ["AgentConfig", "AgentResult", "rank_coordinator_address", "run_agent"]
@@ -54,6 +52,8 @@ _SEND_QUEUE = 64
 #: How long a rank's pipes may stay open after the rank exited (a child of it holds them).
 _OUTPUT_DRAIN = 1.0
 _CONNECT_TIMEOUT = 5.0
+#: Rejections that may pass: the slot is held until the coordinator declares its host lost.
+_RETRY_REJECTS = ("is already held by", "node slots are taken")
 
 
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -163,9 +163,7 @@ class _Session:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise _SessionEnded(f"connection failed: {exc}") from None
             except ProtocolError as exc:
-                # A wrong secret or protocol version will not change by retrying.
-                retry = not isinstance(exc, AuthError) and "protocol version" not in str(exc)
-                raise _SessionEnded(str(exc), retry=retry) from None
+                raise _SessionEnded(str(exc), retry=not isinstance(exc, AuthError)) from None
             self.welcomed = True
             self.node_rank = welcome.node_rank
             self._timeout, self._interval = welcome.heartbeat_timeout, welcome.heartbeat_interval
@@ -199,9 +197,11 @@ class _Session:
                 messages = self._decoder.feed(data)
                 for i, message in enumerate(messages):
                     if isinstance(message, protocol.Reject):
-                        raise AuthError(f"the coordinator refused this agent: {message.reason}") \
-                            if "token" in message.reason or "secret" in message.reason \
-                            else ProtocolError(f"the coordinator refused this agent: {message.reason}")
+                        # Only a slot that is still held (its host not yet declared lost) may
+                        # free up; a wrong secret, version or size will not change by retrying.
+                        retry = any(why in message.reason for why in _RETRY_REJECTS)
+                        error = ProtocolError if retry else AuthError
+                        raise error(f"the coordinator refused this agent: {message.reason}")
                     if isinstance(message, protocol.AgentWelcome):
                         return message, messages[i + 1:]
                     raise ProtocolError(f"expected agent_welcome, got {type(message).__name__}")
