@@ -185,9 +185,11 @@ async def _run_agent_only(spec: JobSpec, nodes: NodePlan) -> int:
 async def _run_coordinator_node(spec: JobSpec, nodes: NodePlan, *, quiet: bool, plan) -> int:
     from rankwarden.coordinator import Coordinator
 
+    console: Console | None = None
     launcher = AgentLauncher(job_id=spec.job_id, nnodes=nodes.nnodes, nproc=spec.world_size // nodes.nnodes,
                              token=nodes.secret, heartbeat_timeout=spec.heartbeat_timeout,
-                             heartbeat_interval=spec.effective_heartbeat_interval, join_timeout=nodes.join_timeout)
+                             heartbeat_interval=spec.effective_heartbeat_interval, join_timeout=nodes.join_timeout,
+                             on_change=lambda line: console and console.line(f"rankwarden: {line}"))
     try:
         listeners = await trio.open_tcp_listeners(nodes.port, host=nodes.host)
     except OSError as exc:

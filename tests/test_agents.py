@@ -133,6 +133,7 @@ def test_two_nodes_on_loopback_run_every_rank_with_torchruns_multi_node_environm
     assert recorded[2]["RANKWARDEN_COORDINATOR_PID"] == str(node1.pid)
     assert "rank 2 done after 2 steps" in (job_dir / "attempt_001" / "rank_2.stdout").read_text()
     assert "[rank3]: rank 3 done after 2 steps" in out0
+    assert "rankwarden: node 1 (" in out0 and "joined" in out0
 
 
 @pytest.mark.parametrize("mode, cause, exit_code, signum", [
@@ -230,6 +231,26 @@ def test_kill_9_of_an_agent_restarts_the_group_on_a_replacement_node(tmp_path, c
     assert replacement.returncode == 0, out1
     assert connected(job_dir, 2)
     assert any(e["type"] == "restarting" for e in events(job_dir))
+    assert "node 1 (" in out0 and f"{cluster.address(1)}) lost: its agent closed the connection" in out0, out0
+    assert "waiting up to 60s for node 1 to join (--join-timeout)" in out0
+
+
+def test_sigterm_on_an_agent_node_stops_its_ranks_and_the_job_waits_for_the_node(tmp_path):
+    job_dir = tmp_path / "term"
+    endpoint = f"127.0.0.1:{free_port()}"
+    script = (WORKER, "--steps", "5", "--until-file", str(tmp_path / "never"), "--until-attempt", "1")
+    node0 = subprocess.Popen(node_argv(0, endpoint, job_dir, *script), **popen_kwargs())
+    node1 = subprocess.Popen(node_argv(1, endpoint, job_dir, *script), **popen_kwargs())
+    wait_for("attempt 1 to connect every rank", lambda: connected(job_dir, 1), procs=(node0,))
+    node1.send_signal(signal.SIGTERM)
+    [out1] = finish([node1])
+    assert node1.returncode == 128 + signal.SIGTERM, out1
+    assert "SIGTERM: stopping this node's ranks" in out1
+    failure = wait_for("the node's loss", lambda: first_failure(job_dir), procs=(node0,))
+    assert failure["failure"]["cause"] in ("node_lost", "signaled", "connection_lost"), failure
+    back = subprocess.Popen(node_argv(1, endpoint, job_dir, *script), **popen_kwargs())
+    out0, out_back = finish([node0, back])
+    assert node0.returncode == 0 and back.returncode == 0, out0 + out_back
 
 
 def test_a_frozen_host_is_lost_at_heartbeat_timeout_and_rejoins_when_it_thaws(tmp_path, cluster):

@@ -32,7 +32,7 @@ import hmac
 import logging
 import os
 import secrets
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import msgspec
 import trio
@@ -169,7 +169,10 @@ class AgentLauncher:
     """Starts ranks through the node agents of a job of ``nnodes`` x ``nproc`` ranks."""
 
     def __init__(self, *, job_id: str, nnodes: int, nproc: int, token: str, heartbeat_timeout: float,
-                 heartbeat_interval: float, join_timeout: float = 300.0) -> None:
+                 heartbeat_interval: float, join_timeout: float = 300.0,
+                 on_change: Callable[[str], None] | None = None) -> None:
+        """``on_change`` gets one line for each node that joins or is lost, and for
+        each node ranks start waiting for (the CLI prints them)."""
         if nnodes < 1 or nproc < 1:
             raise ValueError(f"nnodes and nproc must be at least 1, got {nnodes} and {nproc}")
         self.job_id = job_id
@@ -182,6 +185,8 @@ class AgentLauncher:
         self._slots: list[_Node | None] = [None] * nnodes
         self._changed = trio.Event()
         self._shutdown: protocol.AgentShutdown | None = None
+        self._on_change = on_change or (lambda line: None)
+        self._awaited: set[int] = set()
 
     # -- the Launcher seam ----------------------------------------------------------
 
@@ -229,6 +234,9 @@ class AgentLauncher:
         return process
 
     async def _wait_node(self, node_rank: int, request: LaunchRequest) -> _Node:
+        if self._slots[node_rank] is None and node_rank not in self._awaited and self._shutdown is None:
+            self._awaited.add(node_rank)  # one line per node and wait, not one per rank
+            self._on_change(f"waiting up to {self.join_timeout:g}s for node {node_rank} to join (--join-timeout)")
         with trio.move_on_after(self.join_timeout):
             while (node := self._slots[node_rank]) is None:
                 await self._changed.wait()
@@ -299,14 +307,17 @@ class AgentLauncher:
         node = _Node(slot, hello, hello.address or peer_host, send_channel, scope)
         self._slots[slot] = node
         log.info("job=%s: %s joined (agent pid %d)", self.job_id, node.describe(), hello.pid)
+        self._awaited.discard(slot)
+        self._on_change(f"{node.describe()} joined")
         self._notify()
         return node
 
     def _leave(self, node: _Node, reason: str) -> None:
         if self._slots[node.node_rank] is node:
             self._slots[node.node_rank] = None
-        if node.processes and self._shutdown is None:
+        if self._shutdown is None:
             log.warning("job=%s: %s lost: %s", self.job_id, node.describe(), reason)
+            self._on_change(f"{node.describe()} lost: {reason}")
         node.lose(f"{node.describe()} lost: {reason}")
         self._notify()
 
