@@ -8,6 +8,8 @@ last tests run the real agent (``run_agent``) against the launcher on loopback.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import trio
 import trio.testing
@@ -30,12 +32,12 @@ def make_launcher(nnodes=2, nproc=2) -> AgentLauncher:
                          heartbeat_interval=1.0, join_timeout=JOIN_TIMEOUT)
 
 
-def request(rank: int, attempt: int = 1, tmp_path=None) -> LaunchRequest:
+def request(rank: int, attempt: int = 1, tmp_path=None, **env: str) -> LaunchRequest:
     out = str(tmp_path / f"r{rank}.out") if tmp_path else ""
     err = str(tmp_path / f"r{rank}.err") if tmp_path else ""
     return LaunchRequest(job_id="t-job", rank=rank, local_rank=rank, attempt=attempt, argv=["python", "x.py"],
                          env={"RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                              "RANKWARDEN_COORDINATOR_PID": "1"},
+                              "RANKWARDEN_COORDINATOR_PID": "1", **env},
                          stdout_path=out, stderr_path=err)
 
 
@@ -76,7 +78,9 @@ async def connect(nursery, launcher: AgentLauncher, node_rank=1, **hello) -> Fak
     return agent
 
 
-async def test_an_agent_joins_and_the_rank_gets_torchruns_multi_node_env_and_its_exact_exit(tmp_path):
+async def test_an_agent_joins_and_the_rank_gets_torchruns_multi_node_env_and_its_exact_exit(tmp_path, monkeypatch):
+    monkeypatch.setenv("INHERITED_ONLY", "x")
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
     launcher = make_launcher()
     async with trio.open_nursery() as nursery:
         node0 = await connect(nursery, launcher, node_rank=0, address="10.0.0.1")
@@ -88,7 +92,8 @@ async def test_an_agent_joins_and_the_rank_gets_torchruns_multi_node_env_and_its
             result = {}
 
             async def start():
-                result["process"] = await launcher.start(request(3, tmp_path=tmp_path))
+                result["process"] = await launcher.start(request(3, tmp_path=tmp_path, PYTHONUNBUFFERED="1",
+                                                                 INHERITED_ONLY=os.environ["INHERITED_ONLY"]))
 
             starting.start_soon(start)
             start_msg = await node1.receive_kind(protocol.AgentStart)
@@ -101,6 +106,8 @@ async def test_an_agent_joins_and_the_rank_gets_torchruns_multi_node_env_and_its
         assert env["LOCAL_WORLD_SIZE"] == "2" and env["ROLE_RANK"] == "3" and env["RANK"] == "3"
         assert env["MASTER_ADDR"] == "10.0.0.1"  # node 0's advertised address
         assert "RANKWARDEN_COORDINATOR_PID" not in env  # the agent sets its own
+        assert env["PYTHONUNBUFFERED"] == "1"  # sent although this process has it too
+        assert "INHERITED_ONLY" not in env  # the coordinator's inheritance stays on its host
         await node1.send(protocol.AgentOutput(key=start_msg.key, stream="stderr", data=b"boom\n"))
         await node1.send(protocol.AgentExited(key=start_msg.key, code=None, signal=9))
         status = await process.wait()

@@ -52,6 +52,12 @@ _SEND_QUEUE = 256
 _RECEIVE_SIZE = 65536
 #: Variables the agent sets for itself, never copied from the coordinator's host.
 _HOST_LOCAL = {"RANKWARDEN_COORDINATOR_PID", "TORCHELASTIC_ERROR_FILE"}
+#: What a rank's env always carries from the coordinator, even where the agent's own
+#: environment could hold the same value: torchrun's and rankwarden's variables.
+_ALWAYS = {"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+           "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "OMP_NUM_THREADS", "PYTHONUNBUFFERED",
+           "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
+_ALWAYS_PREFIXES = ("RANKWARDEN_", "TORCHELASTIC_", "MASTER_")
 
 
 class NodeInfo(msgspec.Struct, frozen=True):
@@ -196,7 +202,10 @@ class AgentLauncher:
             raise LaunchError(f"rank {request.rank} has no node: the job has {self.nnodes} x {self.nproc} ranks")
         master = await self._wait_node(0, request)
         node = await self._wait_node(node_rank, request)
-        env = {k: v for k, v in request.env.items() if os.environ.get(k) != v and k not in _HOST_LOCAL}
+        # The agent's host has an environment of its own (PATH, CUDA_VISIBLE_DEVICES,
+        # NCCL_*): send what the coordinator set or changed, not what it inherited.
+        env = {k: v for k, v in request.env.items() if k not in _HOST_LOCAL and (
+            k in _ALWAYS or k.startswith(_ALWAYS_PREFIXES) or os.environ.get(k) != v)}
         env.update({
             # torchrun's multi-node values (torch.distributed.elastic's agent sets the same).
             "LOCAL_RANK": str(local_rank),
@@ -371,7 +380,10 @@ class AgentLauncher:
             except ProtocolError as exc:
                 reason = f"protocol error: {exc}"
                 log.warning("job=%s: dropped agent %s: %s", self.job_id, peer_host, exc)
-                send_channel.send_nowait(protocol.Reject(reason=str(exc)))
+                try:
+                    send_channel.send_nowait(protocol.Reject(reason=str(exc)))
+                except trio.WouldBlock:
+                    pass  # it is not reading: it is dropped without a reason
                 send_channel.close()
                 with trio.move_on_after(1.0):  # let the Reject out, never longer
                     await writer_done.wait()
