@@ -58,6 +58,11 @@ class Cluster:
             _ip("-n", self.head, "link", "add", "br0", "type", "bridge")
             _ip("-n", self.head, "addr", "add", f"{self.head_addr}/24", "dev", "br0")
             _ip("-n", self.head, "link", "set", "br0", "up")
+            # Strict reverse-path filtering: once a port leaves the bridge, what arrives on it
+            # is dropped. Without it Linux (weak host model) still accepts the cut-off node's
+            # packets for the head's address, and the partition is one-way for a while.
+            subprocess.run(["ip", "netns", "exec", self.head, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"],
+                           check=True, capture_output=True, timeout=30)
             for ns, port, addr in zip(self.nodes, self._ports, self.addrs):
                 _ip("netns", "add", ns)
                 _ip("-n", ns, "link", "set", "lo", "up")
