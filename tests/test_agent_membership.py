@@ -325,3 +325,19 @@ class _Started:
 
     def started(self, value=None) -> None:
         self._event.set()
+
+
+async def test_an_endpoint_that_never_welcomes_is_retried_until_join_timeout(autojump_clock):
+    # Something accepts the connection but never answers (a wedged coordinator, the wrong port).
+    async def silent_connect():
+        ours, theirs = trio.testing.memory_stream_pair()
+        silent.append(theirs)
+        return ours
+
+    silent: list = []
+    t0 = trio.current_time()
+    result = await run_agent(AgentConfig(endpoint="head:1", token=TOKEN, node_rank=1, nproc=2, join_timeout=60),
+                             connect=silent_connect)
+    assert (result.ok, result.exit_code) == (False, 75)
+    assert "no agent_welcome came back" in result.reason and "for 60s" in result.reason
+    assert len(silent) >= 2 and trio.current_time() - t0 < 60 + 11

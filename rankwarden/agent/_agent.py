@@ -147,7 +147,6 @@ class _Session:
         self._decoder = protocol.FrameDecoder(protocol.ToAgent)
         self._timeout = 10.0
         self._interval = 1.0
-        self._deadline: trio.CancelScope | None = None
 
     async def run(self, on_welcome=None) -> AgentResult:
         """Raises _SessionEnded always: its ``final`` is set when the job is over."""
@@ -162,6 +161,8 @@ class _Session:
                 welcome, early = await self._welcome()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise _SessionEnded(f"connection failed: {exc}") from None
+            except trio.TooSlowError:
+                raise _SessionEnded("connected, but no agent_welcome came back") from None
             except ProtocolError as exc:
                 raise _SessionEnded(str(exc), retry=not isinstance(exc, AuthError)) from None
             self.welcomed = True
