@@ -355,3 +355,22 @@ def test_a_two_node_ddp_job_survives_losing_a_node_and_ends_with_a_verified_chec
     latest = store.latest()
     assert latest is not None and latest.step == 40
     store.verify(latest.step, checksums=True)  # raises if any file is damaged
+
+
+def test_under_srun_the_same_command_with_no_node_flags_runs_on_every_node(tmp_path, cluster):
+    job_dir, record = tmp_path / "srun", tmp_path / "record"
+    record.mkdir()
+    argv = [sys.executable, "-m", "rankwarden", "run", "--nproc-per-node", "1", "--job-dir", str(job_dir),
+            "--heartbeat-timeout", str(HB_TIMEOUT), "--stop-grace", "2", WORKER, "--steps", "2", "--record",
+            str(record)]
+    # What srun sets for a 2-node step (the node list's first host is node 0: here its address).
+    slurm = dict(SLURM_STEP_ID="0", SLURM_STEP_NUM_NODES="2", SLURM_JOB_ID="4242",
+                 SLURM_STEP_NODELIST=f"{cluster.address(0)},{cluster.address(1)}")
+    nodes = [cluster.popen(k, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=env(SLURM_NODEID=str(k), **slurm)) for k in (1, 0)]
+    outputs = finish(nodes)
+    assert [p.returncode for p in nodes] == [0, 0], outputs
+    envs = [json.loads((record / f"r{r}_a1.json").read_text())["env"] for r in (0, 1)]
+    assert [(e["GROUP_RANK"], e["WORLD_SIZE"], e["MASTER_ADDR"]) for e in envs] == [
+        ("0", "2", cluster.address(0)), ("1", "2", cluster.address(0))]
+    assert f"agents join at {cluster.address(0)}:29400" in outputs[1]
