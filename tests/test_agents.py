@@ -25,7 +25,9 @@ from tests.netns import Cluster
 pytestmark = pytest.mark.liveness
 
 WORKER = os.path.join(SCRIPTS, "worker.py")
-HB_TIMEOUT = 2.0
+#: Ranks on agent hosts get no CPU check before being called frozen (see coordinator/_rank.py):
+#: a loaded 2-core CI host needs this margin over the 0.2 s interval.
+HB_TIMEOUT = 3.0
 INTERVAL = 0.2
 SECRET = "test-secret-" + "0123456789abcdef"
 PORT = 29400
@@ -231,7 +233,8 @@ def test_kill_9_of_an_agent_restarts_the_group_on_a_replacement_node(tmp_path, c
     assert replacement.returncode == 0, out1
     assert connected(job_dir, 2)
     assert any(e["type"] == "restarting" for e in events(job_dir))
-    assert "node 1 (" in out0 and f"{cluster.address(1)}) lost: its agent closed the connection" in out0, out0
+    # Closed, or reset when the agent died with unread data in its socket.
+    assert "node 1 (" in out0 and f"{cluster.address(1)}) lost: its agent" in out0, out0
     assert "waiting up to 60s for node 1 to join (--join-timeout)" in out0
 
 
@@ -262,8 +265,7 @@ def test_a_frozen_host_is_lost_at_heartbeat_timeout_and_rejoins_when_it_thaws(tm
     wait_for("attempt 1 to connect every rank", lambda: connected(job_dir, 1), procs=(node0,))
     host1 = cluster.pids()[cluster.namespace(1)]
     assert node1.pid in host1 and len(host1) == 3  # the agent and its two ranks
-    for pid in host1:
-        os.kill(pid, signal.SIGSTOP)
+    signal_all(host1, signal.SIGSTOP)
     stopped_at = time.time()
     try:
         failure = wait_for("the frozen node to be noticed", lambda: first_failure(job_dir), procs=(node0,))
@@ -273,13 +275,21 @@ def test_a_frozen_host_is_lost_at_heartbeat_timeout_and_rejoins_when_it_thaws(tm
         # Not before the timeout (the last heartbeat was at most an interval before the stop), not much after.
         assert HB_TIMEOUT - 2 * INTERVAL <= detected <= HB_TIMEOUT + 3.0, detected
     finally:
-        for pid in host1:
-            os.kill(pid, signal.SIGCONT)
+        signal_all(host1, signal.SIGCONT)
+    # Thawed: an agent already declared lost kills its ranks and rejoins; one that thawed
+    # first carries on, and the coordinator stops its written-off ranks through it.
     out0, out1 = finish([node0, node1])
     assert node0.returncode == 0, out0
     assert node1.returncode == 0, out1
-    assert "rejoining" in out1
     assert connected(job_dir, 2)
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass  # already ended: nothing to stop or resume
 
 
 def test_a_partitioned_host_stops_its_ranks_and_rejoins_after_healing_with_no_duplicate(tmp_path, cluster):

@@ -89,6 +89,7 @@ async def test_a_rank_that_is_answered_or_not_promised_answers_keeps_running(ans
     assert code == 0, stderr
 
 
+@pytest.mark.timeout(90)  # seconds of CPU time held: on a loaded 2-core host, several times that in wall time
 async def test_a_starved_heartbeat_thread_is_not_mistaken_for_a_lost_coordinator():
     # The GIL is held for twice the timeout: no heartbeat is sent, so none is unanswered.
     async with trio.open_nursery() as nursery:

@@ -388,7 +388,8 @@ class AgentLauncher:
                 with trio.move_on_after(1.0):  # let the Reject out, never longer
                     await writer_done.wait()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                reason = f"connection failed: {exc}"
+                # A process killed with unread data in its socket resets the connection rather than closing it.
+                reason = f"its agent's connection was reset ({exc.__cause__ or exc})"
             finally:
                 if node is not None:
                     self._leave(node, reason)
