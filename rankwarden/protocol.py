@@ -60,6 +60,7 @@ __all__ = [
     "Goodbye",
     "Heartbeat",
     "Hello",
+    "RankCpu",
     "Reject",
     "Resume",
     "ToCoordinator",
@@ -190,8 +191,18 @@ class AgentHello(_Message, tag="agent_hello"):
     address: str = ""
 
 
+class RankCpu(msgspec.Struct, frozen=True, array_like=True):
+    """A rank process's scheduler state letter and CPU seconds, as its agent read them from /proc."""
+
+    state: str
+    cpu_seconds: float
+
+
 class AgentHeartbeat(_Message, tag="agent_heartbeat"):
     seq: int
+    #: Each running rank's CPU, by key: the coordinator tells a rank that is busy
+    #: in a call holding the GIL (its own heartbeats stop) from a frozen one.
+    cpu: dict[str, RankCpu] = {}
 
 
 class AgentStarted(_Message, tag="agent_started"):

@@ -17,7 +17,7 @@ import trio.testing
 from rankwarden import protocol
 from rankwarden.agent import AgentConfig, run_agent
 from rankwarden.errors import LaunchError
-from rankwarden.launcher import AgentLauncher, ExitStatus, LaunchRequest
+from rankwarden.launcher import AgentLauncher, CpuSample, ExitStatus, LaunchRequest
 from rankwarden.launcher._agent import NODE_LOST
 
 pytestmark = pytest.mark.liveness
@@ -108,10 +108,15 @@ async def test_an_agent_joins_and_the_rank_gets_torchruns_multi_node_env_and_its
         assert "RANKWARDEN_COORDINATOR_PID" not in env  # the agent sets its own
         assert env["PYTHONUNBUFFERED"] == "1"  # sent although this process has it too
         assert "INHERITED_ONLY" not in env  # the coordinator's inheritance stays on its host
+        assert process.sample() == CpuSample("R", 0.0)  # just started: no CPU used yet
+        await node1.send(protocol.AgentHeartbeat(seq=1, cpu={start_msg.key: protocol.RankCpu("S", 2.5)}))
+        await node1.receive_kind(protocol.AgentPong)
+        assert process.sample() == CpuSample("S", 2.5)  # what the agent read from /proc
         await node1.send(protocol.AgentOutput(key=start_msg.key, stream="stderr", data=b"boom\n"))
         await node1.send(protocol.AgentExited(key=start_msg.key, code=None, signal=9))
         status = await process.wait()
         assert status == ExitStatus(signal=9)
+        assert process.sample() is None  # ended: its exit is the exit watcher's to report
         assert (tmp_path / "r3.err").read_bytes() == b"boom\n"
         nursery.cancel_scope.cancel()
 

@@ -172,6 +172,21 @@ def test_a_configuration_error_on_another_node_is_judged_from_its_streamed_stder
     assert sum(e["type"] == "attempt_started" for e in events(job_dir)) == 2  # not the whole budget
 
 
+@pytest.mark.timeout(120)  # seconds of CPU held: several times that in wall time on a loaded host
+def test_a_rank_on_another_node_busy_in_a_gil_holding_call_is_watched_not_restarted(tmp_path):
+    # Its heartbeat thread is starved for twice the timeout; the agent's CPU samples say it is busy.
+    job_dir = tmp_path / "busy"
+    endpoint = f"127.0.0.1:{free_port()}"
+    script = (os.path.join(SCRIPTS, "hold_gil.py"), str(2 * HB_TIMEOUT))
+    node1 = subprocess.Popen(node_argv(1, endpoint, job_dir, *script, nproc=1), **popen_kwargs())
+    node0 = subprocess.Popen(node_argv(0, endpoint, job_dir, *script, nproc=1), **popen_kwargs())
+    out0, out1 = finish([node0, node1])
+    assert node0.returncode == 0 and node1.returncode == 0, out0 + out1
+    kinds = [e["type"] for e in events(job_dir)]
+    assert "rank_failed" not in kinds and kinds.count("attempt_started") == 1, out0
+    assert any(e["type"] == "rank_busy" and e["rank"] == 1 for e in events(job_dir)), out0
+
+
 def test_a_coordinator_on_a_host_of_its_own_with_an_agent_on_every_node(tmp_path):
     job_dir, record = tmp_path / "own", tmp_path / "record"
     record.mkdir()

@@ -259,7 +259,12 @@ class _Session:
         seq = 0
         while True:
             seq += 1
-            await self._send.send(protocol.AgentHeartbeat(seq=seq))
+            cpu = {}
+            for key, process in list(self._ranks.items()):
+                sample = process.sample()  # one small read of /proc per rank
+                if sample is not None:
+                    cpu[key] = protocol.RankCpu(sample.state, sample.cpu_seconds)
+            await self._send.send(protocol.AgentHeartbeat(seq=seq, cpu=cpu))
             await trio.sleep(self._interval)
 
     async def _start(self, nursery: trio.Nursery, start: protocol.AgentStart) -> None:

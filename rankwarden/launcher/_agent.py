@@ -39,7 +39,7 @@ import trio
 
 from rankwarden import protocol
 from rankwarden.errors import AuthError, LaunchError, ProtocolError
-from rankwarden.launcher._base import ExitStatus, LaunchRequest
+from rankwarden.launcher._base import CpuSample, ExitStatus, LaunchRequest
 
 __all__ = ["AgentLauncher", "AgentRankProcess", "NodeInfo", "NODE_LOST"]
 
@@ -83,6 +83,7 @@ class AgentRankProcess:
         self._done = trio.Event()
         self._started = trio.Event()
         self._files: dict[str, BinaryIO] = {}
+        self._cpu: CpuSample | None = None
         for stream, path in (("stdout", request.stdout_path), ("stderr", request.stderr_path)):
             if path:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -114,10 +115,20 @@ class AgentRankProcess:
         if not self._done.is_set():
             self._node.send(protocol.AgentSignal(key=self.key, signal=sig))
 
+    def sample(self) -> CpuSample | None:
+        """The newest sample its agent sent (``ReportsCpu``): at most a heartbeat
+        interval old, and frozen when the agent goes silent, so a lost host never
+        looks busy."""
+        return None if self._done.is_set() else self._cpu
+
     # -- from the agent's connection ----------------------------------------------------
 
     def _on_started(self, pid: int) -> None:
         self._pid = pid
+        # Known without asking: a process just started has used no CPU. A rank that
+        # goes silent before its agent's next sample still has a mark to be judged from
+        # (its import time then counts as work: a frozen one is caught one window later).
+        self._cpu = CpuSample("R", 0.0)
         self._started.set()
 
     def _on_output(self, stream: str, data: bytes) -> None:
@@ -398,6 +409,9 @@ class AgentLauncher:
     def _dispatch(self, node: _Node, message) -> None:
         if isinstance(message, protocol.AgentHeartbeat):
             node.send(protocol.AgentPong(seq=message.seq))
+            for key, cpu in message.cpu.items():
+                if (process := node.processes.get(key)) is not None:
+                    process._cpu = CpuSample(cpu.state, cpu.cpu_seconds)
             return
         if isinstance(message, protocol.AgentHello):
             raise ProtocolError("second agent_hello on a joined connection")
