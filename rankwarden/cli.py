@@ -102,7 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--master-addr", "--master_addr", default="127.0.0.1", metavar="ADDR",
                    help="MASTER_ADDR given to ranks")
     g.add_argument("--standalone", action="store_true", help="accepted for compatibility; always on")
-    g.add_argument("--nnodes", default="1", help="accepted for compatibility; only 1 node (1 or 1:1) is supported")
+    g.add_argument("--nnodes", default=None, metavar="N",
+                   help="nodes of the job; with more than 1, run the same command on every node with --node-rank "
+                        "and --rdzv-endpoint (under srun, read from Slurm's environment). Default: 1")
     add_torchrun_arguments(g)
     w = run.add_argument_group("failure detection")
     w.add_argument("--heartbeat-timeout", type=_seconds, default=5.0, metavar="S",
@@ -112,6 +114,9 @@ def _build_parser() -> argparse.ArgumentParser:
     w.add_argument("--progress-timeout", type=_seconds, default=300.0, metavar="S",
                    help="a rank whose reported step (rankwarden.worker.report) does not advance for S seconds "
                         "is hung and restarted; 0 disables; inactive until the script reports a step")
+    w.add_argument("--join-timeout", type=_seconds, default=300.0, metavar="S",
+                   help="multi-node: how long ranks wait for a lost node's slot to be taken again (the host "
+                        "back, or a replacement), and how long an agent keeps trying to reach the coordinator")
     w.add_argument("--startup-timeout", type=_seconds, default=None, metavar="S",
                    help="a rank that has not connected S seconds after starting is restarted; 0 disables "
                         "(default: 60, or 0 with --no-python)")
@@ -181,7 +186,18 @@ def _build_parser() -> argparse.ArgumentParser:
     from rankwarden._api_cli import add_api_commands
 
     add_api_commands(sub)
+    # Listed for --help only: main() reads them as `run` with this node's role fixed.
+    for name, text in _ROLE_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
+
+
+#: `rankwarden coordinator|agent ARGS` is `rankwarden run ARGS` with the role fixed (multi-node).
+_ROLE_COMMANDS = {
+    "coordinator": "multi-node: only the coordinator, on a host of its own (takes `run`'s flags; every node "
+                   "runs `rankwarden agent`)",
+    "agent": "multi-node: only this node's agent, even as node 0 (takes `run`'s flags)",
+}
 
 
 class RunPlan(NamedTuple):
@@ -198,11 +214,11 @@ def jobs_root() -> Path:
     return Path(os.environ.get(JOBS_DIR_ENV) or DEFAULT_JOBS_DIR)
 
 
-def spec_from_args(args: argparse.Namespace, *, python: str = sys.executable) -> JobSpec:
-    if args.nnodes not in ("1", "1:1"):
-        raise SpecError(f"--nnodes {args.nnodes}: only one node is supported by `rankwarden run`")
-    if getattr(args, "node_rank", None) not in (None, 0):
-        raise SpecError(f"--node-rank {args.node_rank}: only one node (rank 0) is supported by `rankwarden run`")
+def spec_from_args(args: argparse.Namespace, *, python: str = sys.executable, nnodes: int = 1) -> JobSpec:
+    if nnodes == 1 and (args.nnodes or "1") not in ("1", "1:1"):
+        raise SpecError(f"--nnodes {args.nnodes}: more than one node needs --node-rank and --rdzv-endpoint")
+    if nnodes == 1 and getattr(args, "node_rank", None) not in (None, 0):
+        raise SpecError(f"--node-rank {args.node_rank}: a one-node job has only node 0")
     nproc = resolve_nproc(args.nproc_per_node, python)
     if nproc < 1:
         raise SpecError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
@@ -215,8 +231,9 @@ def spec_from_args(args: argparse.Namespace, *, python: str = sys.executable) ->
             args=list(args.script_args),
             module=args.module,
             no_python=args.no_python,
-            world_size=nproc,
-            job_id=args.job_id,
+            world_size=nproc * nnodes,
+            # torchrun's --rdzv-id names a multi-node job; --run-id wins.
+            job_id=args.job_id or ((getattr(args, "rdzv_id", None) or "") if nnodes > 1 else ""),
             keep_checkpoints=args.keep_checkpoints,
             resume=args.resume,
             master_addr=args.master_addr,
@@ -398,17 +415,30 @@ def _chaos(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    role = "auto"
+    if argv and argv[0] in _ROLE_COMMANDS:
+        role, argv = argv[0], ["run", *argv[1:]]
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "ERROR"), format="rankwarden %(levelname)s %(name)s: %(message)s")
     if args.command == "run":
+        from rankwarden._multinode import MULTI_NODE_FLAGS, node_plan, run_node
+        from rankwarden._torchrun import IGNORED
+
         try:
-            spec = spec_from_args(args)
+            nodes = node_plan(args, os.environ, role=role)
+            spec = spec_from_args(args, nnodes=nodes.nnodes if nodes else 1)
             plan = plan_from_args(args)
         except SpecError as exc:
-            parser.exit(EXIT_USAGE, f"rankwarden run: error: {exc}\n")
+            parser.exit(EXIT_USAGE, f"rankwarden {'run' if role == 'auto' else role}: error: {exc}\n")
         problem = check_entrypoint(spec)
         if problem is not None:
             parser.exit(EXIT_USAGE, f"rankwarden run: error: {problem}; nothing was started\n")
+        if nodes is not None:
+            # These torchrun flags mean something with several nodes: no "ignoring" note for them.
+            used = tuple(f"ignoring torchrun's {IGNORED[dest][0]}" for dest in MULTI_NODE_FLAGS)
+            plan = plan._replace(notes=[n for n in plan.notes if not n.startswith(used)])
+            return trio.run(functools.partial(run_node, spec, nodes, quiet=args.quiet, plan=plan))
         return trio.run(functools.partial(_run, spec, quiet=args.quiet, plan=plan))
     if args.command == "chaos":
         return _chaos(parser, args)

@@ -114,6 +114,7 @@ class FailureCause(str, enum.Enum):
     PROGRESS_TIMEOUT = "progress_timeout"  # alive but `step` stopped advancing
     STARTUP_TIMEOUT = "startup_timeout"  # never said hello
     LAUNCH_FAILED = "launch_failed"  # could not be spawned at all
+    NODE_LOST = "node_lost"  # its host's agent died, froze or was cut off (multi-node)
 
 
 class Failure(msgspec.Struct, frozen=True, kw_only=True):

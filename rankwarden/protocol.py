@@ -24,6 +24,15 @@ only the progress that changed; a rank the relay found silent is named in
 ``RelaySilent`` with the cause, one whose connection ended in ``RelayClosed``.
 ``RelayDrop`` asks the relay to close one rank's connection.
 
+Node agents (``rankwarden.agent``) speak the same framing on a connection of
+their own to the coordinator's agent endpoint: the first frame is
+``AgentHello`` with the job's secret, answered by ``AgentWelcome`` or
+``Reject``. The agent heartbeats every interval and the coordinator answers
+each heartbeat, so either side notices a silent peer (a frozen host, a
+network partition: TCP does not close then) within ``heartbeat_timeout``.
+Their tags start with ``agent_``; they form the unions ``FromAgent`` and
+``ToAgent``, apart from the ranks' ones.
+
 This module is sans-IO: ``encode`` makes a frame, ``FrameDecoder`` turns bytes
 into messages. The Trio server and the synchronous worker thread share it.
 """
@@ -40,6 +49,20 @@ from rankwarden.errors import ProtocolError
 __all__ = [
     "MAX_FRAME",
     "Abort",
+    "AgentExited",
+    "AgentHeartbeat",
+    "AgentHello",
+    "AgentOutput",
+    "AgentPong",
+    "AgentShutdown",
+    "AgentSignal",
+    "AgentStart",
+    "AgentStop",
+    "AgentStarted",
+    "AgentWelcome",
+    "FromAgent",
+    "HeartbeatAck",
+    "ToAgent",
     "PROTOCOL_VERSION",
     "RANK_FRAMES",
     "CheckpointFailed",
@@ -54,6 +77,7 @@ __all__ = [
     "LiveJoined",
     "LiveReady",
     "Reconfigure",
+    "RankCpu",
     "Reject",
     "RelayBeat",
     "RelayClosed",
@@ -173,6 +197,16 @@ class Welcome(_Message, tag="welcome"):
     #: process group generation (its MASTER_PORT is the new group's); it takes
     #: its state from a survivor, not from storage.
     live_generation: int = 0
+    #: The coordinator answers every heartbeat with ``HeartbeatAck``: a rank
+    #: whose heartbeat stays unanswered for heartbeat_timeout has lost its
+    #: coordinator (a partition, where TCP goes silent rather than closing).
+    acks: bool = False
+
+
+class HeartbeatAck(_Message, tag="heartbeat_ack"):
+    """Answers the heartbeat ``seq`` (and every earlier one)."""
+
+    seq: int
 
 
 class Reject(_Message, tag="reject"):
@@ -213,7 +247,7 @@ class Reconfigure(_Message, tag="reconfigure"):
 
 
 ToCoordinator = Union[Hello, Heartbeat, CheckpointReady, CheckpointFailed, LiveReady, LiveJoined, Goodbye]
-ToRank = Union[Welcome, Reject, Committed, Drain, Abort, Reconfigure]
+ToRank = Union[Welcome, Reject, Committed, Drain, Abort, Reconfigure, HeartbeatAck]
 #: What a rank sends after its hello, other than heartbeats (a relay forwards these as they came).
 RANK_FRAMES = (CheckpointReady, CheckpointFailed, LiveReady, LiveJoined, Goodbye)
 
@@ -294,6 +328,113 @@ FromRelay = Union[RelayHello, RelayBeat, RelayForward, RelaySilent, RelayClosed]
 Upstream = Union[Hello, Heartbeat, CheckpointReady, CheckpointFailed, LiveReady, LiveJoined, Goodbye,
                  RelayHello, RelayBeat, RelayForward, RelaySilent, RelayClosed]
 ToRelay = Union[RelayDeliver, RelayDrop, Reject]
+
+
+# -- node agent -> coordinator ------------------------------------------------------
+
+
+class AgentHello(_Message, tag="agent_hello"):
+    version: int
+    token: str
+    #: The node this agent runs (torchrun's --node-rank); -1: any free slot.
+    node_rank: int
+    #: Ranks this node runs (torchrun's --nproc-per-node).
+    nproc: int
+    host: str = ""
+    pid: int = 0
+    #: An address of this node that the other nodes reach (MASTER_ADDR when it
+    #: is node 0); empty: the address the coordinator sees the agent connect from.
+    address: str = ""
+
+
+class RankCpu(msgspec.Struct, frozen=True, array_like=True):
+    """A rank process's scheduler state letter and CPU seconds, as its agent read them from /proc."""
+
+    state: str
+    cpu_seconds: float
+
+
+class AgentHeartbeat(_Message, tag="agent_heartbeat"):
+    seq: int
+    #: Each running rank's CPU, by key: the coordinator tells a rank that is busy
+    #: in a call holding the GIL (its own heartbeats stop) from a frozen one.
+    cpu: dict[str, RankCpu] = {}
+
+
+class AgentStarted(_Message, tag="agent_started"):
+    """The rank ``key`` runs as ``pid`` on the agent's host."""
+
+    key: str
+    pid: int
+
+
+class AgentExited(_Message, tag="agent_exited"):
+    """The rank ``key`` ended (reaped, its output sent): exactly how, as ``ExitStatus`` says."""
+
+    key: str
+    code: int | None = None
+    signal: int | None = None
+    reason: str | None = None
+    message: str = ""
+    started: bool = True
+
+
+class AgentOutput(_Message, tag="agent_output"):
+    """Bytes the rank ``key`` wrote to ``stream`` ("stdout" or "stderr")."""
+
+    key: str
+    stream: str
+    data: bytes
+
+
+# -- coordinator -> node agent ------------------------------------------------------
+
+
+class AgentWelcome(_Message, tag="agent_welcome"):
+    version: int
+    node_rank: int
+    job: str
+    heartbeat_interval: float
+    heartbeat_timeout: float
+
+
+class AgentPong(_Message, tag="agent_pong"):
+    seq: int
+
+
+class AgentStart(_Message, tag="agent_start"):
+    """Start one rank: ``env`` holds what the coordinator sets; the agent adds its own environment."""
+
+    key: str
+    rank: int
+    local_rank: int
+    attempt: int
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None = None
+
+
+class AgentSignal(_Message, tag="agent_signal"):
+    key: str
+    signal: int
+
+
+class AgentStop(_Message, tag="agent_stop"):
+    """SIGTERM the rank ``key``, SIGKILL it after ``grace`` seconds, reap it, report ``AgentExited``."""
+
+    key: str
+    grace: float
+
+
+class AgentShutdown(_Message, tag="agent_shutdown"):
+    """The job is over (``ok``: it succeeded); the agent stops its ranks and exits."""
+
+    ok: bool
+    reason: str = ""
+
+
+FromAgent = Union[AgentHello, AgentHeartbeat, AgentStarted, AgentExited, AgentOutput]
+ToAgent = Union[AgentWelcome, Reject, AgentPong, AgentStart, AgentSignal, AgentStop, AgentShutdown]
 
 _encoder = msgspec.msgpack.Encoder()
 

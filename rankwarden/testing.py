@@ -148,14 +148,17 @@ class FakeRank:
         return await self.receive()
 
     async def receive(self) -> protocol.ToRank:
+        """The next message, skipping ``HeartbeatAck`` (the worker's thread consumes those: a
+        script never sees them; they are in ``received`` all the same)."""
         assert self._stream is not None
         while True:
             data = await self._stream.receive_some(65536)
             if not data:
                 raise trio.EndOfChannel("coordinator closed the connection")
             messages = self._decoder.feed(data)
+            self.received.extend(messages)
+            messages = [m for m in messages if not isinstance(m, protocol.HeartbeatAck)]
             if messages:
-                self.received.extend(messages)
                 return messages[0]
 
     async def heartbeat(self, step: int | None = None, **metrics: float) -> None:

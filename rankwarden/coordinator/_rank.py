@@ -82,6 +82,7 @@ from rankwarden.events import (
     RankStopped,
 )
 from rankwarden.launcher import CpuSample, ExitStatus, RankProcess, ReportsCpu, WarmAware
+from rankwarden.launcher._agent import NODE_LOST
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwarden.coordinator._heartbeat import Peer
@@ -139,6 +140,7 @@ class RankRunner:
             attempt=attempt,
             resume=resume,
             live_generation=live_generation,
+            acks=True,
         )
         self.step: int | None = None
         self.samples: int | None = None
@@ -222,6 +224,9 @@ class RankRunner:
             self._record_stopped(status)
         elif status.ok:
             self._succeed()
+        elif status.reason == NODE_LOST:
+            # The message names the node, its host and why (AgentLauncher).
+            self._fail(FailureCause.NODE_LOST, f"rank {self.rank}: {status.message}", status=status)
         else:
             if not status.started:
                 cause = FailureCause.LAUNCH_FAILED
@@ -418,6 +423,9 @@ class RankRunner:
         now = trio.current_time()
         if isinstance(message, protocol.Heartbeat):
             self._last_heartbeat = now
+            # Answered, so that a rank cut off by a partition (TCP goes silent,
+            # it does not close) sees its heartbeats unanswered and stops itself.
+            self.send(protocol.HeartbeatAck(seq=message.seq))
             if self._busy_check_at is not None:
                 log.info("job=%s attempt=%d rank=%d: heartbeats again after a busy spell",
                          self.job.job_id, self.attempt, self.rank)

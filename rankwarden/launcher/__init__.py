@@ -16,6 +16,7 @@ from rankwarden.launcher._base import (
     ReportsCpu,
     WarmAware,
 )
+from rankwarden.launcher._agent import AgentLauncher, AgentRankProcess, NodeInfo
 from rankwarden.launcher._local import LocalProcess
 from rankwarden.launcher._process import ProcessLauncher
 from rankwarden.launcher._warm import WarmProcess
@@ -23,12 +24,15 @@ from rankwarden.launcher._warm import WarmProcess
 __all__ = [
     "BOOTSTRAP_MODULE",
     "AdoptsRanks",
+    "AgentLauncher",
+    "AgentRankProcess",
     "CpuSample",
     "Detaches",
     "ExitStatus",
     "LaunchRequest",
     "Launcher",
     "LocalProcess",
+    "NodeInfo",
     "Placement",
     "PlacesRanks",
     "ProcessLauncher",

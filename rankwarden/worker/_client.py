@@ -6,6 +6,15 @@ heartbeat interval (or when the coordinator sends something), sends a
 ``Drain``/``Committed``/``Reject``. If the coordinator goes away, the rank exits:
 a rank without its coordinator would otherwise train on unsupervised, holding
 GPUs and a port that the next attempt needs.
+
+"Goes away" includes going silent: across a network partition TCP neither
+closes nor errors for many minutes. A coordinator that says so in its
+``Welcome`` (``acks``) answers every heartbeat, and a heartbeat left
+unanswered for ``RANKWARDEN_HEARTBEAT_TIMEOUT`` means the coordinator is
+lost. The deadline runs from the oldest *unanswered heartbeat*, not from the
+last frame received: a rank whose heartbeat thread was starved (a long call
+holding the GIL) sent nothing, so it has nothing unanswered and is not
+fooled into leaving a coordinator that is still there.
 """
 
 from __future__ import annotations
@@ -57,6 +66,13 @@ class HeartbeatClient:
         self.committed_step: int | None = None
         self._committed = threading.Condition()
         self._seq = 0
+        #: When the oldest heartbeat not yet answered was sent (None: all answered).
+        self._unanswered_since: float | None = None
+        self._unanswered_seq = 0
+        try:
+            self.answer_timeout = float(os.environ.get("RANKWARDEN_HEARTBEAT_TIMEOUT") or 0)
+        except ValueError:
+            self.answer_timeout = 0.0
         #: The coordinator's first Welcome to this process (its resume decision).
         self.welcome: protocol.Welcome | None = None
         #: Live mode: called on this thread when the coordinator aborts our process group.
@@ -174,23 +190,30 @@ class HeartbeatClient:
         sock = self._sock
         assert sock is not None
         next_beat = time.monotonic()
+        acks = self.welcome is not None and self.welcome.acks and self.answer_timeout > 0
+        self._unanswered_since = None
         try:
             while not self._closed.is_set():
                 now = time.monotonic()
                 if now >= next_beat:
-                    self._send(
-                        protocol.Heartbeat(
-                            seq=self._next_seq(), step=self.step, samples=self.samples, metrics=self.metrics
-                        )
-                    )
+                    seq = self._next_seq()
+                    self._send(protocol.Heartbeat(seq=seq, step=self.step, samples=self.samples, metrics=self.metrics))
+                    if acks and self._unanswered_since is None:
+                        self._unanswered_since, self._unanswered_seq = now, seq
                     next_beat = now + self.interval
-                readable, _, _ = select.select([sock], [], [], max(0.0, next_beat - time.monotonic()))
+                wake = next_beat
+                if self._unanswered_since is not None:
+                    wake = min(wake, self._unanswered_since + self.answer_timeout)
+                readable, _, _ = select.select([sock], [], [], max(0.0, wake - time.monotonic()))
                 if readable:
                     data = sock.recv(65536)
                     if not data:
                         return "the coordinator closed the heartbeat connection"
                     for message in self._decoder.feed(data):
                         self._handle(message)
+                elif self._unanswered_since is not None and time.monotonic() >= self._unanswered_since + self.answer_timeout:
+                    return (f"the coordinator has not answered a heartbeat for {self.answer_timeout:g}s "
+                            "(heartbeat_timeout): it is gone or cut off")
         except (OSError, ValueError, ProtocolError) as exc:
             if not self._closed.is_set():
                 return f"heartbeat connection failed: {exc}"
@@ -233,6 +256,12 @@ class HeartbeatClient:
             self.drain.set()
             if not self.drain_opt_in:
                 os.kill(os.getpid(), signal.SIGTERM)
+        elif isinstance(message, protocol.HeartbeatAck):
+            # Later heartbeats may still be in flight: the deadline moves to the
+            # next unanswered one, which was sent no earlier than now minus an interval.
+            if self._unanswered_since is not None and message.seq >= self._unanswered_seq:
+                self._unanswered_since = None if message.seq >= self._seq else time.monotonic()
+                self._unanswered_seq = self._seq
         elif isinstance(message, protocol.Committed):
             with self._committed:
                 self.committed_step = max(message.step, self.committed_step or message.step)

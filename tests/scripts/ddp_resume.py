@@ -11,6 +11,7 @@ import argparse
 import gc
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,8 @@ args = parser.parse_args()
 # Not an argument: arguments are part of the checkpoint's fingerprint, and a
 # test reruns the same command to resume it.
 args.tag = os.environ.get("RW_TEST_TAG", "run")
+# Seconds each step sleeps, so a test can act mid-training (also not an argument).
+step_time = float(os.environ.get("RW_TEST_STEP_TIME") or 0)
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -53,6 +56,8 @@ for step in range(start + 1, args.steps + 1):
     loss.backward()
     opt.step()
     rw.report(step)
+    if step_time:
+        time.sleep(step_time)
     if step % args.every == 0:
         rw.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict()}, wait=not args.no_wait, url=args.url)
 
