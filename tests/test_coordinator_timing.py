@@ -481,3 +481,31 @@ async def test_the_step_rate_keeps_a_bounded_history(tmp_path, autojump_clock):
     assert run.snapshot.state == JobState.SUCCEEDED
     assert seen["rate"] == [pytest.approx(10.0), pytest.approx(10.0)]
     assert all(n <= 35 for n in seen["history"]), seen["history"]
+
+
+async def test_heartbeats_are_answered_at_most_four_times_per_timeout_and_never_later(tmp_path, autojump_clock):
+    """The coordinator answers heartbeats (a partitioned rank stops itself when
+    they go unanswered) but not every one: an answer covers every earlier
+    heartbeat, so one per quarter of heartbeat_timeout keeps the rank's oldest
+    unanswered heartbeat younger than timeout/4 + one interval, at a fifth of
+    the frames here."""
+    interval, beats = 0.1, 100
+    answered: list[int] = []
+
+    async def behaviour(fake):
+        await fake.hello()
+        await beat(fake, beats, interval=interval)
+        with trio.move_on_after(1.0):
+            await fake.receive()  # reads what is queued; acks land in fake.received
+        answered.extend(m.seq for m in fake.received if isinstance(m, protocol.HeartbeatAck))
+        await fake.goodbye(0)
+        return 0
+
+    run = await Run(make_spec(tmp_path, world_size=1, heartbeat_interval=interval), behaviour)()
+    assert run.snapshot.state == JobState.SUCCEEDED
+    assert answered[0] == 1 and answered == sorted(answered)
+    gaps = [b - a for a, b in zip(answered, answered[1:])]
+    # Heartbeat k is sent at k * interval: the next answer comes within timeout/4.
+    assert max(gaps) * interval <= HB_TIMEOUT / 4 + interval + 1e-9
+    assert beats * interval / (HB_TIMEOUT / 4 + interval) <= len(answered) <= beats * interval / (HB_TIMEOUT / 4) + 1
+    assert answered[-1] >= beats - HB_TIMEOUT / 4 / interval - 1

@@ -376,6 +376,31 @@ async def test_real_ranks_through_a_real_relay_sigstop_is_detected_with_its_caus
     assert [r.step for r in snapshot.ranks] == [5, 5]  # the last progress arrives before the goodbye
 
 
+@pytest.mark.timeout(90)
+async def test_real_ranks_behind_a_relay_get_their_heartbeats_answered(tmp_path):
+    """A rank's Welcome promises answers to its heartbeats; behind a relay the
+    relay gives them. Without, every rank stopped itself after heartbeat_timeout
+    as if its coordinator were cut off (exit 75), so a job longer than the
+    timeout never finished."""
+    spec = JobSpec.from_dict(dict(
+        entrypoint=os.path.join(SCRIPTS, "worker.py"), args=["--steps", "15", "--step-time", "0.2"],
+        world_size=2, job_id=f"{JOB_PREFIX}relay-acks", job_dir=str(tmp_path / "job"), heartbeat_timeout=1.0,
+        heartbeat_interval=0.1, progress_timeout=5.0, startup_timeout=30.0, max_restarts=0, stop_grace=5.0))
+    with trio.fail_after(60):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        relay = Relay(f"127.0.0.1:{port}", job=spec.job_id, token=TOKEN, heartbeat_interval=0.1,
+                      heartbeat_timeout=1.0, node="local")
+        coordinator = Coordinator(spec, launcher=_ThroughRelay(relay), listeners=listeners, token=TOKEN)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.serve)
+            await nursery.start(coordinator.run)
+            snapshot = await coordinator.wait()
+            nursery.cancel_scope.cancel()
+    assert snapshot.failures == [] and snapshot.state == JobState.SUCCEEDED and snapshot.attempt == 1
+    assert [r.step for r in snapshot.ranks] == [15, 15]
+
+
 # -- the per-rank path's collector tuning ----------------------------------------------------------
 
 

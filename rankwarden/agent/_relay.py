@@ -381,6 +381,11 @@ class Relay:
                 rank.metrics, rank.metrics_changed, changed = dict(message.metrics), True, True
             if changed:
                 self._changed[rank.rank] = rank
+            # The relay answers for the coordinator (the rank's Welcome asks for
+            # answers): a rank cannot be cut off from a relay on its own host,
+            # and when the coordinator is cut off the agent's own deadline on it
+            # stops the node's ranks (rankwarden.agent._agent).
+            self._to_rank(rank, protocol.HeartbeatAck(seq=message.seq))
             return
         if isinstance(message, protocol.Hello):
             raise ProtocolError("second hello on an authenticated connection")

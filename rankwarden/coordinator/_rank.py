@@ -134,6 +134,8 @@ class RankRunner:
         self.state = RankState.PENDING
         self.process: RankProcess | None = None
         self.peer: "Peer | None" = None
+        self._acked_at = -math.inf
+        self._ack_every = job.spec.heartbeat_timeout / 4
         self.welcome = protocol.Welcome(
             version=protocol.PROTOCOL_VERSION,
             heartbeat_interval=job.spec.effective_heartbeat_interval,
@@ -413,6 +415,7 @@ class RankRunner:
         self.peer = peer
         self._relayed = peer.covers_liveness
         self._hello_at = self._last_heartbeat = now
+        self._acked_at = -math.inf
         self._mark_cpu(now)
         if self.state == RankState.STARTING:
             self.state = RankState.RUNNING
@@ -425,7 +428,13 @@ class RankRunner:
             self._last_heartbeat = now
             # Answered, so that a rank cut off by a partition (TCP goes silent,
             # it does not close) sees its heartbeats unanswered and stops itself.
-            self.send(protocol.HeartbeatAck(seq=message.seq))
+            # At most four answers per heartbeat_timeout: an ack covers every
+            # earlier heartbeat, so the rank's oldest unanswered one is never
+            # older than a quarter of its deadline plus an interval, and the
+            # coordinator does not send one frame per heartbeat received.
+            if now - self._acked_at >= self._ack_every:
+                self._acked_at = now
+                self.send(protocol.HeartbeatAck(seq=message.seq))
             if self._busy_check_at is not None:
                 log.info("job=%s attempt=%d rank=%d: heartbeats again after a busy spell",
                          self.job.job_id, self.attempt, self.rank)
