@@ -301,6 +301,10 @@ class RelaySilent(_Message, tag="relay_silent"):
     silent_for: float
     #: What the relay saw, for the failure message ("its process is stopped").
     detail: str = ""
+    #: Silent but burning CPU (a call holding the GIL): not frozen; the relay
+    #: keeps watching and says so once per silent spell, for the rank_busy event.
+    busy: bool = False
+    cpu_seconds: float = 0.0
 
 
 class RelayClosed(_Message, tag="relay_closed"):

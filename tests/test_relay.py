@@ -172,6 +172,10 @@ async def test_a_busy_rank_behind_a_relay_is_not_called_frozen_until_it_stops(tm
     # Busy from t=1 to t=8.5 did not fail it; the deadlock did, within one re-judging window.
     assert 8.5 + 3.0 + HB_TIMEOUT - 1.0 <= run.times(RankFailed)[0] <= 8.5 + 3.0 + HB_TIMEOUT + 1.0
     assert "relay on node n1" in failure.message
+    # The busy spell is reported once, as for a local rank (rank_busy), by the relay's judgement.
+    [busy] = [e for _, e in run.timeline if isinstance(e, RankBusy)]
+    assert busy.rank == 2 and busy.cpu_seconds > 0 and "relay on node n1" in busy.message
+    assert 1.0 + HB_TIMEOUT <= run.times(RankBusy)[0] < 8.5
 
 
 async def test_a_rank_that_exits_behind_a_relay_is_reported_by_its_exit(tmp_path, autojump_clock):

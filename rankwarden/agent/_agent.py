@@ -37,6 +37,7 @@ import msgspec
 import trio
 
 from rankwarden import protocol
+from rankwarden.agent._relay import Relay
 from rankwarden.errors import AuthError, ProtocolError
 from rankwarden.launcher._base import LaunchRequest
 from rankwarden.launcher._local import LocalProcess
@@ -67,6 +68,10 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     join_timeout: float = 300.0
     #: SIGTERM -> SIGKILL grace when the coordinator is gone and ranks must go.
     kill_grace: float = 0.0
+    #: Heartbeat aggregation: the node's ranks heartbeat a relay in this agent,
+    #: which sends the coordinator one frame per interval for all of them
+    #: (``rankwarden.agent._relay``). False: each rank heartbeats the coordinator.
+    relay: bool = True
 
 
 class AgentResult(msgspec.Struct, frozen=True):
@@ -83,6 +88,13 @@ def rank_coordinator_address(start: protocol.AgentStart) -> str:
     Today: straight to the coordinator, the address it put in the rank's env.
     The one place a local relay (heartbeat aggregation) plugs in."""
     return start.env.get("RANKWARDEN_COORDINATOR", "")
+
+
+def _env_float(env: dict[str, str], name: str, default: float) -> float:
+    try:
+        return float(env.get(name) or default)
+    except ValueError:
+        return default
 
 
 class _SessionEnded(Exception):
@@ -147,6 +159,9 @@ class _Session:
         self._decoder = protocol.FrameDecoder(protocol.ToAgent)
         self._timeout = 10.0
         self._interval = 1.0
+        #: The node's relay while it serves, and the coordinator address it relays to.
+        self._relay: Relay | None = None
+        self._relay_upstream = ""
 
     async def run(self, on_welcome=None) -> AgentResult:
         """Raises _SessionEnded always: its ``final`` is set when the job is over."""
@@ -270,7 +285,7 @@ class _Session:
     async def _start(self, nursery: trio.Nursery, start: protocol.AgentStart) -> None:
         env = dict(os.environ)
         env.update(start.env)
-        env["RANKWARDEN_COORDINATOR"] = rank_coordinator_address(start)
+        env["RANKWARDEN_COORDINATOR"] = await self._rank_coordinator(nursery, start)
         # The bootstrap checks that its parent is who started it (PR_SET_PDEATHSIG): this agent.
         env["RANKWARDEN_COORDINATOR_PID"] = str(os.getpid())
         env.pop("TORCHELASTIC_ERROR_FILE", None)  # a path on the coordinator's host
@@ -299,6 +314,38 @@ class _Session:
         log.info("agent node=%d: rank %d (attempt %d) started, pid %d",
                  self.node_rank, start.rank, start.attempt, process.pid)
         nursery.start_soon(self._watch, start.key, local, out_r, err_r)
+
+    async def _rank_coordinator(self, nursery: trio.Nursery, start: protocol.AgentStart) -> str:
+        """Where this rank heartbeats: the node's relay (started with the
+        session's first rank, one per coordinator address), or the coordinator
+        itself when aggregation is off or the relay cannot reach it."""
+        upstream = rank_coordinator_address(start)
+        if not self.config.relay or not upstream:
+            return upstream
+        if self._relay is None or self._relay_upstream != upstream:
+            env = start.env
+            relay = Relay(
+                upstream, job=env.get("RANKWARDEN_JOB_ID", ""), token=env.get("RANKWARDEN_TOKEN", ""),
+                heartbeat_interval=_env_float(env, "RANKWARDEN_HEARTBEAT_INTERVAL", self._interval),
+                heartbeat_timeout=_env_float(env, "RANKWARDEN_HEARTBEAT_TIMEOUT", self._timeout),
+                node=f"{self.node_rank} ({socket.gethostname()})",
+            )
+            try:
+                await nursery.start(self._serve_relay, relay)
+            except OSError as exc:
+                log.warning("agent node=%d: no relay (%s); ranks heartbeat the coordinator directly",
+                            self.node_rank, exc)
+                return upstream
+            self._relay, self._relay_upstream = relay, upstream
+        return self._relay.address
+
+    async def _serve_relay(self, relay: Relay, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        reason = await relay.serve(task_status=task_status)
+        # The coordinator connection ended, and the relay closed its ranks'
+        # connections (they end themselves). The next start makes a new one.
+        log.info("agent node=%d: relay ended: %s", self.node_rank, reason)
+        if self._relay is relay:
+            self._relay, self._relay_upstream = None, ""
 
     async def _watch(self, key: str, process: LocalProcess, out_fd: int, err_fd: int) -> None:
         drained = [trio.Event(), trio.Event()]

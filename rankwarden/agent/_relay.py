@@ -90,6 +90,9 @@ class _Rank:
         self.dropped = False
         self.silent = False
         self.cpu_mark: tuple[float, float] | None = None  # (time, cpu seconds) at the last check
+        #: CPU seconds used in the last window when it was judged busy (None: not measured busy).
+        self.busy_used: float | None = None
+        self.busy_reported = False
 
 
 class Relay:
@@ -261,11 +264,16 @@ class Relay:
             now = trio.current_time()
             if now < rank.last_seen + self.timeout:
                 check_at = math.inf
-                rank.cpu_mark = None
+                rank.cpu_mark = rank.busy_used = None
+                rank.busy_reported = False
                 continue
             detail = self._judge(rank, now)
             if detail is None:  # busy: judged again one window later
                 check_at = now + min(self.timeout, max(BUSY_WINDOW_MIN, self.interval))
+                if rank.busy_used is not None and not rank.busy_reported:
+                    rank.busy_reported = True
+                    self._send_up(protocol.RelaySilent(rank=rank.rank, silent_for=round(now - rank.last_seen, 6),
+                                                       busy=True, cpu_seconds=round(rank.busy_used, 6)))
                 continue
             rank.silent = True
             self._send_up(protocol.RelaySilent(rank=rank.rank, silent_for=round(now - rank.last_seen, 6),
@@ -288,6 +296,7 @@ class Relay:
             return f"its process is asleep (state {sample.state})"
         used = sample.cpu_seconds - mark[1]
         if now > mark[0] and used >= BUSY_CPU_SHARE * (now - mark[0]):
+            rank.busy_used = used
             log.info("job=%s rank=%d silent for %.1fs but using CPU: busy, still watching",
                      self.job, rank.rank, now - rank.last_seen)
             return None

@@ -157,7 +157,9 @@ class _RelayConnection:
             entry[0].on_message(inner)
         elif isinstance(message, protocol.RelaySilent):
             entry = self.ranks.get(message.rank)
-            if entry is not None:
+            if entry is not None and message.busy:
+                entry[0].on_busy(message.silent_for, message.cpu_seconds, f"the relay on node {self.node}")
+            elif entry is not None:
                 why = f"seen by the relay on node {self.node}: "
                 why += f"{message.detail}: it is frozen" if message.detail else "it is frozen"
                 entry[0].on_silent(message.silent_for, why)

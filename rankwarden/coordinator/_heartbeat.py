@@ -104,6 +104,10 @@ class RankEndpoint(Protocol):
         """The relay (or the relay's silence) says this rank is frozen: fail it now."""
         ...
 
+    def on_busy(self, silent_for: float, cpu_seconds: float, seen_by: str) -> None:
+        """The relay says this rank is silent but burning CPU: not frozen (it keeps watching)."""
+        ...
+
 
 class _GcTuner:
     """Keeps the cyclic collector's pauses off the heartbeat loop, for this process.

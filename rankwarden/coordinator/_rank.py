@@ -485,6 +485,16 @@ class RankRunner:
         """From a relay's beat: only what changed (never moves a deadline earlier)."""
         self._progress(trio.current_time(), step, samples, metrics)
 
+    def on_busy(self, silent_for: float, cpu_seconds: float, seen_by: str) -> None:
+        """The relay found this rank silent but burning CPU: busy, still watched (by the relay)."""
+        if self._outcome is not None:
+            return
+        message = (f"rank {self.rank} sent no heartbeat for {silent_for:.1f}s but is running "
+                   f"(+{cpu_seconds:.1f}s CPU, seen by {seen_by}): busy in a call that holds the GIL; still watching")
+        log.warning("job=%s attempt=%d rank=%d: %s", self.job.job_id, self.attempt, self.rank, message)
+        self.job.emit(RankBusy, attempt=self.attempt, rank=self.rank, silent_for=round(silent_for, 6),
+                      cpu_seconds=round(cpu_seconds, 6), message=message)
+
     def on_silent(self, silent_for: float, why: str) -> None:
         """The relay found this rank silent (or the relay itself went silent): it is frozen."""
         if self._outcome is not None:
