@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.netns import Cluster  # noqa: E402
-from tests.test_agents import connected, events, finish, first_failure, wait_for  # noqa: E402
+from tests.test_agents import connected, events, finish, first_failure, signal_all, wait_for  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "scripts", "worker.py")
 
@@ -59,8 +59,7 @@ def trial(kind: str, timeout: float, work: Path) -> tuple[float, float]:
         if kind == "kill":
             node1.kill()
         elif kind == "stop":
-            for pid in host1:
-                os.kill(pid, signal.SIGSTOP)
+            signal_all(host1, signal.SIGSTOP)
         else:
             cluster.partition(1)
             # The link goes down somewhere inside the `ip` command (~0.5 s here): count from its end.
@@ -71,8 +70,8 @@ def trial(kind: str, timeout: float, work: Path) -> tuple[float, float]:
             finish([node1])
             node1 = node(1)
         elif kind == "stop":
-            for pid in host1:
-                os.kill(pid, signal.SIGCONT)
+            # Thawed first, the agent may stop a written-off rank before it is sent SIGCONT.
+            signal_all(host1, signal.SIGCONT)
         else:
             cluster.heal(1)
         wait_for("attempt 2", lambda: connected(job_dir, 2), timeout=60, procs=(node0,))
