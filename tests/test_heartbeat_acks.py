@@ -24,9 +24,13 @@ TIMEOUT = 1.5
 INTERVAL = 0.1
 
 
-async def fake_coordinator(task_status=trio.TASK_STATUS_IGNORED, *, answer: bool, acks: bool = True):
+async def fake_coordinator(task_status=trio.TASK_STATUS_IGNORED, *, answer: bool, acks: bool = True,
+                           answer_every: float = 0.0):
+    """``answer_every``: at most one answer per that many seconds, as the real
+    coordinator does (a quarter of heartbeat_timeout)."""
     async def handle(stream):
         decoder = protocol.FrameDecoder(protocol.ToCoordinator)
+        answered_at = -1e9
         async with stream:
             welcomed = False
             while data := await stream.receive_some(65536):
@@ -35,7 +39,9 @@ async def fake_coordinator(task_status=trio.TASK_STATUS_IGNORED, *, answer: bool
                         welcomed = True
                         await stream.send_all(protocol.encode(protocol.Welcome(
                             version=protocol.PROTOCOL_VERSION, heartbeat_interval=INTERVAL, attempt=1, acks=acks)))
-                    elif isinstance(message, protocol.Heartbeat) and answer:
+                    elif isinstance(message, protocol.Heartbeat) and answer and (
+                            trio.current_time() - answered_at >= answer_every):
+                        answered_at = trio.current_time()
                         await stream.send_all(protocol.encode(protocol.HeartbeatAck(seq=message.seq)))
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -90,10 +96,19 @@ async def test_a_rank_that_is_answered_or_not_promised_answers_keeps_running(ans
 
 
 @pytest.mark.timeout(90)  # seconds of CPU time held: on a loaded 2-core host, several times that in wall time
-async def test_a_starved_heartbeat_thread_is_not_mistaken_for_a_lost_coordinator():
-    # The GIL is held for twice the timeout: no heartbeat is sent, so none is unanswered.
+# Throttled: the coordinator answers at most four times per timeout; answering
+# more sparsely still (0.6 of the timeout) leaves a heartbeat unanswered when the
+# hold starts nearly every time, which is the case that matters.
+@pytest.mark.parametrize("answer_every", [0.0, TIMEOUT * 0.6], ids=["every-heartbeat", "throttled"])
+async def test_a_starved_heartbeat_thread_is_not_mistaken_for_a_lost_coordinator(answer_every):
+    # The GIL is held for twice the timeout. Answered every time, no heartbeat
+    # is left unanswered; answered as the coordinator does (at most four times
+    # per timeout), the last one before the hold may be: the rank must not take
+    # its own starvation for the coordinator's silence (it asks again).
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(lambda task_status: fake_coordinator(task_status, answer=True))
-        code, stderr, _ = await run_rank(port, os.path.join(SCRIPTS, "hold_gil.py"), str(2 * TIMEOUT), limit=60)
+        port = await nursery.start(lambda task_status: fake_coordinator(task_status, answer=True,
+                                                                       answer_every=answer_every))
+        code, stderr, _ = await run_rank(port, os.path.join(SCRIPTS, "hold_gil.py"), str(2 * TIMEOUT), "1.0",
+                                         limit=60)
         nursery.cancel_scope.cancel()
     assert code == 0, stderr

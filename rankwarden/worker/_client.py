@@ -34,6 +34,9 @@ __all__ = ["EXIT_COORDINATOR_LOST", "HeartbeatClient"]
 
 #: Exit status of a rank whose coordinator vanished or rejected it.
 EXIT_COORDINATOR_LOST = 75
+#: A heartbeat thread that wakes this much (or an interval) later than it asked
+#: was starved (a call holding the GIL), not answered late: it does not judge then.
+_STARVED_AFTER = 0.5
 
 
 class HeartbeatClient:
@@ -211,7 +214,17 @@ class HeartbeatClient:
                         return "the coordinator closed the heartbeat connection"
                     for message in self._decoder.feed(data):
                         self._handle(message)
-                elif self._unanswered_since is not None and time.monotonic() >= self._unanswered_since + self.answer_timeout:
+                elif self._unanswered_since is not None and (now := time.monotonic()) >= (
+                        self._unanswered_since + self.answer_timeout):
+                    if now - wake > max(self.interval, _STARVED_AFTER):
+                        # This thread woke far later than it asked to: a call
+                        # holding the GIL starved it, and the answer may be
+                        # unread only because no heartbeat went out meanwhile
+                        # (the coordinator answers a few per timeout, not every
+                        # one). The silence was ours: ask again, judge later.
+                        self._unanswered_since = None
+                        next_beat = now
+                        continue
                     return (f"the coordinator has not answered a heartbeat for {self.answer_timeout:g}s "
                             "(heartbeat_timeout): it is gone or cut off")
         except (OSError, ValueError, ProtocolError) as exc:

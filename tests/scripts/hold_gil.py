@@ -9,6 +9,8 @@ import threading
 import time
 
 seconds = float(sys.argv[1])
+#: Seconds to live on after the hold, so the heartbeat thread gets to judge what it missed.
+after = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
 probe = 2_000_000
 start = time.thread_time()
 sum(range(probe))
@@ -36,3 +38,4 @@ held = time.monotonic() - begin
 stop.set()
 thread.join()
 print(f"held the GIL for {held:.2f}s; longest gap another thread saw: {max(gaps):.2f}s", flush=True)
+time.sleep(after)
