@@ -41,7 +41,7 @@ from rankwarden.coordinator._heartbeat import (
     RankEndpoint,
     SocketReader,
     _GcTuner,
-    receive_some,
+    pump,
     writer,
 )
 from rankwarden.errors import ProtocolError
@@ -226,18 +226,7 @@ async def serve_relay(
             nursery.start_soon(_watch, relay)
             for message in rest:
                 relay.handle(message, router, tuner)
-            if poller is not None and poller.accepts(stream):
-                poller.add(relay, stream)  # type: ignore[arg-type]
-                try:
-                    await relay.over.wait()
-                finally:
-                    poller.remove(relay)
-            else:
-                while not relay.over.is_set():
-                    data = await receive_some(stream)
-                    if not data:
-                        break
-                    relay.feed(data, trio.current_time())
+            await pump(relay, stream, poller)
             if relay.error is not None:
                 raise relay.error
         except ProtocolError as exc:

@@ -325,20 +325,9 @@ async def _serve_rank(
                 connection = _RankConnection(endpoint, decoder)
                 for message in rest:
                     connection.clean = _deliver(endpoint, message, connection.clean)
-                if poller is not None and poller.accepts(stream):
-                    poller.add(connection, stream)  # type: ignore[arg-type]
-                    try:
-                        await connection.over.wait()
-                    finally:
-                        poller.remove(connection)
-                    if connection.error is not None:
-                        raise connection.error
-                else:
-                    while True:
-                        data = await receive_some(stream)
-                        if not data:
-                            break
-                        connection.feed(data, 0.0)
+                await pump(connection, stream, poller)
+                if connection.error is not None:
+                    raise connection.error
             except ProtocolError as exc:
                 router.peer_rejected(name, str(exc), hello.rank)
                 peer.send(protocol.Reject(reason=str(exc)))
@@ -352,6 +341,24 @@ async def _serve_rank(
             if endpoint is not None:
                 endpoint.on_disconnect(peer, connection is not None and connection.clean)
             nursery.cancel_scope.cancel()
+
+
+async def pump(connection, stream: trio.abc.Stream, poller: "SocketReader | None") -> None:
+    """Feed ``connection`` (a rank's or a relay's) what ``stream`` receives until
+    it is over: through the shared socket reader where it can, else from this
+    task. A protocol error ends it: in ``connection.error`` from the reader, raised here otherwise."""
+    if poller is not None and poller.accepts(stream):
+        poller.add(connection, stream)
+        try:
+            await connection.over.wait()
+        finally:
+            poller.remove(connection)
+        return
+    while not connection.over.is_set():
+        data = await receive_some(stream)
+        if not data:
+            break
+        connection.feed(data, trio.current_time())
 
 
 class _RankConnection:
