@@ -30,9 +30,9 @@ from rankwarden.coordinator._failfast import TAIL_LINES, EarlyFailure, configura
 from rankwarden.coordinator._live import LiveSession
 from rankwarden.coordinator._rank import RankRunner
 from rankwarden.coordinator._request import free_port
-from rankwarden.errors import CheckpointRefused
+from rankwarden.errors import CheckpointRefused, LaunchError
 from rankwarden.events import AttemptStarted, JobState, RankState, Restarting
-from rankwarden.launcher import RankProcess
+from rankwarden.launcher import RankProcess, SizesAttempts
 from rankwarden.spec import RestartScope
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,7 +71,7 @@ class RestartPolicy:
             try:
                 result = await self._run_group_attempt(self.job._attempt, adopted)
             except _Refused:
-                return JobState.FAILED
+                return JobState.STOPPED if self.job.stopping else JobState.FAILED
             adopted = {}
             if self.job.stopping:
                 return JobState.STOPPED
@@ -114,6 +114,8 @@ class RestartPolicy:
 
     async def _run_group_attempt(self, attempt: int, adopted: dict[int, RankProcess] | None = None) -> RankState:
         adopted = adopted or {}
+        if not adopted:
+            await self._size_attempt(attempt)
         if self.job._committer is not None and attempt > 1 and not adopted:
             await self.job._committer.new_attempt(self.job._checkpoint_tag(attempt))
         resume = await self._plan_resume(attempt)
@@ -123,7 +125,7 @@ class RestartPolicy:
             self.job._master_port, self.job._first_master_port = self.job._first_master_port, None
         else:
             self.job._master_port = free_port(self.job.spec.master_addr, exclude=self.job._master_port)
-        runners = [RankRunner(self.job, rank, attempt, adopted.get(rank), resume) for rank in range(self.job.spec.world_size)]
+        runners = [RankRunner(self.job, rank, attempt, adopted.get(rank), resume) for rank in range(self.job.world_size)]
         self.job._runners = {runner.rank: runner for runner in runners}
         if not self.job.stopping:
             self.job._state = JobState.RUNNING
@@ -210,6 +212,36 @@ class RestartPolicy:
         if self.job.stopping:
             return JobState.STOPPED
         return JobState.FAILED if exhausted else JobState.SUCCEEDED
+
+    async def _size_attempt(self, attempt: int) -> None:
+        """Elastic node counts: the launcher decides how many ranks this attempt has
+        (it waits for enough nodes). Raises _Refused when it cannot, or when the
+        job is stopped while it waits."""
+        launcher = self.job.launcher
+        if not isinstance(launcher, SizesAttempts):
+            return
+        with trio.CancelScope() as scope:
+
+            async def cancel_on_stop() -> None:
+                await self.job._stop_requested.wait()
+                scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_on_stop)
+                try:
+                    world = await launcher.size_attempt(self.job.job_id, attempt)
+                except LaunchError as exc:
+                    self.job._fatal = str(exc)
+                    log.error("job=%s attempt=%d: %s", self.job.job_id, attempt, exc)
+                    raise _Refused(str(exc)) from None
+                nursery.cancel_scope.cancel()
+        if scope.cancelled_caught:
+            raise _Refused(self.job._stop_reason)
+        if not 1 <= world <= self.job.spec.world_size:
+            raise AssertionError(f"launcher sized attempt {attempt} at {world} ranks, spec has {self.job.spec.world_size}")
+        if world != self.job._world_size:
+            log.warning("job=%s attempt=%d: world size %d -> %d", self.job.job_id, attempt, self.job._world_size, world)
+        self.job._world_size = world
 
     async def _plan_resume(self, attempt: int, rank: int | None = None) -> protocol.Resume | None:
         """The step the ranks about to start load (told in their Welcome), or None
