@@ -18,11 +18,15 @@ import trio.testing
 
 from rankwarden import protocol
 from rankwarden._multinode import node_plan
+from rankwarden.checkpoint import CheckpointStore
+from rankwarden.coordinator import Coordinator
 from rankwarden.coordinator._request import rank_env
 from rankwarden.errors import LaunchError, SpecError
+from rankwarden.events import JobFailedEvent, JobState, ResumeChosen
 from rankwarden.launcher import AgentLauncher, SizesAttempts
 from rankwarden.launcher._agent import NODE_LOST
 from rankwarden.spec import JobSpec
+from rankwarden.testing import FakeLauncher, MemoryListener
 from tests.test_agent_membership import HB_TIMEOUT, JOIN_TIMEOUT, TOKEN, connect, request
 
 pytestmark = pytest.mark.liveness
@@ -256,3 +260,74 @@ def test_nnodes_min_max_plans_an_elastic_job():
 def test_bad_elastic_node_counts_name_the_problem(argv, message):
     with pytest.raises(SpecError, match=message):
         node_plan(args(*argv, "--node-rank", "0", "--rdzv-endpoint", "h:1"), SECRET)
+
+
+# -- the coordinator's side: a launcher that sizes attempts -------------------------------------------
+
+JOB = "t-elastic"
+
+
+class SizingLauncher(FakeLauncher):
+    """A FakeLauncher whose group attempts have the sizes given, in order (a node lost after each)."""
+
+    def __init__(self, sizes: list[int], *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sizes = sizes
+
+    async def size_attempt(self, job_id: str, attempt: int) -> int:
+        return self.sizes[min(attempt, len(self.sizes)) - 1]
+
+
+async def _run_elastic(tmp_path, layout: str):
+    """Attempt 1 (4 ranks) commits step 2, then rank 3 fails; attempt 2 (2 ranks) resumes and commits step 4."""
+    seen = []
+
+    async def rank(fake):
+        welcome = await fake.hello()
+        seen.append((fake.attempt, fake.rank, fake.env["WORLD_SIZE"], fake.env["ROLE_WORLD_SIZE"],
+                     welcome.resume.step))
+        step = 2 if fake.attempt == 1 else 4
+        store = CheckpointStore(fake.env["RANKWARDEN_CHECKPOINT_URL"], JOB)
+        entry = store.write_file(step, f"rank_{fake.rank:05d}.pt", b"state",
+                                 tag=fake.env["RANKWARDEN_CHECKPOINT_TAG"])
+        info = protocol.FileInfo(name=entry.name, size=entry.size, checksum=entry.checksum)
+        await fake.send(protocol.CheckpointReady(step=step, files=[info], layout=layout))
+        if fake.attempt == 1:
+            await trio.sleep(1.0)  # every rank's step 2 is committed before the failure
+            if fake.rank == 3:
+                return 1
+            await trio.sleep_forever()
+        await fake.goodbye(0)
+        return 0
+
+    spec = JobSpec.from_dict(dict(entrypoint="/srv/train.py", world_size=4, job_id=JOB, job_dir=str(tmp_path / "job"),
+                                  checkpoint_url=str(tmp_path / "ckpt"), max_restarts=2))
+    listener = MemoryListener()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            launcher = SizingLauncher([4, 2], rank, listener, nursery)
+            coordinator = Coordinator(spec, launcher=launcher, listeners=[listener])
+            snapshot = await coordinator.run()
+            nursery.cancel_scope.cancel()
+    return snapshot, coordinator.history(), sorted(seen)
+
+
+async def test_an_elastic_job_resumes_a_sharded_checkpoint_on_fewer_ranks_with_their_world_size(tmp_path):
+    snapshot, events, seen = await _run_elastic(tmp_path, "dcp")
+    assert snapshot.state == JobState.SUCCEEDED
+    assert seen == [(1, r, "4", "4", None) for r in range(4)] + [(2, r, "2", "2", 2) for r in range(2)]
+    assert snapshot.world_size == 2 and [r.rank for r in snapshot.ranks] == [0, 1]
+    chosen = [e.message for e in events if isinstance(e, ResumeChosen)]
+    assert chosen[-1] == "resuming from step 2 (written by 4 rank(s), resharded on load)"
+    store = CheckpointStore(str(tmp_path / "ckpt"), JOB)
+    assert [(m.step, m.world_size, m.writer.world_size) for m in (store.verify(2), store.verify(4))] == [
+        (2, 4, 4), (4, 2, 2)]
+
+
+async def test_an_elastic_job_refuses_a_per_rank_checkpoint_on_fewer_ranks_naming_the_fix(tmp_path):
+    snapshot, events, seen = await _run_elastic(tmp_path, "rank")
+    assert snapshot.state == JobState.FAILED
+    assert [s[0] for s in seen] == [1, 1, 1, 1]  # no rank of attempt 2 started: none on a wrong state
+    [failed] = [e for e in events if isinstance(e, JobFailedEvent)]
+    assert "step 2 was written by 4 rank(s), this job has 2" in failed.message
+    assert "an elastic job (--nnodes MIN:MAX)" in failed.message and "must save sharded state" in failed.message
