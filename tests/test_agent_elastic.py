@@ -22,7 +22,7 @@ from rankwarden.checkpoint import CheckpointStore
 from rankwarden.coordinator import Coordinator
 from rankwarden.coordinator._request import rank_env
 from rankwarden.errors import LaunchError, SpecError
-from rankwarden.events import JobFailedEvent, JobState, ResumeChosen
+from rankwarden.events import AttemptStarted, JobFailedEvent, JobState, ResumeChosen
 from rankwarden.launcher import AgentLauncher, SizesAttempts
 from rankwarden.launcher._agent import NODE_LOST
 from rankwarden.spec import JobSpec
@@ -317,6 +317,7 @@ async def test_an_elastic_job_resumes_a_sharded_checkpoint_on_fewer_ranks_with_t
     assert snapshot.state == JobState.SUCCEEDED
     assert seen == [(1, r, "4", "4", None) for r in range(4)] + [(2, r, "2", "2", 2) for r in range(2)]
     assert snapshot.world_size == 2 and [r.rank for r in snapshot.ranks] == [0, 1]
+    assert [e.world_size for e in events if isinstance(e, AttemptStarted)] == [4, 2]
     chosen = [e.message for e in events if isinstance(e, ResumeChosen)]
     assert chosen[-1] == "resuming from step 2 (written by 4 rank(s), resharded on load)"
     store = CheckpointStore(str(tmp_path / "ckpt"), JOB)

@@ -399,3 +399,71 @@ def test_under_srun_the_same_command_with_no_node_flags_runs_on_every_node(tmp_p
     assert [(e["GROUP_RANK"], e["WORLD_SIZE"], e["MASTER_ADDR"]) for e in envs] == [
         ("0", "2", cluster.address(0)), ("1", "2", cluster.address(0))]
     assert f"agents join at {cluster.address(0)}:29400" in outputs[1]
+
+
+SHARDED = os.path.join(SCRIPTS, "sharded_train.py")
+
+
+@pytest.fixture
+def cluster3():
+    made = Cluster(nodes=2)
+    try:
+        yield made
+    finally:
+        left = made.close()
+    assert not left, f"processes left on the test hosts: {left}"
+
+
+@pytest.mark.torch
+@pytest.mark.timeout(240)
+def test_an_elastic_job_loses_a_node_and_finishes_on_the_rest_resuming_its_sharded_checkpoint(tmp_path, cluster3):
+    # --nnodes 2:3 on three hosts, one rank each: node 2 is killed (its agent and, through
+    # PR_SET_PDEATHSIG, its rank) after a committed step; attempt 2 runs at once on nodes 0
+    # and 1 at world size 2 and resumes that step resharded (DCP), with no wait for node 2.
+    pytest.importorskip("torch")
+    from rankwarden.checkpoint import CheckpointStore
+
+    cluster = cluster3
+    job_dir, out, ckpt = tmp_path / "elastic", tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    endpoint = f"{cluster.address(0)}:{PORT}"
+    job_id = f"{JOB_PREFIX}{job_dir.name}"
+    script = (SHARDED, "--steps", "24", "--every", "4", "--mode", "ddp", "--out", str(out))
+    extra = ("--checkpoint", str(ckpt), "--no-warm", "--last-call-timeout", "60")
+    kwargs = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node_env = [env(GLOO_SOCKET_IFNAME="br0" if k == 0 else "eth0", RW_TEST_STEP_TIME="0.25") for k in range(3)]
+    argv = [node_argv(k, endpoint, job_dir, *script, nproc=1, extra=extra) for k in range(3)]
+    for k in range(3):
+        argv[k][argv[k].index("--nnodes") + 1] = "2:3"
+        argv[k][argv[k].index("--heartbeat-timeout") + 1] = "10"  # torch ranks on a loaded 2-core host
+        argv[k][argv[k].index("--heartbeat-interval") + 1] = "0.5"
+    nodes = [cluster.popen(k, argv[k], env=node_env[k], **kwargs) for k in range(3)]
+    store = CheckpointStore(str(ckpt), job_id)
+    try:
+        wait_for("a committed checkpoint", lambda: store.steps(), timeout=150, procs=(nodes[0],))
+    except BaseException:
+        for proc in nodes:
+            proc.kill()
+        raise
+    nodes[2].kill()
+    finish([nodes[2]])
+    out0, out1 = finish(nodes[:2], timeout=150)
+    assert nodes[0].returncode == 0, out0
+    assert nodes[1].returncode == 0, out1
+    # The world size each rank ran at, as torch.distributed saw it.
+    logs = {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in out.glob("run_log_*.jsonl")}
+    assert sorted(logs) == ["run_log_r0_a1.jsonl", "run_log_r0_a2.jsonl", "run_log_r1_a1.jsonl",
+                            "run_log_r1_a2.jsonl", "run_log_r2_a1.jsonl"], sorted(logs)
+    assert {name: log[0]["world"] for name, log in logs.items()} == {
+        "run_log_r0_a1.jsonl": 3, "run_log_r1_a1.jsonl": 3, "run_log_r2_a1.jsonl": 3,
+        "run_log_r0_a2.jsonl": 2, "run_log_r1_a2.jsonl": 2}
+    resumed = {logs[f"run_log_r{r}_a2.jsonl"][0]["resumed_from"] for r in (0, 1)}
+    assert len(resumed) == 1 and resumed.pop() > 0  # one committed step, on both ranks
+    assert "final_eval" in logs["run_log_r0_a2.jsonl"][-1]
+    assert "attempt 1 runs on 3 of 3 nodes (0, 1, 2): world size 3" in out0, out0
+    assert "node 2 lost; attempt 2 continues on 2 of 3 nodes (0, 1): world size 3 -> 2" in out0, out0
+    assert "waiting up to" not in out0  # no join timeout was waited for node 2
+    assert "written by 3 rank(s), resharded on load" in out0, out0
+    latest = store.latest()
+    assert latest is not None and latest.step == 24
+    assert store.verify(latest.step, checksums=True).world_size == 2

@@ -129,7 +129,8 @@ class RestartPolicy:
         self.job._runners = {runner.rank: runner for runner in runners}
         if not self.job.stopping:
             self.job._state = JobState.RUNNING
-        self.job.emit(AttemptStarted, attempt=attempt, master_port=self.job._master_port, adopted=bool(adopted))
+        self.job.emit(AttemptStarted, attempt=attempt, master_port=self.job._master_port, adopted=bool(adopted),
+                      world_size=len(runners))
         log.info("job=%s attempt=%d: %s %d ranks (MASTER_PORT=%d)", self.job.job_id, attempt,
                  "adopting" if adopted else "starting", len(runners), self.job._master_port)
         failed = False
