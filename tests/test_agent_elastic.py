@@ -212,10 +212,13 @@ async def test_a_node_that_joins_during_an_attempt_is_taken_in_at_the_next_one(a
 
 
 async def test_a_fixed_node_count_is_sized_at_once_at_its_full_world(autojump_clock):
-    launcher = make_launcher(min_nodes=3)
+    lines: list[str] = []
+    launcher = make_launcher(min_nodes=3, lines=lines)
     t0 = trio.current_time()
     assert await launcher.size_attempt("t-job", 1) == 6  # ranks wait in start() for their own slot, as before
+    assert await launcher.size_attempt("t-job", 2) == 6
     assert trio.current_time() == t0
+    assert lines == []  # no node-count lines for a job that cannot change its node count
 
 
 def test_rank_env_takes_the_attempts_world_size():
