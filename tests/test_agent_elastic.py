@@ -335,3 +335,53 @@ async def test_an_elastic_job_refuses_a_per_rank_checkpoint_on_fewer_ranks_namin
     [failed] = [e for e in events if isinstance(e, JobFailedEvent)]
     assert "step 2 was written by 4 rank(s), this job has 2" in failed.message
     assert "an elastic job (--nnodes MIN:MAX)" in failed.message and "must save sharded state" in failed.message
+
+
+class WaitingLauncher(FakeLauncher):
+    """Too few nodes: sizing waits ``wait`` seconds, then fails as AgentLauncher does after join_timeout."""
+
+    wait = JOIN_TIMEOUT
+
+    async def size_attempt(self, job_id: str, attempt: int) -> int:
+        await trio.sleep(self.wait)
+        raise LaunchError(f"attempt {attempt} needs at least 2 node(s) (--nnodes 2:3) and only 1 joined")
+
+
+async def _run_waiting(tmp_path, stop_at: float | None):
+    started = []
+
+    async def rank(fake):
+        started.append(fake.rank)
+        return 0
+
+    spec = JobSpec.from_dict(dict(entrypoint="/srv/train.py", world_size=4, job_id=JOB, job_dir=str(tmp_path / "job"),
+                                  max_restarts=2))
+    listener = MemoryListener()
+    async with trio.open_nursery() as nursery:
+        coordinator = Coordinator(spec, launcher=WaitingLauncher(rank, listener, nursery), listeners=[listener])
+        if stop_at is not None:
+            async def stop():
+                await trio.sleep(stop_at)
+                coordinator.stop("test stop")
+
+            nursery.start_soon(stop)
+        snapshot = await coordinator.run()
+        nursery.cancel_scope.cancel()
+    return snapshot, coordinator.history(), started
+
+
+async def test_too_few_nodes_for_join_timeout_fail_the_job_naming_them(autojump_clock, tmp_path):
+    t0 = trio.current_time()
+    snapshot, events, started = await _run_waiting(tmp_path, None)
+    assert snapshot.state == JobState.FAILED and started == []
+    assert trio.current_time() - t0 == pytest.approx(JOIN_TIMEOUT)
+    [failed] = [e for e in events if isinstance(e, JobFailedEvent)]
+    assert "needs at least 2 node(s) (--nnodes 2:3) and only 1 joined" in failed.message
+
+
+async def test_a_stop_while_waiting_for_nodes_stops_the_job_at_once(autojump_clock, tmp_path):
+    t0 = trio.current_time()
+    snapshot, events, started = await _run_waiting(tmp_path, 5.0)
+    assert snapshot.state == JobState.STOPPED and started == []
+    assert trio.current_time() - t0 == pytest.approx(5.0)
+    assert not [e for e in events if isinstance(e, JobFailedEvent)]

@@ -221,6 +221,7 @@ class RestartPolicy:
         launcher = self.job.launcher
         if not isinstance(launcher, SizesAttempts):
             return
+        world, error = 0, None
         with trio.CancelScope() as scope:
 
             async def cancel_on_stop() -> None:
@@ -232,12 +233,14 @@ class RestartPolicy:
                 try:
                     world = await launcher.size_attempt(self.job.job_id, attempt)
                 except LaunchError as exc:
-                    self.job._fatal = str(exc)
-                    log.error("job=%s attempt=%d: %s", self.job.job_id, attempt, exc)
-                    raise _Refused(str(exc)) from None
+                    error = str(exc)  # raised below, outside the nursery (no exception group)
                 nursery.cancel_scope.cancel()
         if scope.cancelled_caught:
             raise _Refused(self.job._stop_reason)
+        if error is not None:
+            self.job._fatal = error
+            log.error("job=%s attempt=%d: %s", self.job.job_id, attempt, error)
+            raise _Refused(error)
         if not 1 <= world <= self.job.spec.world_size:
             raise AssertionError(f"launcher sized attempt {attempt} at {world} ranks, spec has {self.job.spec.world_size}")
         if world != self.job._world_size:
