@@ -9,7 +9,9 @@ only when that cannot proceed does the group restart. Scope ``rank``: each rank 
 on its own and only a failed rank relaunches. Both draw on one budget of
 ``max_restarts``; restart ``n`` waits ``backoff.delay(n)``. The job fails when
 a failure finds the budget spent, and its report leads with the first failure
-observed in the whole job.
+observed in the whole job. Before each group attempt a launcher that sizes
+attempts (``SizesAttempts``: elastic node counts) says how many ranks it has,
+waiting for enough nodes; the resume step is then chosen for that world size.
 
 The policy decides; the ``Coordinator`` owns the job's state (attempt number,
 budget used, the current runners, MASTER_PORT) and the heartbeat server, so
@@ -125,7 +127,8 @@ class RestartPolicy:
             self.job._master_port, self.job._first_master_port = self.job._first_master_port, None
         else:
             self.job._master_port = free_port(self.job.spec.master_addr, exclude=self.job._master_port)
-        runners = [RankRunner(self.job, rank, attempt, adopted.get(rank), resume) for rank in range(self.job.world_size)]
+        runners = [RankRunner(self.job, rank, attempt, adopted.get(rank), resume)
+                   for rank in range(self.job.world_size)]
         self.job._runners = {runner.rank: runner for runner in runners}
         if not self.job.stopping:
             self.job._state = JobState.RUNNING
@@ -237,12 +240,12 @@ class RestartPolicy:
                 nursery.cancel_scope.cancel()
         if scope.cancelled_caught:
             raise _Refused(self.job._stop_reason)
+        if error is None and not 1 <= world <= self.job.spec.world_size:
+            error = f"the launcher sized attempt {attempt} at {world} ranks; the job has 1 to {self.job.spec.world_size}"
         if error is not None:
             self.job._fatal = error
             log.error("job=%s attempt=%d: %s", self.job.job_id, attempt, error)
             raise _Refused(error)
-        if not 1 <= world <= self.job.spec.world_size:
-            raise AssertionError(f"launcher sized attempt {attempt} at {world} ranks, spec has {self.job.spec.world_size}")
         if world != self.job._world_size:
             log.warning("job=%s attempt=%d: world size %d -> %d", self.job.job_id, attempt, self.job._world_size, world)
         self.job._world_size = world
