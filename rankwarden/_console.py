@@ -53,7 +53,8 @@ def describe_event(event: Event) -> str | None:
     if isinstance(event, JobStarted):
         return f"job {event.job}: {event.world_size} rank(s) of {event.entrypoint}; logs in {event.job_dir}"
     if isinstance(event, AttemptStarted):
-        return f"attempt {event.attempt} started (MASTER_PORT={event.master_port})"
+        size = f"world size {event.world_size}, " if event.world_size else ""
+        return f"attempt {event.attempt} started ({size}MASTER_PORT={event.master_port})"
     if isinstance(event, RankStarted) and event.attempt > 1:  # the first attempt is always fresh
         return f"attempt {event.attempt}: rank {event.rank} started {'warm' if event.warm else 'fresh'} (pid {event.pid})"
     if isinstance(event, RankFailed):

@@ -10,6 +10,10 @@ and the first host of ``SLURM_STEP_NODELIST`` fill them in. Every node must
 have the same ``RANKWARDEN_JOB_SECRET`` in its environment (``srun`` passes
 the caller's environment on): agents and ranks prove with it that they belong
 to the job.
+
+``--nnodes MIN:MAX`` makes the node count elastic: an attempt runs on the
+nodes that have joined as long as there are at least MIN (see
+``AgentLauncher.size_attempt``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from rankwarden.agent import AgentConfig, run_agent
 from rankwarden.errors import SpecError
 from rankwarden.events import JobState
 from rankwarden.launcher import AgentLauncher
+from rankwarden.launcher._agent import LAST_CALL_TIMEOUT
 from rankwarden.spec import JobSpec
 
 __all__ = ["SECRET_ENV", "NodePlan", "first_host", "node_plan", "run_node", "serve_coordinator_node"]
@@ -37,10 +42,11 @@ SECRET_ENV = "RANKWARDEN_JOB_SECRET"
 #: torchrun's default port of a c10d rendezvous endpoint.
 DEFAULT_PORT = 29400
 #: torchrun flags that mean something once there are several nodes.
-MULTI_NODE_FLAGS = {"rdzv_endpoint", "node_rank", "local_addr", "rdzv_id", "rdzv_backend"}
+MULTI_NODE_FLAGS = {"rdzv_endpoint", "node_rank", "local_addr", "rdzv_id", "rdzv_backend", "rdzv_conf"}
 
 
 class NodePlan(NamedTuple):
+    #: The most nodes (MAX of ``--nnodes MIN:MAX``): the job's node slots.
     nnodes: int
     node_rank: int
     host: str
@@ -50,6 +56,10 @@ class NodePlan(NamedTuple):
     join_timeout: float
     #: "auto": node 0 is coordinator and agent, others agents; "coordinator" or "agent": only that.
     role: str = "auto"
+    #: The fewest nodes an attempt runs on (MIN); equal to ``nnodes`` unless elastic.
+    min_nodes: int = 0
+    #: The first attempt's wait for more than MIN nodes (torchrun's last_call_timeout).
+    last_call: float = LAST_CALL_TIMEOUT
 
     @property
     def endpoint(self) -> str:
@@ -65,18 +75,33 @@ def first_host(nodelist: str) -> str:
     return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
 
 
-def _nnodes(text: str) -> int:
+def _nnodes(text: str) -> tuple[int, int]:
+    """``N`` or ``MIN:MAX`` (torchrun's spelling) -> (MIN, MAX)."""
     match = re.fullmatch(r"(\d+)(?::(\d+))?", text.strip())
     if not match:
         raise SpecError(f"--nnodes {text!r}: expected N or MIN:MAX")
     low, high = int(match.group(1)), int(match.group(2) or match.group(1))
     if low < 1 or high < low:
         raise SpecError(f"--nnodes {text!r}: expected 1 <= MIN <= MAX")
-    if low != high:
-        raise SpecError(f"--nnodes {text}: elastic node counts are not supported yet; give one number. A lost "
-                        "node is waited for (--join-timeout) and may be replaced by any host started with its "
-                        "--node-rank")
-    return high
+    return low, high
+
+
+def _last_call(args: argparse.Namespace) -> float:
+    """``--last-call-timeout``, else torchrun's ``--rdzv-conf last_call_timeout=S``, else 30 s."""
+    value = getattr(args, "last_call_timeout", None)
+    if value is not None:
+        return float(value)
+    for item in (getattr(args, "rdzv_conf", None) or "").split(","):
+        key, _, text = item.partition("=")
+        if key.strip() == "last_call_timeout":
+            try:
+                seconds = float(text)
+            except ValueError:
+                seconds = -1.0
+            if not seconds >= 0:
+                raise SpecError(f"--rdzv-conf last_call_timeout={text!r}: expected seconds >= 0")
+            return seconds
+    return LAST_CALL_TIMEOUT
 
 
 def node_plan(args: argparse.Namespace, environ: Mapping[str, str], *, role: str = "auto") -> NodePlan | None:
@@ -87,7 +112,10 @@ def node_plan(args: argparse.Namespace, environ: Mapping[str, str], *, role: str
     if text is None:
         text = environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_NNODES") if "SLURM_NODEID" in environ \
             and "SLURM_STEP_ID" in environ else None
-    nnodes = _nnodes(text or "1")
+    min_nodes, nnodes = _nnodes(text or "1")
+    if min_nodes < nnodes and (getattr(args, "restart_scope", "group") != "group" or getattr(args, "live", False)):
+        raise SpecError(f"--nnodes {min_nodes}:{nnodes}: an elastic node count restarts the whole group on the "
+                        "nodes that remain; it needs --restart-scope group and no --live")
     if nnodes == 1 and role == "auto":
         if args.node_rank not in (None, 0):
             raise SpecError(f"--node-rank {args.node_rank}: a one-node job has only node 0")
@@ -121,7 +149,7 @@ def node_plan(args: argparse.Namespace, environ: Mapping[str, str], *, role: str
         raise SpecError(f"--nnodes {nnodes}: set {SECRET_ENV} to the same random string (16+ characters) on "
                         f"every node, e.g. export {SECRET_ENV}=$(openssl rand -hex 16) before srun")
     return NodePlan(nnodes, node_rank, host, port, secret, args.local_addr or "",
-                    float(getattr(args, "join_timeout", 300.0)), role)
+                    float(getattr(args, "join_timeout", 300.0)), role, min_nodes, _last_call(args))
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -189,6 +217,7 @@ async def _run_coordinator_node(spec: JobSpec, nodes: NodePlan, *, quiet: bool, 
     launcher = AgentLauncher(job_id=spec.job_id, nnodes=nodes.nnodes, nproc=spec.world_size // nodes.nnodes,
                              token=nodes.secret, heartbeat_timeout=spec.heartbeat_timeout,
                              heartbeat_interval=spec.effective_heartbeat_interval, join_timeout=nodes.join_timeout,
+                             min_nodes=nodes.min_nodes or nodes.nnodes, last_call=nodes.last_call,
                              on_change=lambda line: console and console.line(f"rankwarden: {line}"))
     try:
         listeners = await trio.open_tcp_listeners(nodes.port, host=nodes.host)
@@ -200,7 +229,10 @@ async def _run_coordinator_node(spec: JobSpec, nodes: NodePlan, *, quiet: bool, 
                               master_port=plan.master_port)
     coordinator.job_dir.start_run()
     console = Console(coordinator, echo_ranks=not quiet, echo=plan.echo, announce_start=False)
-    console.line(f"rankwarden: job {coordinator.job_id}: {spec.world_size} rank(s) on {nodes.nnodes} nodes "
+    elastic = bool(nodes.min_nodes) and nodes.min_nodes < nodes.nnodes
+    count = f"up to {spec.world_size} rank(s) on {nodes.min_nodes} to {nodes.nnodes}" if elastic \
+        else f"{spec.world_size} rank(s) on {nodes.nnodes}"
+    console.line(f"rankwarden: job {coordinator.job_id}: {count} nodes "
                  f"x {spec.world_size // nodes.nnodes}; agents join at {nodes.endpoint}; logs in "
                  f"{coordinator.job_dir.path}/")
     for note in plan.notes:

@@ -11,7 +11,8 @@ torchrun flag               in ``rankwarden run``
   cpu|gpu|xpu               ``gpu``/``xpu``/``auto``: torch's own count, asked
                             of the ranks' interpreter (the coordinator never
                             imports torch)
---nnodes 1 / 1:1            accepted; more nodes are refused
+--nnodes N / MIN:MAX        nodes (``_multinode``); MIN:MAX is elastic, with
+                            ``--rdzv-conf last_call_timeout=S`` read
 --standalone                always on
 --max-restarts M            the restart budget
 --master-addr, -port        MASTER_ADDR; the first attempt's MASTER_PORT

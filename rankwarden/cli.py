@@ -117,6 +117,9 @@ def _build_parser() -> argparse.ArgumentParser:
     w.add_argument("--join-timeout", type=_seconds, default=300.0, metavar="S",
                    help="multi-node: how long ranks wait for a lost node's slot to be taken again (the host "
                         "back, or a replacement), and how long an agent keeps trying to reach the coordinator")
+    w.add_argument("--last-call-timeout", type=_seconds, default=None, metavar="S",
+                   help="--nnodes MIN:MAX: once MIN nodes have joined, the first attempt waits up to S seconds "
+                        "for up to MAX (torchrun's --rdzv-conf last_call_timeout, which is also read). Default: 30")
     w.add_argument("--startup-timeout", type=_seconds, default=None, metavar="S",
                    help="a rank that has not connected S seconds after starting is restarted; 0 disables "
                         "(default: 60, or 0 with --no-python)")

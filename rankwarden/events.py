@@ -154,6 +154,8 @@ class AttemptStarted(Event, tag="attempt_started"):
     master_port: int
     #: The ranks were already running (left by a previous coordinator) and were adopted.
     adopted: bool = False
+    #: This attempt's ranks: the spec's world size, or fewer after an elastic job lost nodes (0: not known).
+    world_size: int = 0
 
 
 class RankStarted(Event, tag="rank_started"):

@@ -56,6 +56,10 @@ class Cluster:
             _ip("netns", "add", self.head)
             _ip("-n", self.head, "link", "set", "lo", "up")
             _ip("-n", self.head, "link", "add", "br0", "type", "bridge")
+            # A bridge takes the lowest MAC of its ports unless given one: taking a port off
+            # (a partition) could change it, and every other node's ARP entry for the head
+            # would point nowhere until it expires: one cut-off node would cut off others.
+            _ip("-n", self.head, "link", "set", "br0", "address", "02:72:77:00:00:01")
             _ip("-n", self.head, "addr", "add", f"{self.head_addr}/24", "dev", "br0")
             _ip("-n", self.head, "link", "set", "br0", "up")
             # Strict reverse-path filtering: once a port leaves the bridge, what arrives on it

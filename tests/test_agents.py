@@ -399,3 +399,119 @@ def test_under_srun_the_same_command_with_no_node_flags_runs_on_every_node(tmp_p
     assert [(e["GROUP_RANK"], e["WORLD_SIZE"], e["MASTER_ADDR"]) for e in envs] == [
         ("0", "2", cluster.address(0)), ("1", "2", cluster.address(0))]
     assert f"agents join at {cluster.address(0)}:29400" in outputs[1]
+
+
+SHARDED = os.path.join(SCRIPTS, "sharded_train.py")
+
+
+@pytest.fixture
+def cluster3():
+    made = Cluster(nodes=2)
+    try:
+        yield made
+    finally:
+        left = made.close()
+    assert not left, f"processes left on the test hosts: {left}"
+
+
+@pytest.mark.torch
+@pytest.mark.timeout(240)
+def test_an_elastic_job_loses_a_node_and_finishes_on_the_rest_resuming_its_sharded_checkpoint(tmp_path, cluster3):
+    # --nnodes 2:3 on three hosts, one rank each: node 2 is killed (its agent and, through
+    # PR_SET_PDEATHSIG, its rank) after a committed step; attempt 2 runs at once on nodes 0
+    # and 1 at world size 2 and resumes that step resharded (DCP), with no wait for node 2.
+    pytest.importorskip("torch")
+    from rankwarden.checkpoint import CheckpointStore
+
+    cluster = cluster3
+    job_dir, out, ckpt = tmp_path / "elastic", tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    endpoint = f"{cluster.address(0)}:{PORT}"
+    job_id = f"{JOB_PREFIX}{job_dir.name}"
+    script = (SHARDED, "--steps", "24", "--every", "4", "--mode", "ddp", "--out", str(out))
+    extra = ("--checkpoint", str(ckpt), "--no-warm", "--last-call-timeout", "60")
+    kwargs = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node_env = [env(GLOO_SOCKET_IFNAME="br0" if k == 0 else "eth0", RW_TEST_STEP_TIME="0.25") for k in range(3)]
+    argv = [node_argv(k, endpoint, job_dir, *script, nproc=1, extra=extra) for k in range(3)]
+    for k in range(3):
+        argv[k][argv[k].index("--nnodes") + 1] = "2:3"
+        argv[k][argv[k].index("--heartbeat-timeout") + 1] = "10"  # torch ranks on a loaded 2-core host
+        argv[k][argv[k].index("--heartbeat-interval") + 1] = "0.5"
+    nodes = [cluster.popen(k, argv[k], env=node_env[k], **kwargs) for k in range(3)]
+    store = CheckpointStore(str(ckpt), job_id)
+    try:
+        wait_for("a committed checkpoint", lambda: store.steps(), timeout=150, procs=(nodes[0],))
+    except BaseException:
+        for proc in nodes:
+            proc.kill()
+        raise
+    nodes[2].kill()
+    finish([nodes[2]])
+    out0, out1 = finish(nodes[:2], timeout=150)
+    assert nodes[0].returncode == 0, out0
+    assert nodes[1].returncode == 0, out1
+    # The world size each rank ran at, as torch.distributed saw it.
+    logs = {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in out.glob("run_log_*.jsonl")}
+    assert sorted(logs) == ["run_log_r0_a1.jsonl", "run_log_r0_a2.jsonl", "run_log_r1_a1.jsonl",
+                            "run_log_r1_a2.jsonl", "run_log_r2_a1.jsonl"], sorted(logs)
+    assert {name: log[0]["world"] for name, log in logs.items()} == {
+        "run_log_r0_a1.jsonl": 3, "run_log_r1_a1.jsonl": 3, "run_log_r2_a1.jsonl": 3,
+        "run_log_r0_a2.jsonl": 2, "run_log_r1_a2.jsonl": 2}
+    resumed = {logs[f"run_log_r{r}_a2.jsonl"][0]["resumed_from"] for r in (0, 1)}
+    assert len(resumed) == 1 and resumed.pop() > 0  # one committed step, on both ranks
+    assert "final_eval" in logs["run_log_r0_a2.jsonl"][-1]
+    assert "attempt 1 runs on 3 of 3 nodes (0, 1, 2): world size 3" in out0, out0
+    assert "node 2 lost; attempt 2 continues on 2 of 3 nodes (0, 1): world size 3 -> 2" in out0, out0
+    assert "waiting up to" not in out0  # no join timeout was waited for node 2
+    assert "written by 3 rank(s), resharded on load" in out0, out0
+    latest = store.latest()
+    assert latest is not None and latest.step == 24
+    assert store.verify(latest.step, checksums=True).world_size == 2
+
+
+def test_an_elastic_job_goes_on_without_a_partitioned_node_with_torchruns_env_for_the_smaller_world(
+        tmp_path, cluster3):
+    # --nnodes 2:3, one rank per host; node 2 is cut off. It is written off at the heartbeat
+    # timeout and attempt 2 runs on nodes 0 and 1 without waiting for it; node 2's agent
+    # gives up after its own --join-timeout (5 s here), exits 75 and leaves nothing behind.
+    cluster = cluster3
+    job_dir, record, until = tmp_path / "elastic-cut", tmp_path / "record", tmp_path / "until"
+    record.mkdir()
+    endpoint = f"{cluster.address(0)}:{PORT}"
+    script = (WORKER, "--steps", "3", "--until-file", str(until), "--until-attempt", "0", "--record", str(record))
+    argv = [node_argv(k, endpoint, job_dir, *script, nproc=1, extra=("--last-call-timeout", "60")) for k in range(3)]
+    for k in range(3):
+        argv[k][argv[k].index("--nnodes") + 1] = "2:3"
+    argv[2][argv[2].index("--join-timeout") + 1] = "5"
+    nodes = [cluster.popen(k, argv[k], **popen_kwargs()) for k in range(3)]
+    try:
+        wait_for("attempt 1 to connect every rank", lambda: connected(job_dir, 1, ranks=3), procs=(nodes[0],))
+        cut_at = time.time()
+        cluster.partition(2)
+        failure = wait_for("the partitioned node to be noticed", lambda: first_failure(job_dir), procs=(nodes[0],))
+        assert HB_TIMEOUT - 2 * INTERVAL <= failure["time"] - cut_at <= HB_TIMEOUT + 3.0, failure
+        wait_for("attempt 2 to connect its 2 ranks", lambda: connected(job_dir, 2, ranks=2), procs=(nodes[0],))
+        until.write_text("")
+        out0, out1, out2 = finish(nodes)
+    finally:
+        cluster.heal(2)
+        for proc in nodes:
+            proc.kill()
+    assert nodes[0].returncode == 0, out0
+    assert nodes[1].returncode == 0, out1
+    assert nodes[2].returncode == 75, out2  # cut off for its whole --join-timeout
+    keys = ("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE",
+            "ROLE_WORLD_SIZE")
+    runs = sorted(p.name for p in record.iterdir())
+    assert runs == ["r0_a1.json", "r0_a2.json", "r1_a1.json", "r1_a2.json", "r2_a1.json"], runs
+    for rank in (0, 1):
+        rank_env = json.loads((record / f"r{rank}_a2.json").read_text())["env"]
+        assert {k: rank_env[k] for k in keys} == {
+            "RANK": str(rank), "LOCAL_RANK": "0", "GROUP_RANK": str(rank), "ROLE_RANK": str(rank),
+            "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "GROUP_WORLD_SIZE": "2", "ROLE_WORLD_SIZE": "2"}
+        assert rank_env["MASTER_ADDR"] == cluster.address(0)
+    first = json.loads((record / "r2_a1.json").read_text())["env"]
+    assert (first["WORLD_SIZE"], first["GROUP_WORLD_SIZE"], first["GROUP_RANK"]) == ("3", "3", "2")
+    assert "node 2 lost; attempt 2 continues on 2 of 3 nodes (0, 1): world size 3 -> 2" in out0, out0
+    assert "waiting up to" not in out0
+    assert [e["world_size"] for e in events(job_dir) if e["type"] == "attempt_started"] == [3, 2]

@@ -103,7 +103,8 @@ def _check_writer(store: CheckpointStore, manifest: Manifest, writer: Writer | N
             f"{where} was written by {manifest.world_size} rank(s), this job has {writer.world_size}; "
             f"its state is one opaque file per rank (layout {manifest.layout!r}), which cannot be resharded: "
             f"only state saved sharded through torch.distributed.checkpoint (DTensor/FSDP2/DDP modules, "
-            f"layout 'dcp') resumes at another world size. Run with world size "
+            f"layout 'dcp') resumes at another world size, so an elastic job (--nnodes MIN:MAX), whose world "
+            f"size changes when nodes are lost or join, must save sharded state. Run with world size "
             f"{manifest.world_size}, or start fresh with another checkpoint location or job id"
         )
     if manifest.world_size != writer.world_size:

@@ -23,6 +23,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 from rankwarden import protocol
@@ -73,6 +74,9 @@ class Committer:
         Raises CheckpointRefused when the newest intact step is not this job's
         to resume (another world size or run), OSError when the store cannot be read."""
         spec = self.job.spec
+        # An elastic job's attempt may have fewer ranks than its spec: the resume
+        # rule (per-rank files only at their own world size) is the attempt's.
+        self.writer = msgspec.structs.replace(self.writer, world_size=self.job.world_size)
         plan = await trio.to_thread.run_sync(
             lambda: choose_resume(self.store, writer=self.writer, resume_foreign=spec.resume)
         )
@@ -106,7 +110,7 @@ class Committer:
         ranks[rank] = files
         if message.layout == "dcp":
             self._sharded.add((tag, message.step))
-        if len(ranks) == self.job.spec.world_size:
+        if len(ranks) == self.job.world_size:
             del self._pending[(tag, message.step)]
             self._queued += 1
             self._send.send_nowait((tag, message.step, ranks))
@@ -140,7 +144,7 @@ class Committer:
         started = time.perf_counter()
         try:
             await trio.to_thread.run_sync(
-                lambda: self.store.commit(step, files, tag=tag, world_size=self.job.spec.world_size,
+                lambda: self.store.commit(step, files, tag=tag, world_size=len(ranks),
                                           writer=self.writer, layout=layout)
             )
         except CheckpointError as exc:

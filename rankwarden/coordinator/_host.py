@@ -53,4 +53,8 @@ class CommitHost(_Emits, Protocol):
     @property
     def attempt(self) -> int: ...
 
+    @property
+    def world_size(self) -> int:
+        """How many ranks the current attempt has (fewer than the spec's after an elastic job lost nodes)."""
+
     def broadcast(self, message: Any) -> None: ...

@@ -127,6 +127,9 @@ class Coordinator:
         self._attempt = attempts_before
         self._restarts_used = restarts_before
         self._master_port: int | None = None
+        # The current group attempt's ranks: the spec's, or fewer where the
+        # launcher sizes attempts (elastic node counts, ``SizesAttempts``).
+        self._world_size = spec.world_size
         self._first_master_port = master_port  # torchrun's --master-port: the first attempt's
         self._runners: dict[int, RankRunner] = {}
         self._failures: list[Failure] = []
@@ -271,9 +274,14 @@ class Coordinator:
     def failures(self) -> list[Failure]:
         return list(self._failures)
 
+    @property
+    def world_size(self) -> int:
+        """How many ranks the current attempt has (``spec.world_size`` unless nodes were lost)."""
+        return self._world_size
+
     def snapshot(self) -> JobSnapshot:
         ranks = []
-        for rank in range(self.spec.world_size):
+        for rank in range(self._world_size):
             runner = self._runners.get(rank)
             if runner is None:
                 ranks.append(RankSnapshot(rank=rank, attempt=self._attempt, state=RankState.PENDING))
@@ -285,7 +293,7 @@ class Coordinator:
             attempt=self._attempt,
             restarts_used=self._restarts_used,
             max_restarts=self.spec.max_restarts,
-            world_size=self.spec.world_size,
+            world_size=self._world_size,
             ranks=ranks,
             failures=list(self._failures),
             job_dir=str(self.job_dir.path),
@@ -345,6 +353,7 @@ class Coordinator:
             checkpoint_tag=self._checkpoint_tag(attempt),
             placement=placement,
             error_file=str(files.error_file),
+            world_size=self._world_size,
         )
         return LaunchRequest(
             job_id=self.job_id,
@@ -403,7 +412,7 @@ class Coordinator:
             raise AuthError(f"hello for job {hello.job!r}, this coordinator runs {self.job_id!r}")
         runner = self._runners.get(hello.rank)
         if runner is None:
-            raise AuthError(f"rank {hello.rank} is not part of this job (world size {self.spec.world_size})")
+            raise AuthError(f"rank {hello.rank} is not part of this job (world size {self._world_size})")
         if hello.attempt != runner.attempt:
             raise AuthError(f"rank {hello.rank} hello for attempt {hello.attempt}, current attempt is {runner.attempt}")
         if runner.peer is not None:

@@ -113,7 +113,7 @@ class LiveSession:
                     await self._changed.wait()
                     self._changed = trio.Event()
             if self.target == target and not self.failed:
-                missing = sorted(set(range(self.job.spec.world_size)) - set(self._joined))
+                missing = sorted(set(range(self.job.world_size)) - set(self._joined))
                 self._fall_back(f"ranks {missing} did not rejoin within live_timeout={self.job.spec.live_timeout:g}s")
 
     # -- called by the coordinator for the ranks' messages ----------------------------------
@@ -128,7 +128,7 @@ class LiveSession:
                 runner.live_generation = message.generation
                 self._joined[runner.rank] = (message.step, message.source)
                 runner.resume_progress()
-                if len(self._joined) == self.job.spec.world_size:
+                if len(self._joined) == self.job.world_size:
                     self._recovered()
             return
         if isinstance(message, protocol.LiveReady) and message.generation == self.generation:
@@ -159,7 +159,7 @@ class LiveSession:
         return protocol.Resume(step=None) if self.job._committer is not None else None
 
     def _maybe_reconfigure(self) -> None:
-        world = self.job.spec.world_size
+        world = self.job.world_size
         if self._sent or self.target is None or len(set(self._ready) | self._replaced) < world:
             return
         self._sent = True

@@ -9,7 +9,9 @@ only when that cannot proceed does the group restart. Scope ``rank``: each rank 
 on its own and only a failed rank relaunches. Both draw on one budget of
 ``max_restarts``; restart ``n`` waits ``backoff.delay(n)``. The job fails when
 a failure finds the budget spent, and its report leads with the first failure
-observed in the whole job.
+observed in the whole job. Before each group attempt a launcher that sizes
+attempts (``SizesAttempts``: elastic node counts) says how many ranks it has,
+waiting for enough nodes; the resume step is then chosen for that world size.
 
 The policy decides; the ``Coordinator`` owns the job's state (attempt number,
 budget used, the current runners, MASTER_PORT) and the heartbeat server, so
@@ -30,9 +32,9 @@ from rankwarden.coordinator._failfast import TAIL_LINES, EarlyFailure, configura
 from rankwarden.coordinator._live import LiveSession
 from rankwarden.coordinator._rank import RankRunner
 from rankwarden.coordinator._request import free_port
-from rankwarden.errors import CheckpointRefused
+from rankwarden.errors import CheckpointRefused, LaunchError
 from rankwarden.events import AttemptStarted, JobState, RankState, Restarting
-from rankwarden.launcher import RankProcess
+from rankwarden.launcher import RankProcess, SizesAttempts
 from rankwarden.spec import RestartScope
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,7 +73,7 @@ class RestartPolicy:
             try:
                 result = await self._run_group_attempt(self.job._attempt, adopted)
             except _Refused:
-                return JobState.FAILED
+                return JobState.STOPPED if self.job.stopping else JobState.FAILED
             adopted = {}
             if self.job.stopping:
                 return JobState.STOPPED
@@ -114,6 +116,8 @@ class RestartPolicy:
 
     async def _run_group_attempt(self, attempt: int, adopted: dict[int, RankProcess] | None = None) -> RankState:
         adopted = adopted or {}
+        if not adopted:
+            await self._size_attempt(attempt)
         if self.job._committer is not None and attempt > 1 and not adopted:
             await self.job._committer.new_attempt(self.job._checkpoint_tag(attempt))
         resume = await self._plan_resume(attempt)
@@ -123,11 +127,13 @@ class RestartPolicy:
             self.job._master_port, self.job._first_master_port = self.job._first_master_port, None
         else:
             self.job._master_port = free_port(self.job.spec.master_addr, exclude=self.job._master_port)
-        runners = [RankRunner(self.job, rank, attempt, adopted.get(rank), resume) for rank in range(self.job.spec.world_size)]
+        runners = [RankRunner(self.job, rank, attempt, adopted.get(rank), resume)
+                   for rank in range(self.job.world_size)]
         self.job._runners = {runner.rank: runner for runner in runners}
         if not self.job.stopping:
             self.job._state = JobState.RUNNING
-        self.job.emit(AttemptStarted, attempt=attempt, master_port=self.job._master_port, adopted=bool(adopted))
+        self.job.emit(AttemptStarted, attempt=attempt, master_port=self.job._master_port, adopted=bool(adopted),
+                      world_size=len(runners))
         log.info("job=%s attempt=%d: %s %d ranks (MASTER_PORT=%d)", self.job.job_id, attempt,
                  "adopting" if adopted else "starting", len(runners), self.job._master_port)
         failed = False
@@ -210,6 +216,39 @@ class RestartPolicy:
         if self.job.stopping:
             return JobState.STOPPED
         return JobState.FAILED if exhausted else JobState.SUCCEEDED
+
+    async def _size_attempt(self, attempt: int) -> None:
+        """Elastic node counts: the launcher decides how many ranks this attempt has
+        (it waits for enough nodes). Raises _Refused when it cannot, or when the
+        job is stopped while it waits."""
+        launcher = self.job.launcher
+        if not isinstance(launcher, SizesAttempts):
+            return
+        world, error = 0, None
+        with trio.CancelScope() as scope:
+
+            async def cancel_on_stop() -> None:
+                await self.job._stop_requested.wait()
+                scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_on_stop)
+                try:
+                    world = await launcher.size_attempt(self.job.job_id, attempt)
+                except LaunchError as exc:
+                    error = str(exc)  # raised below, outside the nursery (no exception group)
+                nursery.cancel_scope.cancel()
+        if scope.cancelled_caught:
+            raise _Refused(self.job._stop_reason)
+        if error is None and not 1 <= world <= self.job.spec.world_size:
+            error = f"the launcher sized attempt {attempt} at {world} ranks; the job has 1 to {self.job.spec.world_size}"
+        if error is not None:
+            self.job._fatal = error
+            log.error("job=%s attempt=%d: %s", self.job.job_id, attempt, error)
+            raise _Refused(error)
+        if world != self.job._world_size:
+            log.warning("job=%s attempt=%d: world size %d -> %d", self.job.job_id, attempt, self.job._world_size, world)
+        self.job._world_size = world
 
     async def _plan_resume(self, attempt: int, rank: int | None = None) -> protocol.Resume | None:
         """The step the ranks about to start load (told in their Welcome), or None

@@ -37,15 +37,17 @@ def rank_env(
     base: dict[str, str] | None = None,
     placement: Placement | None = None,
     error_file: str = "",
+    world_size: int = 0,
 ) -> dict[str, str]:
     """The rank's environment. Local ranks inherit the coordinator's environment;
     placed ranks (pods) get only the spec's, so nothing of the coordinator's
     (credentials included) leaks into a container."""
+    world = world_size or spec.world_size  # an attempt of an elastic job may have fewer ranks
     if base is None:
         base = {} if placement is not None else dict(os.environ)
     env = dict(base)
     # torchrun's defaults, which a user's environment or the spec may override.
-    if spec.world_size > 1:
+    if world > 1:
         env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
@@ -60,10 +62,10 @@ def rank_env(
             "ROLE_RANK": str(rank),
             # `rankwarden run --role` sets it through the spec's env, as torchrun's --role.
             "ROLE_NAME": spec.env.get("ROLE_NAME", "default"),
-            "WORLD_SIZE": str(spec.world_size),
-            "LOCAL_WORLD_SIZE": str(spec.world_size),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
             "GROUP_WORLD_SIZE": "1",
-            "ROLE_WORLD_SIZE": str(spec.world_size),
+            "ROLE_WORLD_SIZE": str(world),
             "MASTER_ADDR": spec.master_addr,
             "MASTER_PORT": str(master_port),
             "TORCHELASTIC_RESTART_COUNT": str(attempt - 1),
@@ -93,7 +95,7 @@ def rank_env(
                 "LOCAL_RANK": "0",
                 "LOCAL_WORLD_SIZE": "1",
                 "GROUP_RANK": str(rank),
-                "GROUP_WORLD_SIZE": str(spec.world_size),
+                "GROUP_WORLD_SIZE": str(world),
                 "MASTER_ADDR": placement.master_addr,
                 "MASTER_PORT": str(placement.master_port),
             }

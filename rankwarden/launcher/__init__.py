@@ -14,6 +14,7 @@ from rankwarden.launcher._base import (
     ReleasesJobs,
     ReleasesOrphans,
     ReportsCpu,
+    SizesAttempts,
     WarmAware,
 )
 from rankwarden.launcher._agent import AgentLauncher, AgentRankProcess, NodeInfo
@@ -40,6 +41,7 @@ __all__ = [
     "ReleasesJobs",
     "ReleasesOrphans",
     "ReportsCpu",
+    "SizesAttempts",
     "WarmAware",
     "WarmProcess",
 ]

@@ -22,6 +22,18 @@ or a replacement started with the same ``--node-rank``, or with none).
     joined                      last frame + heartbeat_timeout
     a rank waiting for a node   start + join_timeout  (LaunchError then)
 
+Elastic node counts (``min_nodes < nnodes``, ``--nnodes MIN:MAX``): the
+coordinator asks ``size_attempt`` before each group attempt. It waits up to
+``join_timeout`` for MIN nodes; on the first attempt it then waits up to
+``last_call`` more for the rest (torchrun's ``last_call_timeout``); later
+attempts take the nodes joined at that moment without waiting, so a lost node
+costs no join timeout while MIN remain. The attempt's group is those nodes in
+slot order: group rank ``g`` is the ``g``-th of them, rank ``r`` runs on group
+rank ``r // nproc`` (ranks are contiguous whatever slots are empty), and
+``GROUP_WORLD_SIZE`` is the group's size. A node that joins while an attempt
+runs waits for the next restart (torchrun instead restarts a healthy group to
+take it in; we never stop training for it).
+
 ``serve`` runs the agents' endpoint; it belongs in the nursery that also runs
 the coordinator, which keeps this object free of nurseries of its own.
 """
@@ -48,6 +60,8 @@ log = logging.getLogger(__name__)
 #: ``ExitStatus.reason`` of a rank whose node was lost.
 NODE_LOST = "NodeLost"
 HELLO_READ_TIMEOUT = 10.0
+#: torchrun's default ``last_call_timeout``: the first attempt's wait for more than MIN nodes.
+LAST_CALL_TIMEOUT = 30.0
 _SEND_QUEUE = 256
 _RECEIVE_SIZE = 65536
 #: Variables the agent sets for itself, never copied from the coordinator's host.
@@ -186,14 +200,22 @@ class AgentLauncher:
     """Starts ranks through the node agents of a job of ``nnodes`` x ``nproc`` ranks."""
 
     def __init__(self, *, job_id: str, nnodes: int, nproc: int, token: str, heartbeat_timeout: float,
-                 heartbeat_interval: float, join_timeout: float = 300.0,
-                 on_change: Callable[[str], None] | None = None) -> None:
-        """``on_change`` gets one line for each node that joins or is lost, and for
-        each node ranks start waiting for (the CLI prints them)."""
-        if nnodes < 1 or nproc < 1:
-            raise ValueError(f"nnodes and nproc must be at least 1, got {nnodes} and {nproc}")
+                 heartbeat_interval: float, join_timeout: float = 300.0, min_nodes: int | None = None,
+                 last_call: float = LAST_CALL_TIMEOUT, on_change: Callable[[str], None] | None = None) -> None:
+        """``nnodes`` is the most nodes (MAX); ``min_nodes`` the fewest an attempt runs
+        on (MIN, default MAX: a fixed node count). ``on_change`` gets one line for
+        each node that joins or is lost, for each node ranks start waiting for,
+        and for each attempt's node count when it is elastic (the CLI prints them)."""
+        min_nodes = nnodes if min_nodes is None else min_nodes
+        if nproc < 1 or not 1 <= min_nodes <= nnodes:
+            raise ValueError(f"expected 1 <= min_nodes <= nnodes and nproc >= 1, got min_nodes={min_nodes}, "
+                             f"nnodes={nnodes}, nproc={nproc}")
         self.job_id = job_id
         self.nnodes = nnodes
+        self.min_nodes = min_nodes
+        self.last_call = last_call
+        #: Elastic: the nodes of the current attempt, by group rank (None: not sized yet).
+        self._group: list[_Node] | None = None
         self.nproc = nproc
         self._token = token
         self.heartbeat_timeout = heartbeat_timeout
@@ -209,10 +231,23 @@ class AgentLauncher:
 
     async def start(self, request: LaunchRequest) -> AgentRankProcess:
         node_rank, local_rank = divmod(request.rank, self.nproc)
-        if node_rank >= self.nnodes:
-            raise LaunchError(f"rank {request.rank} has no node: the job has {self.nnodes} x {self.nproc} ranks")
-        master = await self._wait_node(0, request)
-        node = await self._wait_node(node_rank, request)
+        if self.elastic:
+            group = self._group or []
+            if node_rank >= len(group):
+                raise LaunchError(f"rank {request.rank} has no node: attempt {request.attempt} runs on "
+                                  f"{len(group)} node(s) x {self.nproc} ranks")
+            master, node = group[0], group[node_rank]
+            group_size = len(group)
+            if node.lost:  # lost since the attempt was sized: the group restarts on the rest
+                process = AgentRankProcess(node, "", request)
+                process._resolve(ExitStatus(started=False, reason=NODE_LOST, message=f"{node.describe()} lost"))
+                return process
+        else:
+            if node_rank >= self.nnodes:
+                raise LaunchError(f"rank {request.rank} has no node: the job has {self.nnodes} x {self.nproc} ranks")
+            master = await self._wait_node(0, request)
+            node = await self._wait_node(node_rank, request)
+            group_size = self.nnodes
         # The agent's host has an environment of its own (PATH, CUDA_VISIBLE_DEVICES,
         # NCCL_*): send what the coordinator set or changed, not what it inherited.
         env = {k: v for k, v in request.env.items() if k not in _HOST_LOCAL and (
@@ -223,7 +258,7 @@ class AgentLauncher:
             "GROUP_RANK": str(node_rank),
             "ROLE_RANK": str(request.rank),
             "LOCAL_WORLD_SIZE": str(self.nproc),
-            "GROUP_WORLD_SIZE": str(self.nnodes),
+            "GROUP_WORLD_SIZE": str(group_size),
             "MASTER_ADDR": master.address,
         })
         key = f"{request.attempt}.{request.rank}.{secrets.token_hex(4)}"
@@ -252,6 +287,51 @@ class AgentLauncher:
             raise LaunchError(f"cannot start rank {request.rank} of job {request.job_id} on "
                               f"{node.describe()}: {status.message}")
         return process
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_nodes < self.nnodes
+
+    async def size_attempt(self, job_id: str, attempt: int) -> int:
+        """``SizesAttempts``: the ranks of group attempt ``attempt`` (see the module docstring)."""
+        if not self.elastic:
+            return self.nnodes * self.nproc  # ranks wait in ``start`` for their own node slot
+        first = self._group is None
+        if self._joined() < self.min_nodes:
+            self._on_change(f"attempt {attempt} waits up to {self.join_timeout:g}s for {self.min_nodes} of "
+                            f"{self.nnodes} nodes (--nnodes {self.min_nodes}:{self.nnodes}, --join-timeout); "
+                            f"{self._joined()} joined")
+            with trio.move_on_after(self.join_timeout) as waited:
+                await self.wait_joined(self.min_nodes)
+            if waited.cancelled_caught:
+                joined = [n.node_rank for n in self._slots if n is not None]
+                raise LaunchError(
+                    f"attempt {attempt} needs at least {self.min_nodes} node(s) (--nnodes {self.min_nodes}:"
+                    f"{self.nnodes}) and only {len(joined)} joined within {self.join_timeout:g}s (join_timeout; "
+                    f"nodes joined: {joined or 'none'}); start `rankwarden run ... --node-rank -1` on healthy hosts")
+        if first and self._joined() < self.nnodes and self.last_call > 0:
+            # torchrun's last call: once MIN are in, the first rendezvous waits a little for up to MAX.
+            with trio.move_on_after(self.last_call):
+                await self.wait_joined(self.nnodes)
+        old = self._group
+        self._group = [n for n in self._slots if n is not None]
+        world = len(self._group) * self.nproc
+        slots = ", ".join(str(n.node_rank) for n in self._group)
+        if old is None:
+            self._on_change(f"attempt {attempt} runs on {len(self._group)} of {self.nnodes} nodes ({slots}): "
+                            f"world size {world}")
+        elif [n.node_rank for n in old] != [n.node_rank for n in self._group] or any(
+                a is not b for a, b in zip(old, self._group)):
+            gone = sorted({n.node_rank for n in old if n.lost} | ({n.node_rank for n in old}
+                                                                    - {n.node_rank for n in self._group}))
+            cause = f"node{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))} lost; " if gone else ""
+            self._on_change(f"{cause}attempt {attempt} continues on {len(self._group)} of {self.nnodes} nodes "
+                            f"({slots}): world size {len(old) * self.nproc} -> {world}")
+        log.info("job=%s attempt=%d: %d node(s) (%s), world size %d", job_id, attempt, len(self._group), slots, world)
+        return world
+
+    def _joined(self) -> int:
+        return sum(node is not None for node in self._slots)
 
     async def _wait_node(self, node_rank: int, request: LaunchRequest) -> _Node:
         if self._slots[node_rank] is None and node_rank not in self._awaited and self._shutdown is None:

@@ -14,6 +14,8 @@ them with ``isinstance`` (never ``getattr``):
     ReleasesJobs     release(job_id)          after a job: free what it held (a Service, a zygote)
     Detaches         detach()                 a stopping server leaves ranks running
     ReleasesOrphans  release_orphans(active)  free what jobs that no longer run still hold
+    SizesAttempts    size_attempt(job, n)     how many ranks group attempt n has (elastic
+                                              node counts); waits for enough nodes
     WarmAware        warm                     on a RankProcess: forked pre-imported, not fresh
     ReportsCpu       sample()                 on a RankProcess: its scheduler state and CPU
                                               time, to tell a busy rank from a frozen one
@@ -188,6 +190,15 @@ class Detaches(Protocol):
 class ReleasesOrphans(Protocol):
     async def release_orphans(self, active: set[str]) -> list[str]:
         """Free what jobs not in ``active`` still hold; return their ids."""
+        ...
+
+
+@runtime_checkable
+class SizesAttempts(Protocol):
+    async def size_attempt(self, job_id: str, attempt: int) -> int:
+        """The world size of group attempt ``attempt``, decided before its ranks start
+        (fewer ranks than ``JobSpec.world_size`` where nodes were lost). Raises
+        ``LaunchError`` when no attempt can start (too few nodes for too long)."""
         ...
 
 

@@ -8,7 +8,8 @@ record is read twice in an epoch, across a change of world size too. Each
 each rank dumps its local shards (``--out``) so a test can compare them bit
 for bit; rank 0 also dumps the full model (gathered) for comparisons across
 world sizes. ``RW_TEST_KILL=rank:step:point`` SIGKILLs that rank at that
-fault point of that step's save (first attempt only).
+fault point of that step's save (first attempt only). Each step sleeps
+``RW_TEST_STEP_TIME`` seconds (default 0): a test that acts while it trains.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import gc
 import json
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -122,6 +124,7 @@ for step in range(start + 1, args.steps + 1):
                           "loss": mean.item() / world}) + "\n")
     log.flush()
     rw.report(step, loss=mean.item() / world)
+    time.sleep(float(os.environ.get("RW_TEST_STEP_TIME", "0")))
     if step % args.every == 0:
         if kill and attempt == 1:
             k_rank, k_step, k_point = kill.split(":")
