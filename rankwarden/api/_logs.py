@@ -171,7 +171,8 @@ class LogCopier:
     def _full_pass(self, ranks: list[tuple[int, int]], final: bool, records: list[bytes]) -> None:
         watch = self._watch
         if watch is not None:
-            watch.add(self.job_dir.path, _inotify.IN_CREATE | _inotify.IN_MOVED_TO)  # new attempt directories
+            for parent in {self.job_dir.path, self.job_dir.logs}:  # new attempt directories (logs: a resumed run's)
+                watch.add(parent, _inotify.IN_CREATE | _inotify.IN_MOVED_TO)
             for newest in {max(newest, 1) for _, newest in ranks}:
                 watch.add(self.job_dir.attempt_dir(newest))  # before reading: no write falls between
         read_size, stat = self._read_size, os.stat
