@@ -32,7 +32,7 @@ The API server's log copier is measured on its own (``--log-copier``): it
 runs in the same process as the coordinators the server runs, so add its
 figure to theirs.
 
-    python bench/scale.py                          # about 5 minutes on 2 cores
+    python bench/scale.py                          # about 6 minutes on 2 cores
     python bench/scale.py --quick                  # about 2 minutes; RSS is read before the history fills (said so)
     python bench/scale.py --baseline ../main       # also the per-rank modes with another checkout (before a change)
 """
