@@ -32,7 +32,7 @@ The API server's log copier is measured on its own (``--log-copier``): it
 runs in the same process as the coordinators the server runs, so add its
 figure to theirs.
 
-    python bench/scale.py                          # about 5 minutes on 2 cores
+    python bench/scale.py                          # about 6 minutes on 2 cores
     python bench/scale.py --quick                  # about 2 minutes; RSS is read before the history fills (said so)
     python bench/scale.py --baseline ../main       # also the per-rank modes with another checkout (before a change)
 """
@@ -373,6 +373,14 @@ async def coordinator_main(args) -> dict:
         await trio.sleep_until(trio.current_time() + (go + args.history - time.time()))
         result["rss_mib"] = _rss_mib()
         result["rss_at_s"] = time.time() - go
+        # The CPU the failures cost: one second around the moment the silenced ranks
+        # are due (timeout after the silence), less what that second costs in steady state.
+        due = go + silence_after + args.timeout
+        await trio.sleep_until(trio.current_time() + max(0.0, due - 0.3 - time.time()))
+        cpu_a = _cpu()
+        await trio.sleep(1.0)
+        result["failure_second_cpu_ms"] = 1000 * (_cpu() - cpu_a)
+        result["failed_in_second"] = len(detected)
         outputs = []
         for i, process in enumerate(senders):
             outputs.append(json.loads(await read_line(i)))
@@ -532,6 +540,9 @@ def main() -> int:
                   f"max {max(r['coordinator_part']):.3f}s from the RelaySilent sent to the failure")
         if r["mode"] == "aggregated":
             print(f"{'':>10}   detection of a frozen relay's ranks: {_latency(r['relay_latencies'], r['relay_silent'])}")
+        if "failure_second_cpu_ms" in r:
+            print(f"{'':>10}   coordinator CPU in the second around the failures of {r['failed_in_second']} ranks: "
+                  f"{r['failure_second_cpu_ms']:.0f} ms (a steady second: {10 * r['cpu_percent']:.0f} ms)")
     for r in rows:
         old = next((b for b in rows if b["mode"] == "baseline" and b["ranks"] == r["ranks"]), None)
         if r["mode"] == "per-rank" and old is not None:

@@ -23,6 +23,7 @@ async def _until(copier: LogCopier, count: int) -> None:
 async def test_a_write_wakes_the_copier_without_a_poll(tmp_path, monkeypatch):
     # With the safety-net poll an hour long, only inotify can make these copies.
     monkeypatch.setattr(_logs, "SLOW", 3600.0)
+    monkeypatch.setattr(_logs, "SAFETY", 3600.0)
     job_dir = JobDir(tmp_path / "job")
     first, _ = job_dir.log_paths(0, 1)
     first.parent.mkdir(parents=True)
@@ -104,3 +105,90 @@ def test_the_server_process_tunes_its_garbage_collector_and_a_library_caller_kee
 
     from rankwarden.api import serve_api
     assert inspect.signature(serve_api).parameters["tune_gc"].default is False
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    """Every rank file the copier opens, through its one seam."""
+    opened: list[str] = []
+
+    def counting(path, mode="r"):
+        opened.append(str(path))
+        return open(path, mode)
+
+    monkeypatch.setattr(_logs, "_open", counting)
+    return opened
+
+
+async def test_an_idle_job_has_no_file_opened_and_a_write_opens_only_its_file(tmp_path, monkeypatch, opens):
+    monkeypatch.setattr(_logs, "SAFETY", 0.05)  # many safety-net passes in the idle spell below
+    job_dir = JobDir(tmp_path / "job")
+    ranks = 50
+    for rank in range(ranks):
+        for path in job_dir.log_paths(rank, 1):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"old line\n")
+    copier = LogCopier(job_dir, tmp_path / "job" / "logs.jsonl")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(copier.run, lambda: [(r, 1) for r in range(ranks)])
+            await _until(copier, 2 * ranks)
+            assert len(opens) == 2 * ranks  # the first pass reads each file once
+            opens.clear()
+            await trio.sleep(0.5)  # idle: about ten safety-net passes
+            assert opens == []
+            stdout, _ = job_dir.log_paths(7, 1)
+            with open(stdout, "ab") as f:
+                f.write(b"new line\n")
+            await _until(copier, 2 * ranks + 1)
+            nursery.cancel_scope.cancel()
+    assert opens == [str(stdout)]  # inotify named the file: nothing else was opened
+
+
+async def test_a_write_that_inotify_misses_is_copied_by_the_safety_net(tmp_path, monkeypatch, opens):
+    monkeypatch.setattr(_logs, "SAFETY", 0.3)
+    job_dir = JobDir(tmp_path / "job")
+    stdout, _ = job_dir.log_paths(0, 1)
+    stdout.parent.mkdir(parents=True)
+    stdout.write_bytes(b"one\n")
+    copier = LogCopier(job_dir, tmp_path / "job" / "logs.jsonl")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(copier.run, lambda: [(0, 1)])
+            await _until(copier, 1)
+            # Lose every event from now on (as an overflowed queue or a watch that
+            # went away does): only the safety net's full pass can copy the write.
+            watch = copier._watch
+            assert watch is not None
+            monkeypatch.setattr(watch, "take", lambda: set())
+            with open(stdout, "ab") as f:
+                f.write(b"two\n")
+            written = trio.current_time()
+            await _until(copier, 2)
+            took = trio.current_time() - written
+            nursery.cancel_scope.cancel()
+    assert took < 0.3 + 5.0  # within one safety-net period (and a generous margin for a loaded machine)
+    assert [line for _, _, line in copier.cached(1)[0]] == [
+        b'id: 2\ndata: {"id":2,"attempt":1,"rank":0,"stream":"stdout","line":"two","end":8}\n\n']
+
+
+async def test_the_events_name_the_files_that_changed(tmp_path):
+    watch = _inotify.DirWatch.open()
+    assert watch is not None
+    try:
+        (tmp_path / "a").write_bytes(b"")
+        assert watch.add(tmp_path)
+        with trio.fail_after(10):
+            (tmp_path / "a").write_bytes(b"x")
+            (tmp_path / "b").write_bytes(b"y")
+            while not await watch.wait(1.0):
+                pass
+            await trio.sleep(0.05)
+            await watch.wait(0.01)
+        assert watch.take() == {str(tmp_path / "a"), str(tmp_path / "b")}
+        assert watch.take() == set()
+        # An event it cannot place (here: an overflowed queue) means "anything may have changed".
+        watch._parse(_inotify._EVENT.pack(-1, _inotify._IN_Q_OVERFLOW, 0, 0))
+        assert watch.take() is None
+    finally:
+        watch.close()

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from rankwarden.events import Failure, FailureCause
 
-__all__ = ["TAIL_LINES", "EarlyFailure", "configuration_error", "early_failure"]
+__all__ = ["TAIL_LINES", "EarlyFailure", "configuration_error", "early_failure", "may_be_early"]
 
 #: Lines of stderr compared; enough for a traceback's last frame and its exception.
 TAIL_LINES = 5
@@ -31,9 +31,14 @@ class EarlyFailure(NamedTuple):
         return self.stderr_tail[-1] if self.stderr_tail else f"exit code {self.exit_code}"
 
 
+def may_be_early(failure: Failure, step: int | None) -> bool:
+    """Whether ``failure`` can be an early one (so its stderr is worth reading)."""
+    return failure.cause == FailureCause.EXITED and step is None
+
+
 def early_failure(failure: Failure, step: int | None, stderr_tail: list[str]) -> EarlyFailure | None:
     """What identifies ``failure`` as a failure before the first step, or None if it is not one."""
-    if failure.cause != FailureCause.EXITED or step is not None or not stderr_tail:
+    if not may_be_early(failure, step) or not stderr_tail:
         return None
     return EarlyFailure(failure.exit_code, tuple(stderr_tail[-TAIL_LINES:]))
 

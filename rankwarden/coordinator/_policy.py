@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from rankwarden import protocol
-from rankwarden.coordinator._failfast import TAIL_LINES, EarlyFailure, configuration_error, early_failure
+from rankwarden.coordinator._failfast import TAIL_LINES, EarlyFailure, configuration_error, early_failure, may_be_early
 from rankwarden.coordinator._live import LiveSession
 from rankwarden.coordinator._rank import RankRunner
 from rankwarden.coordinator._request import free_port
 from rankwarden.errors import CheckpointRefused, LaunchError
-from rankwarden.events import AttemptStarted, JobState, RankState, Restarting
+from rankwarden.events import AttemptStarted, Failure, JobState, RankState, Restarting
 from rankwarden.launcher import RankProcess, SizesAttempts
 from rankwarden.spec import RestartScope
 
@@ -79,7 +79,8 @@ class RestartPolicy:
                 return JobState.STOPPED
             if result == RankState.SUCCEEDED:
                 return JobState.SUCCEEDED
-            if self._repeats_early_failure(None, self.job._attempt):
+            attempt = self.job._attempt
+            if self._repeats_early_failure(None, attempt, [f for f in self.job._failures if f.attempt == attempt]):
                 return JobState.FAILED
             grant = await self._grant_restart(rank=None)
             if grant == _Grant.EXHAUSTED:
@@ -197,7 +198,7 @@ class RestartPolicy:
                     outcome = await runner.run()
                     if outcome.state != RankState.FAILED or self.job.stopping:
                         break
-                    if self._repeats_early_failure(rank, attempt):
+                    if self._repeats_early_failure(rank, attempt, [outcome.failure] if outcome.failure else []):
                         exhausted = True
                         nursery.cancel_scope.cancel()
                         return
@@ -266,17 +267,29 @@ class RestartPolicy:
         log.error("job=%s: %s", self.job.job_id, self.job._fatal)
         raise _Refused(self.job._fatal)
 
-    def _repeats_early_failure(self, rank: int | None, attempt: int) -> bool:
+    def _repeats_early_failure(self, rank: int | None, attempt: int, failures: list[Failure]) -> bool:
         """A failure before the first step, the same as the previous attempt's: a
-        configuration error (see _failfast); records it as the job's fatal reason."""
+        configuration error (see _failfast); records it as the job's fatal reason.
+
+        ``failures`` are this attempt's (scope ``group``) or this rank's one
+        failure (scope ``rank``): never a scan of the job's whole history, which
+        made a burst of N failures cost O(N^2). A rank's stderr is read only
+        for a failure that can be an early one (an exit before any step), never
+        for a frozen, hung, killed or lost rank: a node that freezes fails its
+        ranks without touching a file. The read that remains is at most 16 KiB
+        of a file just written (page cache), and it decides whether to restart
+        at all, so it stays here rather than in a thread: a thread would make
+        the restart's timing depend on the thread's (and MockClock jump ahead
+        while it runs)."""
         current: dict[EarlyFailure, int] = {}
-        for failure in self.job._failures:
-            if failure.attempt == attempt and rank in (None, failure.rank):
-                runner = self.job._runners.get(failure.rank)
-                step = runner.snapshot().step if runner is not None else None
-                tail = self.job.job_dir.stderr_tail(failure.rank, attempt, TAIL_LINES)
-                if (early := early_failure(failure, step, tail)) is not None:
-                    current.setdefault(early, failure.rank)
+        for failure in failures:
+            runner = self.job._runners.get(failure.rank)
+            step = runner.snapshot().step if runner is not None else None
+            if not may_be_early(failure, step):
+                continue
+            tail = self.job.job_dir.stderr_tail(failure.rank, attempt, TAIL_LINES)
+            if (early := early_failure(failure, step, tail)) is not None:
+                current.setdefault(early, failure.rank)
         previous = self.job._early_failures.get(rank, {})
         self.job._early_failures[rank] = current
         message = configuration_error(previous, current, attempt, self.job.spec.max_restarts - self.job._restarts_used)
