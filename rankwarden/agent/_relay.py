@@ -55,6 +55,7 @@ from typing import Awaitable, Callable
 import trio
 
 from rankwarden import protocol
+from rankwarden._frames import read_first, send_reject
 from rankwarden.errors import AuthError, ProtocolError
 from rankwarden.launcher import CpuSample
 from rankwarden.launcher._local import sample_pid
@@ -308,24 +309,14 @@ class Relay:
         async with stream:
             decoder = protocol.FrameDecoder(protocol.ToCoordinator)
             try:
-                pending: list = []
-                with trio.move_on_after(HELLO_READ_TIMEOUT) as scope:
-                    while not pending:
-                        data = await stream.receive_some(_RECEIVE_SIZE)
-                        if not data:
-                            return
-                        pending = decoder.feed(data)
-                if scope.cancelled_caught:
-                    raise ProtocolError(f"no hello within {HELLO_READ_TIMEOUT:.0f}s")
+                pending = await read_first(stream, decoder, timeout=HELLO_READ_TIMEOUT, what="hello")
+                if pending is None:
+                    return
                 hello = pending[0]
                 self._check_hello(hello)
             except ProtocolError as exc:
                 log.warning("relay for job %s: dropped a rank connection: %s", self.job, exc)
-                with trio.move_on_after(1.0):
-                    try:
-                        await stream.send_all(protocol.encode(protocol.Reject(reason=str(exc))))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
+                await send_reject(stream, str(exc))
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return

@@ -35,6 +35,7 @@ from typing import Protocol
 import trio
 
 from rankwarden import protocol
+from rankwarden._frames import read_first, send_reject
 from rankwarden.errors import ProtocolError
 
 __all__ = ["Peer", "PeerRouter", "SocketReader", "handle_peer", "receive_some", "serve_heartbeats"]
@@ -268,25 +269,16 @@ async def handle_peer(
     async with stream:
         decoder = protocol.FrameDecoder(protocol.Upstream)
         try:
-            pending: list = []
-            with trio.move_on_after(HELLO_READ_TIMEOUT) as hello_scope:
-                while not pending:
-                    data = await receive_some(stream)
-                    if not data:
-                        return  # closed before saying anything: a port scan, not an error
-                    pending = decoder.feed(data)
-            if hello_scope.cancelled_caught:
-                raise ProtocolError(f"no hello within {HELLO_READ_TIMEOUT:.0f}s")
+            pending = await read_first(stream, decoder, timeout=HELLO_READ_TIMEOUT, what="hello",
+                                       receive=lambda: receive_some(stream))
+            if pending is None:
+                return
             first = pending[0]
             if not isinstance(first, (protocol.Hello, protocol.RelayHello)):
                 raise ProtocolError(f"first frame must be hello, got {type(first).__name__.lower()}")
         except ProtocolError as exc:
             router.peer_rejected(name, str(exc), None)
-            with trio.move_on_after(1.0):
-                try:
-                    await stream.send_all(protocol.encode(protocol.Reject(reason=str(exc))))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+            await send_reject(stream, str(exc))
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return

@@ -50,6 +50,7 @@ import msgspec
 import trio
 
 from rankwarden import protocol
+from rankwarden._frames import read_first
 from rankwarden.errors import AuthError, LaunchError, ProtocolError
 from rankwarden.launcher._base import CpuSample, ExitStatus, LaunchRequest
 
@@ -440,15 +441,9 @@ class AgentLauncher:
             nursery.start_soon(_writer, stream, receive_channel, writer_done)
             decoder = protocol.FrameDecoder(protocol.FromAgent)
             try:
-                pending: list = []
-                with trio.move_on_after(HELLO_READ_TIMEOUT) as hello_scope:
-                    while not pending:
-                        data = await stream.receive_some(_RECEIVE_SIZE)
-                        if not data:
-                            return
-                        pending = decoder.feed(data)
-                if hello_scope.cancelled_caught:
-                    raise ProtocolError(f"no agent_hello within {HELLO_READ_TIMEOUT:.0f}s")
+                pending = await read_first(stream, decoder, timeout=HELLO_READ_TIMEOUT, what="agent_hello")
+                if pending is None:
+                    return
                 hello, rest = pending[0], pending[1:]
                 if not isinstance(hello, protocol.AgentHello):
                     raise ProtocolError(f"first frame must be agent_hello, got {type(hello).__name__}")
