@@ -134,17 +134,22 @@ def check_live_recovery(coordinator, snapshot, out, victim: int, victim_pid: int
         assert_same_state(states[0], states[rank], f"after the recovery, rank {rank} vs rank 0")
 
 
+def signal_at_step(victim: int, sig: int, seen: dict):
+    """What runs beside the coordinator: note every rank's pid at its first
+    step, then send ``sig`` to ``victim`` once it reaches KILL_AT."""
+    async def during(coordinator):
+        seen["pids"] = {rank: await wait_for_step(coordinator, rank, 0) for rank in range(WORLD)}
+        seen["victim"] = await wait_for_step(coordinator, victim, KILL_AT)
+        os.kill(seen["victim"], sig)
+    return during
+
+
 async def test_kill_9_of_one_rank_is_recovered_live_and_ends_bit_identical(tmp_path, tmp_path_factory):
     spec = live_spec(tmp_path, "live-kill")
     out = tmp_path / "out"
     victim, seen = 1, {}
 
-    async def kill(coordinator):
-        seen["pids"] = {rank: await wait_for_step(coordinator, rank, 0) for rank in range(WORLD)}
-        seen["victim"] = await wait_for_step(coordinator, victim, KILL_AT)
-        os.kill(seen["victim"], signal.SIGKILL)
-
-    coordinator, snapshot = await run(spec, kill)
+    coordinator, snapshot = await run(spec, signal_at_step(victim, signal.SIGKILL, seen))
     check_live_recovery(coordinator, snapshot, out, victim, seen["victim"], seen["pids"])
     [failure] = snapshot.failures
     assert (failure.rank, failure.cause) == (victim, FailureCause.SIGNALED)
@@ -160,12 +165,7 @@ async def test_sigstop_of_one_rank_is_recovered_live(tmp_path, tmp_path_factory)
     out = tmp_path / "out"
     victim, seen = 2, {}
 
-    async def freeze(coordinator):
-        seen["pids"] = {rank: await wait_for_step(coordinator, rank, 0) for rank in range(WORLD)}
-        seen["victim"] = await wait_for_step(coordinator, victim, KILL_AT)
-        os.kill(seen["victim"], signal.SIGSTOP)
-
-    coordinator, snapshot = await run(spec, freeze)
+    coordinator, snapshot = await run(spec, signal_at_step(victim, signal.SIGSTOP, seen))
     check_live_recovery(coordinator, snapshot, out, victim, seen["victim"], seen["pids"])
     [failure] = snapshot.failures
     assert (failure.rank, failure.cause) == (victim, FailureCause.HEARTBEAT_TIMEOUT)
@@ -182,12 +182,7 @@ async def test_hung_rank_is_the_one_killed_and_recovered_live(tmp_path, tmp_path
     out = tmp_path / "out"
     victim, seen = 0, {}
 
-    async def hang(coordinator):
-        seen["pids"] = {rank: await wait_for_step(coordinator, rank, 0) for rank in range(WORLD)}
-        seen["victim"] = await wait_for_step(coordinator, victim, KILL_AT)
-        os.kill(seen["victim"], signal.SIGUSR1)
-
-    coordinator, snapshot = await run(spec, hang)
+    coordinator, snapshot = await run(spec, signal_at_step(victim, signal.SIGUSR1, seen))
     check_live_recovery(coordinator, snapshot, out, victim, seen["victim"], seen["pids"])
     [failure] = snapshot.failures
     assert (failure.rank, failure.cause) == (victim, FailureCause.PROGRESS_TIMEOUT)
